@@ -1,0 +1,171 @@
+"""Streaming text-table inputs (CSV / TSV, optionally compressed) read as strings, with
+error messages that name the file, column and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from tf4ctr_dist.data.errors import DataError
+from tf4ctr_dist.data.storage import Location, resolve
+
+BLOCK_SIZE = 8 << 20  # bytes per parsed CSV block: big enough to be fast, small enough to stream
+
+
+@dataclass
+class TextInput:
+    """One input file: where it is, its column names and whether the first line is a header."""
+
+    loc: Location
+    columns: list[str]
+    header: bool
+    delimiter: str
+
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    def require(self, names: list[str]) -> None:
+        missing = [n for n in names if n not in self.columns]
+        if missing:
+            raise DataError(f"{self.url}: missing column(s) {missing}; the header has {self.columns}")
+
+    def batches(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """Yield (row offset of the batch's first data row, batch of string columns)."""
+        read = pacsv.ReadOptions(
+            block_size=BLOCK_SIZE,
+            column_names=self.columns,
+            skip_rows=1 if self.header else 0,
+        )
+        parse = pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=False)
+        convert = pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in self.columns},
+            include_columns=columns,
+            strings_can_be_null=False,  # an empty cell is "" (missing -> OOV), never null
+            quoted_strings_can_be_null=False,
+        )
+        offset = 0
+        try:
+            with self.loc.fs.open(self.loc.path(), "rb", compression="infer") as raw:
+                reader = pacsv.open_csv(raw, read_options=read, parse_options=parse, convert_options=convert)
+                for batch in reader:
+                    yield offset, batch
+                    offset += batch.num_rows
+        except DataError:
+            raise
+        except (pa.ArrowInvalid, csv.Error) as exc:
+            line = offset + (2 if self.header else 1)
+            raise DataError(f"{self.url}: malformed {self._kind()} at or after line {line}: {exc}") from None
+        except Exception as exc:
+            raise self.loc.error(f"cannot read {self.url}", exc) from None
+
+    def line_of(self, row: int) -> int:
+        """1-based line number of data row `row` (0-based), assuming one line per record."""
+        return row + (2 if self.header else 1)
+
+    def _kind(self) -> str:
+        return "TSV" if self.delimiter == "\t" else "CSV"
+
+
+def open_text_input(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    delimiter: str | None = None,
+    header: bool = True,
+    columns: list[str] | None = None,
+) -> TextInput:
+    """Check that the input exists and is not empty; read its header (or use `columns`).
+
+    delimiter None: sniffed from the first line (tab if it has one, else comma).
+    """
+    loc = resolve(url, storage_options)
+    try:
+        if not loc.fs.exists(loc.path()):
+            raise DataError(f"input file not found: {loc.url}")
+        if loc.fs.isdir(loc.path()):
+            raise DataError(f"input {loc.url} is a directory; expected a CSV/TSV file")
+        with loc.fs.open(loc.path(), "rb", compression="infer") as raw:
+            first = raw.readline(1 << 20)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise loc.error(f"cannot read input {loc.url}", exc) from None
+    text = first.decode("utf-8-sig", errors="replace").rstrip("\r\n")
+    if not text.strip():
+        raise DataError(f"{loc.url}: empty file (expected a {'header line' if header else 'data line'})")
+    if delimiter is None:
+        delimiter = "\t" if "\t" in text else ","
+    if header:
+        names = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+        names = [n.strip() for n in names]
+        if any(not n for n in names):
+            raise DataError(f"{loc.url}: header line 1 has an empty column name: {names}")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DataError(f"{loc.url}: header line 1 repeats column name(s) {dupes}")
+    else:
+        if columns is None:
+            raise DataError(f"{loc.url}: no header and no column names given")
+        names = list(columns)
+        found = len(next(csv.reader(io.StringIO(text), delimiter=delimiter)))
+        if found != len(names):
+            raise DataError(f"{loc.url}: line 1 has {found} columns; expected {len(names)} ({names[0]}..{names[-1]})")
+    result = TextInput(loc=loc, columns=names, header=header, delimiter=delimiter)
+    if header and _no_data_rows(result):
+        raise DataError(f"{loc.url}: empty file (a header but no data rows)")
+    return result
+
+
+def _no_data_rows(inp: TextInput) -> bool:
+    with inp.loc.fs.open(inp.loc.path(), "rb", compression="infer") as raw:
+        raw.readline(1 << 20)
+        while True:
+            line = raw.readline(1 << 20)
+            if not line:
+                return True
+            if line.strip():
+                return False
+
+
+def parse_labels(inp: TextInput, column: pa.Array, offset: int, name: str) -> np.ndarray:
+    """Labels as float32 in {0, 1}; DataError naming file, line and value otherwise."""
+    text = pc.utf8_trim_whitespace(column)
+    try:
+        values = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero((values != 0.0) & (values != 1.0))
+    except pa.ArrowInvalid:
+        strings = text.to_pylist()
+        bad = np.array([i for i, s in enumerate(strings) if not _is_number(s)] or [0])
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(
+            f"{inp.url}: line {inp.line_of(offset + row)}: column {name!r} = {column[row].as_py()!r}; "
+            "expected 0 or 1"
+        )
+    return values.astype(np.float32)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def group_ids(column: pa.Array) -> np.ndarray:
+    """Stable 64-bit ids of raw group values (siphash of the UTF-8 text; 0 is reserved)."""
+    values = column.to_numpy(zero_copy_only=False)
+    hashed = pd.util.hash_array(np.asarray(values, dtype=object), categorize=True).view(np.int64)
+    hashed[hashed == 0] = 1
+    return hashed

@@ -1,0 +1,211 @@
+"""Synthetic Criteo-shaped CTR data with a hidden teacher, for demos, benchmarks and scale tests.
+
+Ids per field follow a Zipf-like law (rank k has weight k^-power_law) mapped to ids through a
+fixed random permutation, so hot ids are spread over the table as in a real sorted vocabulary.
+Labels come from a hidden logistic teacher: per-id weights for every field (fields differ in
+importance) plus a few low-rank pairwise interactions, standardised so the teacher's logit has a
+fixed spread, shifted to the requested positive rate, then drawn as Bernoulli. The Bernoulli
+noise keeps the best possible AUC below 1 (the teacher's own AUC is stored in the manifest spec).
+
+Rows are generated one row group at a time from a generator seeded by (seed, split, chunk):
+the output depends only on the arguments, never on memory or on how many rows exist in total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from tf4ctr_dist.data.errors import DataError
+from tf4ctr_dist.data.manifest import GROUP_COLUMN, SPLITS, FieldSpec, Manifest
+
+from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART, DatasetWriter
+
+# Embedding rows per field (incl. PAD and OOV) at scale_vocab=1: 13 small bucketised numeric
+# fields and 26 categorical ones shaped like Criteo x4 at min_count 10 (~1.08M rows in all).
+CRITEO_LIKE_VOCAB = (
+    [60, 100, 120, 60, 200, 120, 80, 70, 110, 10, 40, 60, 80]
+    + [1445, 553, 175_000, 128_000, 305, 19, 11_900, 629, 4, 39_000, 5_400, 157_000, 3_200]
+    + [27, 10_700, 143_000, 11, 4_600, 2_000, 5, 154_000, 17, 16, 52_000, 82, 40_000]
+)
+TEACHER_LOGIT_STD = 1.6  # spread of the teacher's logit; sets the best reachable AUC (see spec.teacher)
+PAIRS = 8  # pairwise interaction terms in the teacher
+PAIR_DIM = 4
+PILOT_ROWS = 200_000  # rows used to standardise the teacher and set the base rate
+
+
+def default_field_names(fields: int) -> list[str]:
+    if fields == 39:
+        return [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    return [f"C{i}" for i in range(1, fields + 1)]
+
+
+def default_vocab_sizes(fields: int, scale_vocab: float = 1.0) -> list[int]:
+    """The Criteo-like mix (cycled when fields != 39), scaled; at least 3 rows (PAD, 1 id, OOV)."""
+    sizes = [CRITEO_LIKE_VOCAB[i % len(CRITEO_LIKE_VOCAB)] for i in range(fields)]
+    return [max(3, int(round(v * scale_vocab))) for v in sizes]
+
+
+@dataclass
+class _Field:
+    cdf: np.ndarray  # cumulative Zipf weights over ranks 0..V-2
+    ids: np.ndarray  # rank -> id in 1..V-1 (a permutation)
+    weight: np.ndarray  # teacher weight per id (index = id)
+
+
+class _Teacher:
+    """Hidden labelling function; built from its own seeded stream."""
+
+    def __init__(self, vocab_sizes: list[int], power_law: float, seed: int) -> None:
+        rng = np.random.default_rng([seed, 0x7EAC])
+        self.fields: list[_Field] = []
+        for size in vocab_sizes:
+            ranks = np.arange(1, size, dtype=np.float64)
+            cdf = np.cumsum(ranks**-power_law)
+            cdf /= cdf[-1]
+            ids = rng.permutation(np.arange(1, size, dtype=np.int64))
+            importance = rng.uniform(0.2, 1.0)  # some fields matter more than others
+            weight = rng.normal(0.0, importance, size).astype(np.float32)
+            weight[0] = 0.0
+            self.fields.append(_Field(cdf, ids, weight))
+        n = len(vocab_sizes)
+        pairs = [(int(a), int(b)) for a, b in (rng.choice(n, size=2, replace=False) for _ in range(PAIRS))] if n > 1 else []
+        self.pairs = [
+            (a, b, rng.normal(0, 1, (vocab_sizes[a], PAIR_DIM)).astype(np.float32), rng.normal(0, 1, (vocab_sizes[b], PAIR_DIM)).astype(np.float32))
+            for a, b in pairs
+        ]
+        self.center, self.scale, self.bias = 0.0, 1.0, 0.0
+
+    def sample_ids(self, rng: np.random.Generator, rows: int) -> list[np.ndarray]:
+        return [f.ids[np.searchsorted(f.cdf, rng.random(rows), side="right").clip(max=len(f.ids) - 1)] for f in self.fields]
+
+    def raw_logit(self, ids: list[np.ndarray]) -> np.ndarray:
+        logit = np.zeros(len(ids[0]), dtype=np.float64)
+        for f, col in zip(self.fields, ids):
+            logit += f.weight[col]
+        for a, b, ua, ub in self.pairs:
+            logit += np.einsum("ij,ij->i", ua[ids[a]], ub[ids[b]]) / PAIR_DIM
+        return logit
+
+    def probability(self, ids: list[np.ndarray]) -> np.ndarray:
+        z = (self.raw_logit(ids) - self.center) * self.scale + self.bias
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def calibrate(self, seed: int, positive_rate: float) -> dict[str, float]:
+        """Standardise the logit to TEACHER_LOGIT_STD and pick the bias for `positive_rate`."""
+        rng = np.random.default_rng([seed, 0x9170])
+        raw = self.raw_logit(self.sample_ids(rng, PILOT_ROWS))
+        self.center = float(raw.mean())
+        self.scale = TEACHER_LOGIT_STD / max(float(raw.std()), 1e-12)
+        z = (raw - self.center) * self.scale
+        lo, hi = -20.0, 20.0
+        for _ in range(60):  # bisection: mean sigmoid is monotone in the bias
+            mid = (lo + hi) / 2
+            if np.mean(1 / (1 + np.exp(-(z + mid)))) < positive_rate:
+                lo = mid
+            else:
+                hi = mid
+        self.bias = (lo + hi) / 2
+        p = 1 / (1 + np.exp(-(z + self.bias)))
+        labels = rng.random(len(p)) < p
+        return {"positive_rate": float(labels.mean()), "bayes_auc": _auc(labels, p)}
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    ranks[order] = np.arange(1, len(scores) + 1)
+    pos = labels.sum()
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def generate_synthetic(
+    out_url: str,
+    *,
+    rows: int,
+    fields: int = 39,
+    vocab_sizes: Sequence[int] | None = None,
+    scale_vocab: float = 1.0,
+    power_law: float = 1.1,
+    positive_rate: float = 0.25,
+    seed: int = 0,
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+    row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """Write a synthetic dataset (splits train/valid/test) to `out_url`; return its manifest.
+
+    vocab_sizes: embedding rows per field incl. PAD and OOV (default: Criteo-like mix times
+    scale_vocab). Deterministic for given arguments (including row_group_rows, the chunk size).
+    """
+    if rows < 1:
+        raise DataError(f"rows must be >= 1, got {rows}")
+    if fields < 1:
+        raise DataError(f"fields must be >= 1, got {fields}")
+    if power_law <= 0:
+        raise DataError(f"power_law must be > 0, got {power_law}")
+    if not 0 < positive_rate < 1:
+        raise DataError(f"positive_rate must be in (0, 1), got {positive_rate}")
+    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+        raise DataError(f"split must be three non-negative fractions summing to 1, got {split}")
+    if row_group_rows < 1:
+        raise DataError(f"row_group_rows must be >= 1, got {row_group_rows}")
+    sizes = list(vocab_sizes) if vocab_sizes is not None else default_vocab_sizes(fields, scale_vocab)
+    if len(sizes) != fields:
+        raise DataError(f"vocab_sizes has {len(sizes)} entries; expected one per field ({fields})")
+    if min(sizes) < 3:
+        raise DataError(f"every vocab size must be >= 3 (PAD, at least one id, OOV), got {min(sizes)}")
+
+    names = default_field_names(fields)
+    teacher = _Teacher(sizes, power_law, seed)
+    stats = teacher.calibrate(seed, positive_rate)
+    n_train = int(rows * split[0])
+    n_valid = int(rows * split[1])
+    counts = {"train": n_train, "valid": n_valid, "test": rows - n_train - n_valid}
+    specs = [FieldSpec(name, "categorical", size, None, "counted") for name, size in zip(names, sizes)]
+
+    with DatasetWriter(
+        out_url,
+        fields=specs,
+        label="label",
+        group=None,
+        row_group_rows=row_group_rows,
+        row_groups_per_part=row_groups_per_part,
+        overwrite=overwrite,
+        storage_options=storage_options,
+    ) as writer:
+        for split_index, name in enumerate(SPLITS):
+            out = writer.split(name)
+            for chunk, start in enumerate(range(0, counts[name], row_group_rows)):
+                n = min(row_group_rows, counts[name] - start)
+                out.write(_chunk(teacher, names, np.random.default_rng([seed, split_index, chunk]), n))
+        spec = {
+            "format": "synthetic",
+            "rows": rows,
+            "fields": fields,
+            "vocab_sizes": sizes,
+            "power_law": power_law,
+            "positive_rate": positive_rate,
+            "seed": seed,
+            "split": list(split),
+            "row_group_rows": row_group_rows,
+            "teacher": {"logit_std": TEACHER_LOGIT_STD, "pairs": PAIRS, **stats},
+        }
+        return writer.commit(spec, created_by="data_tools.synthetic")
+
+
+def _chunk(teacher: _Teacher, names: list[str], rng: np.random.Generator, rows: int) -> pa.Table:
+    ids = teacher.sample_ids(rng, rows)
+    labels = (rng.random(rows) < teacher.probability(ids)).astype(np.float32)
+    columns: dict[str, Any] = {"label": labels}
+    columns.update(zip(names, ids))
+    columns[GROUP_COLUMN] = np.zeros(rows, dtype=np.int64)
+    return pa.table(columns)

@@ -1,0 +1,288 @@
+"""Atomic writer for a prepared dataset: Parquet parts under a staging prefix, manifest last."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import uuid
+from types import TracebackType
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import tf4ctr_dist
+from tf4ctr_dist.data.errors import DataError
+from tf4ctr_dist.data.manifest import (
+    GROUP_COLUMN,
+    MANIFEST_NAME,
+    FieldSpec,
+    Manifest,
+    PartInfo,
+    SplitInfo,
+    load_manifest,
+)
+from tf4ctr_dist.data.storage import Location, resolve
+
+DEFAULT_ROW_GROUP_ROWS = 65_536
+DEFAULT_ROW_GROUPS_PER_PART = 32  # ~2M rows per file: few files, still many row groups to shard
+STAGING_PREFIX = ".staging-"
+
+
+class _HashingFile:
+    """Write-only file wrapper that computes the sha256 of what passes through it."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self._hash = hashlib.sha256()
+        self._pos = 0
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._raw.write(data)
+        self._hash.update(data)
+        self._pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._raw.close()
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class SplitWriter:
+    """Writes one split as parts of `row_groups_per_part` row groups of `row_group_rows` rows."""
+
+    def __init__(self, owner: "DatasetWriter", split: str) -> None:
+        self._owner = owner
+        self.split = split
+        self.parts: list[PartInfo] = []
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._file: _HashingFile | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._part_path = ""
+        self._part_groups: list[int] = []
+        self.closed = False
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts) + sum(self._part_groups) + self._pending_rows
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows (columns in manifest order, any chunking)."""
+        schema = self._owner.schema
+        if table.schema != schema:
+            table = table.select(schema.names).cast(schema)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        size = self._owner.row_group_rows
+        if self._pending_rows >= size:
+            buffered = pa.concat_tables(self._pending).combine_chunks()
+            full = (buffered.num_rows // size) * size
+            for start in range(0, full, size):
+                self._write_group(buffered.slice(start, size))
+            rest = buffered.slice(full)
+            self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._pending_rows:
+            self._write_group(pa.concat_tables(self._pending).combine_chunks())
+            self._pending, self._pending_rows = [], 0
+        self._close_part()
+        self.closed = True
+
+    def _write_group(self, table: pa.Table) -> None:
+        owner = self._owner
+        if self._writer is None:
+            rel = posixpath.join(self.split, f"part-{len(self.parts):05d}.parquet")
+            self._part_path = rel
+            target = owner.staging_path(rel)
+            try:
+                owner.loc.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                self._file = _HashingFile(owner.loc.fs.open(target, "wb"))
+            except Exception as exc:
+                raise owner.loc.error(f"cannot write {owner.loc.url_of(owner.staging, rel)}", exc) from None
+            self._writer = pq.ParquetWriter(self._file, owner.schema, compression="zstd")
+        self._writer.write_table(table, row_group_size=table.num_rows)
+        self._part_groups.append(table.num_rows)
+        if len(self._part_groups) >= owner.row_groups_per_part:
+            self._close_part()
+
+    def _close_part(self) -> None:
+        if self._writer is None or self._file is None:
+            return
+        try:
+            self._writer.close()
+            self._file.close()
+        except Exception as exc:
+            raise self._owner.loc.error(
+                f"cannot write {self._owner.loc.url_of(self._owner.staging, self._part_path)}", exc
+            ) from None
+        self.parts.append(
+            PartInfo(self._part_path, sum(self._part_groups), list(self._part_groups), self._file.hexdigest())
+        )
+        self._writer, self._file, self._part_groups = None, None, []
+
+
+class DatasetWriter:
+    """Use as a context manager; call `commit()` at the end. Any exception removes the staging
+    prefix and leaves the output URL exactly as it was.
+    """
+
+    def __init__(
+        self,
+        out_url: str,
+        *,
+        fields: list[FieldSpec],
+        label: str,
+        group: str | None,
+        row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+        row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
+        overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if row_group_rows < 1 or row_groups_per_part < 1:
+            raise DataError(
+                f"row_group_rows and row_groups_per_part must be >= 1, got {row_group_rows}, {row_groups_per_part}"
+            )
+        self.loc: Location = resolve(out_url, storage_options)
+        self.fields, self.label, self.group = list(fields), label, group
+        self.row_group_rows, self.row_groups_per_part = row_group_rows, row_groups_per_part
+        self.overwrite = overwrite
+        # Validates field/label names early (duplicates, reserved _group).
+        self.schema = Manifest(self.fields, label, group, {}).arrow_schema()
+        for name in [label, *(f.name for f in self.fields)]:
+            if name == GROUP_COLUMN or name.startswith(STAGING_PREFIX):
+                raise DataError(f"column name {name!r} is reserved")
+        self._old: Manifest | None = self._check_output()
+        try:
+            self._created_root = not self.loc.fs.exists(self.loc.path())
+        except Exception as exc:
+            raise self.loc.error(f"cannot access output URL {self.loc.url}", exc) from None
+        self.staging = f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+        self._splits: dict[str, SplitWriter] = {}
+        self._committed = False
+        # Probe: a bad bucket or read-only location fails now, not after an hour of converting.
+        try:
+            self.loc.fs.makedirs(self.staging_path(), exist_ok=True)
+            self.loc.fs.pipe_file(self.staging_path("_WRITING"), b"staging area of an unfinished write\n")
+        except Exception as exc:
+            self._remove_staging()
+            raise self.loc.error(f"cannot write to output URL {self.loc.url}", exc) from None
+
+    def _check_output(self) -> Manifest | None:
+        fs, loc = self.loc.fs, self.loc
+        try:
+            if fs.isfile(loc.path()):
+                raise DataError(f"output URL {loc.url} is an existing file; expected a directory/prefix")
+            has_manifest = fs.exists(loc.path(MANIFEST_NAME))
+            leftovers = [s for s in ("train", "valid", "test") if fs.exists(loc.path(s))]
+        except DataError:
+            raise
+        except Exception as exc:
+            raise loc.error(f"cannot access output URL {loc.url}", exc) from None
+        if has_manifest and not self.overwrite:
+            raise DataError(f"output URL {loc.url} already holds a dataset ({MANIFEST_NAME}); pass overwrite=True to replace it")
+        if leftovers and not has_manifest and not self.overwrite:
+            raise DataError(
+                f"output URL {loc.url} holds split folders {leftovers} but no {MANIFEST_NAME} "
+                "(an incomplete earlier write?); pass overwrite=True to replace them"
+            )
+        if has_manifest:
+            try:
+                return load_manifest(loc.url, loc.storage_options)
+            except DataError:
+                return None  # a broken old manifest is replaced as a whole
+        return None
+
+    def staging_path(self, *rel: str) -> str:
+        return self.loc.path(self.staging, *rel)
+
+    def split(self, name: str) -> SplitWriter:
+        if name not in self._splits:
+            self._splits[name] = SplitWriter(self, name)
+        return self._splits[name]
+
+    def commit(self, spec: Mapping[str, Any], created_by: str) -> Manifest:
+        """Close all splits, move parts into place, then write the manifest (last)."""
+        for writer in self._splits.values():
+            writer.close()
+        splits = {name: SplitInfo(w.rows, w.parts) for name, w in self._splits.items()}
+        manifest = Manifest(
+            fields=self.fields,
+            label=self.label,
+            group=self.group,
+            splits=splits,
+            spec=dict(spec),
+            created_by=f"{created_by} (tf4ctr_dist {tf4ctr_dist.__version__})",
+        )
+        fs, loc = self.loc.fs, self.loc
+        try:
+            fs.pipe_file(self.staging_path(MANIFEST_NAME), manifest.to_json().encode())
+            # Invalidate the old dataset first: without a manifest it reads as "not completely written".
+            if fs.exists(loc.path(MANIFEST_NAME)):
+                fs.rm(loc.path(MANIFEST_NAME))
+            for name in sorted(set(splits) | set(self._old.splits if self._old else {}) | {"train", "valid", "test"}):
+                if self.overwrite and fs.exists(loc.path(name)):
+                    fs.rm(loc.path(name), recursive=True)
+            for info in splits.values():
+                for part in info.parts:
+                    fs.makedirs(posixpath.dirname(loc.path(part.path)), exist_ok=True)
+                    fs.mv(self.staging_path(part.path), loc.path(part.path))
+            fs.mv(self.staging_path(MANIFEST_NAME), loc.path(MANIFEST_NAME))
+        except Exception as exc:
+            self._remove_staging()
+            raise loc.error(
+                f"failed while moving the dataset into {loc.url}; it has no {MANIFEST_NAME} and is unusable", exc
+            ) from None
+        self._committed = True
+        self._remove_staging()
+        fs.invalidate_cache()
+        return manifest
+
+    def abort(self) -> None:
+        self._remove_staging()
+
+    def _remove_staging(self) -> None:
+        for writer in self._splits.values():
+            try:
+                if writer._writer is not None:
+                    writer._writer.close()
+                if writer._file is not None:
+                    writer._file.close()
+            except Exception:
+                pass  # the files are about to be deleted
+        try:
+            if self.loc.fs.exists(self.staging_path()):
+                self.loc.fs.rm(self.staging_path(), recursive=True)
+            # Leave no trace: remove the output folder if this writer created it and it is empty.
+            if not self._committed and self._created_root and self.loc.fs.exists(self.loc.path()):
+                if not self.loc.fs.ls(self.loc.path()):
+                    self.loc.fs.rmdir(self.loc.path())
+        except Exception:
+            pass  # best effort: a leftover .staging-* prefix is never mistaken for a dataset
+        self.loc.fs.invalidate_cache()
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._committed:
+            self.abort()

@@ -1,0 +1,11 @@
+"""Entry point: `python jobs/criteo_full.py --help` (also: `ray job submit -- python jobs/criteo_full.py ...`)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tf4ctr_dist.entry import criteo_full  # noqa: E402
+
+if __name__ == "__main__":
+    criteo_full(sys.argv[1:])

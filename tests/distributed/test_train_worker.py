@@ -1,0 +1,79 @@
+"""The whole per-worker loop in two gloo processes: sharded twin tables, pipeline, eval, result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.distributed._launch import run_gloo
+
+SMALL_MODEL = ["easy_hidden_units=[64,64]", "hard_hidden_units=[64,64,64]", "embedding_dim=8"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_url(tmp_path_factory):
+    from data_tools.synthetic import generate_synthetic
+
+    url = str(tmp_path_factory.mktemp("data") / "synthetic")
+    generate_synthetic(url, rows=24_000, fields=8, scale_vocab=0.05, seed=7, row_group_rows=2_000)
+    return url
+
+
+def _train(rank: int, world_size: int, overrides: list[str]):
+    import torch
+
+    from tf4ctr_dist.config import RunConfig
+    from tf4ctr_dist.train.loop import WorkerContext, train_worker
+
+    cfg = RunConfig().with_overrides(overrides)
+    ctx = WorkerContext(rank=rank, world_size=world_size, device=torch.device("cpu"))
+    return train_worker(cfg, ctx)
+
+
+def _overrides(url: str, out: str, *extra: str) -> list[str]:
+    return [f"data.url={url}", f"out={out}", "cluster.workers=2", "train.batch_size=512",
+            "train.eval_batch_size=4096", "train.epochs=2", "train.monitor=[AUC]", "train.log_every=0",
+            *SMALL_MODEL, *extra]
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        ["sharding=table_wise", "embedding_optimizer=rowwise_adagrad", "embedding_lr=0.05",
+         "emb_reg=1e-5", "emb_reg_mode=touched"],
+        ["sharding=data_parallel", "embedding_optimizer=adam", "emb_reg=1e-3", "emb_reg_mode=full"],
+    ],
+    ids=["table_wise-rowwise_adagrad", "data_parallel-adam"],
+)
+def test_two_workers_train_twin_tables(synthetic_url, tmp_path, placement):
+    out = tmp_path / "run"
+    results = run_gloo(_train, 2, _overrides(synthetic_url, str(out), *placement), timeout=240)
+    r0, r1 = results
+    # Every rank computed the same exact metrics from the gathered predictions.
+    assert r0["valid"] == r1["valid"] and r0["test"] == r1["test"]
+    # Every valid / test sample counted once.
+    from tf4ctr_dist.data.manifest import load_manifest
+
+    manifest = load_manifest(synthetic_url)
+    assert r0["valid"]["samples"] == manifest.splits["valid"].rows
+    assert r0["test"]["samples"] == manifest.splits["test"].rows
+    history = r0["history"]
+    assert history[0]["train_samples"] == manifest.splits["train"].rows
+    # Learning happened: the loss fell and the model beats chance clearly on held-out data.
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert r0["test"]["AUC"] > 0.6
+    # Twin tables: easy (d/2) and hard (d) tables in the plan, spread over both ranks.
+    plan = (out / "plan.txt").read_text()
+    assert "easy_C1" in plan and "hard_C1" in plan
+    if "table_wise" in placement[0]:
+        assert "ranks=[0]" in plan and "ranks=[1]" in plan
+    written = json.loads((out / "result.json").read_text())
+    assert set(written) >= {"valid", "test", "epochs", "config"}
+    assert written["test"]["AUC"] == pytest.approx(r0["test"]["AUC"])
+
+
+def test_adam_cannot_be_fused_on_cpu(synthetic_url, tmp_path):
+    with pytest.raises(RuntimeError, match="fused CPU kernels support only"):
+        run_gloo(_train, 2, _overrides(synthetic_url, str(tmp_path / "r"), "sharding=table_wise",
+                                       "embedding_optimizer=adam"), timeout=120)

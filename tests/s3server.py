@@ -1,0 +1,84 @@
+"""A local S3-compatible server (moto, server mode) for tests that read or write s3:// URLs.
+
+Use the session-scoped `s3_server` fixture (registered in tests/conftest.py):
+
+    def test_x(s3_server):
+        url = f"s3://{s3_server.bucket}/my/prefix"
+        prepare_...(..., storage_options=s3_server.storage_options)
+
+Subprocesses (Ray workers, CLIs) can use `s3_server.env` or the AWS_* variables it sets.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import pytest
+
+ACCESS_KEY = "tf4ctr-test-key-AKIA0000"
+SECRET_KEY = "tf4ctr-test-secret-do-not-leak-5f1c"  # distinctive, so tests can assert it never leaks
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    bucket: str
+    storage_options: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *[p.strip("/") for p in parts]])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def storage_options_for(endpoint_url: str, *, connect_timeout: float = 5, attempts: int = 2) -> dict[str, Any]:
+    """fsspec/s3fs options for an endpoint, with short timeouts so failures are quick."""
+    return {
+        "key": ACCESS_KEY,
+        "secret": SECRET_KEY,
+        "client_kwargs": {"endpoint_url": endpoint_url, "region_name": "us-east-1"},
+        "config_kwargs": {
+            "connect_timeout": connect_timeout,
+            "read_timeout": 30,
+            "retries": {"max_attempts": attempts, "mode": "standard"},
+        },
+        "skip_instance_cache": True,
+    }
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    s3fs = pytest.importorskip("s3fs")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        options = storage_options_for(endpoint)
+        bucket = "tf4ctr-test"
+        s3fs.S3FileSystem(**options).mkdir(bucket)
+        yield S3Server(endpoint_url=endpoint, bucket=bucket, storage_options=options, env=env)
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -1,0 +1,211 @@
+"""The prepared-dataset manifest (`manifest.json` at the dataset root) and its Parquet layout.
+
+Parquet layout of every part, columns in this order:
+  <label>    float32, 0.0 or 1.0                     (name = Manifest.label)
+  <field>    int64 per categorical field             (mapped id in [0, vocab_size); 0 = PAD)
+  <field>    list<int64> per sequence field          (ids in [1, vocab_size); PAD removed, so
+                                                      the list length is 0..max_len)
+  _group     int64, stable 64-bit id of the raw group value (0 when the dataset has no group)
+Ids: 0 = PAD, 1..n = tokens, n+1 = vocab_size-1 = OOV.
+The manifest is written last: a dataset without one is missing or not completely written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping
+
+import pyarrow as pa
+
+from .errors import DataError
+from .storage import resolve
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+GROUP_COLUMN = "_group"
+SPLITS = ("train", "valid", "test")
+
+FieldKind = Literal["categorical", "sequence"]
+VocabMode = Literal["counted", "hashed"]
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One sparse feature: its Parquet column and embedding-table size."""
+
+    name: str
+    kind: FieldKind
+    vocab_size: int  # rows incl. PAD (0) and OOV (vocab_size - 1)
+    max_len: int | None = None  # sequence fields only
+    vocab_mode: VocabMode = "counted"
+
+    def arrow_type(self) -> pa.DataType:
+        return pa.int64() if self.kind == "categorical" else pa.list_(pa.int64())
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """One Parquet file of a split."""
+
+    path: str  # relative to the dataset root, e.g. "train/part-00000.parquet"
+    rows: int
+    row_groups: list[int]  # rows per row group, in file order
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    rows: int
+    parts: list[PartInfo]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a reader or trainer needs to know about a prepared dataset."""
+
+    fields: list[FieldSpec]
+    label: str
+    group: str | None
+    splits: dict[str, SplitInfo]
+    spec: dict[str, Any] = field(default_factory=dict)
+    created_by: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def field_names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    def column_names(self) -> list[str]:
+        """Parquet columns of every part, in order."""
+        return [self.label, *self.field_names, GROUP_COLUMN]
+
+    def arrow_schema(self) -> pa.Schema:
+        return pa.schema(
+            [pa.field(self.label, pa.float32(), nullable=False)]
+            + [pa.field(f.name, f.arrow_type(), nullable=False) for f in self.fields]
+            + [pa.field(GROUP_COLUMN, pa.int64(), nullable=False)]
+        )
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise DataError(f"split {name!r} not in manifest (has: {sorted(self.splits)})")
+        return self.splits[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        order = ["format_version", "created_by", "label", "group", "fields", "splits", "spec"]
+        return {key: data[key] for key in order}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "manifest") -> "Manifest":
+        """Parse and validate; a DataError naming `source` and the bad entry otherwise."""
+        return _parse(data, source)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "manifest") -> "Manifest":
+        try:
+            data = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{source}: not valid JSON ({exc})") from None
+        return _parse(data, source)
+
+
+def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
+    """Read `{url}/manifest.json`. DataError if absent, unreadable or malformed."""
+    loc = resolve(url, storage_options)
+    path = loc.path(MANIFEST_NAME)
+    try:
+        text = loc.fs.cat_file(path)
+    except FileNotFoundError:
+        raise loc.error(
+            f"no {MANIFEST_NAME} at {loc.url}: dataset missing or not completely written"
+        ) from None
+    except Exception as exc:  # network, permissions, bad bucket
+        raise loc.error(f"cannot read {loc.url_of(MANIFEST_NAME)}", exc) from None
+    return Manifest.from_json(text, source=loc.url_of(MANIFEST_NAME))
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+
+def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(data, Mapping) or key not in data:
+        raise DataError(f"{where}: missing key {key!r}")
+    value = data[key]
+    # bool is an int subclass; a JSON true where a count is expected is still an error.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
+        raise DataError(f"{where}: key {key!r} should be {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _tuple(kind))
+
+
+def _parse(data: Any, source: str) -> Manifest:
+    if not isinstance(data, Mapping):
+        raise DataError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    version = _need(data, "format_version", int, source)
+    if version != FORMAT_VERSION:
+        raise DataError(f"{source}: format_version {version} not supported (expected {FORMAT_VERSION})")
+
+    fields: list[FieldSpec] = []
+    for i, f in enumerate(_need(data, "fields", list, source)):
+        where = f"{source}: fields[{i}]"
+        name = _need(f, "name", str, where)
+        kind = _need(f, "kind", str, where)
+        if kind not in ("categorical", "sequence"):
+            raise DataError(f"{where} ({name}): kind should be 'categorical' or 'sequence', got {kind!r}")
+        vocab_size = _need(f, "vocab_size", int, where)
+        if vocab_size < 2:
+            raise DataError(f"{where} ({name}): vocab_size should be >= 2 (PAD + OOV), got {vocab_size}")
+        max_len = f.get("max_len")
+        if kind == "sequence" and (not isinstance(max_len, int) or max_len < 1):
+            raise DataError(f"{where} ({name}): sequence field needs max_len >= 1, got {max_len!r}")
+        mode = f.get("vocab_mode", "counted")
+        if mode not in ("counted", "hashed"):
+            raise DataError(f"{where} ({name}): vocab_mode should be 'counted' or 'hashed', got {mode!r}")
+        fields.append(FieldSpec(name, kind, vocab_size, max_len if kind == "sequence" else None, mode))
+    if not fields:
+        raise DataError(f"{source}: 'fields' is empty")
+
+    label = _need(data, "label", str, source)
+    group = data.get("group")
+    if group is not None and not isinstance(group, str):
+        raise DataError(f"{source}: key 'group' should be a column name or null, got {group!r}")
+    columns = [label, *(f.name for f in fields), GROUP_COLUMN]
+    duplicates = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicates:
+        raise DataError(f"{source}: duplicate column names {duplicates} (label, fields and {GROUP_COLUMN})")
+
+    splits: dict[str, SplitInfo] = {}
+    for split, info in _need(data, "splits", Mapping, source).items():
+        where = f"{source}: splits.{split}"
+        parts = []
+        for j, p in enumerate(_need(info, "parts", list, where)):
+            pw = f"{where}.parts[{j}]"
+            row_groups = _need(p, "row_groups", list, pw)
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in row_groups):
+                raise DataError(f"{pw}: row_groups should be a list of positive row counts")
+            rows = _need(p, "rows", int, pw)
+            if rows != sum(row_groups):
+                raise DataError(f"{pw}: rows {rows} != sum of row_groups {sum(row_groups)}")
+            parts.append(PartInfo(_need(p, "path", str, pw), rows, list(row_groups), _need(p, "sha256", str, pw)))
+        rows = _need(info, "rows", int, where)
+        if rows != sum(p.rows for p in parts):
+            raise DataError(f"{where}: rows {rows} != sum over parts {sum(p.rows for p in parts)}")
+        splits[str(split)] = SplitInfo(rows, parts)
+
+    spec = data.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        raise DataError(f"{source}: key 'spec' should be an object")
+    created_by = data.get("created_by") or ""
+    return Manifest(fields, label, group, splits, dict(spec), str(created_by), version)

@@ -1,0 +1,272 @@
+"""Sharding plans, DMP wrapping and optimizers for the TF4CTR train module.
+
+The choice that matters most on CPU: fbgemm's fused CPU kernels implement SGD and (row-wise)
+Adagrad only. The paper's Adam on embeddings therefore needs ``data_parallel`` sharding with the
+``dense`` kernel on CPU (tables replicated, gradients all-reduced, Adam from the dense
+optimizer); sharded (table/column-wise) tables train with a fused sparse optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+logger = logging.getLogger(__name__)
+
+
+class ShardingError(ValueError):
+    """The requested sharding / optimizer combination cannot run on this device type."""
+
+
+@dataclass(frozen=True)
+class EmbeddingPlacement:
+    """Resolved sharding types, compute kernel and optimizer for every table."""
+
+    sharding_types: tuple[str, ...]
+    compute_kernel: str
+    optimizer: str  # "adam" | "adagrad" | "rowwise_adagrad" | "sgd"
+    fused: bool  # True: fbgemm fused optimizer updates tables in backward
+
+    def describe(self) -> str:
+        how = "fused in backward (fbgemm)" if self.fused else "dense optimizer, gradients all-reduced"
+        return (
+            f"sharding={'/'.join(self.sharding_types)} kernel={self.compute_kernel} "
+            f"embedding optimizer={self.optimizer} ({how})"
+        )
+
+
+def resolve_placement(sharding: str, optimizer: str, device_type: str) -> EmbeddingPlacement:
+    """Pick sharding types and kernel for ``sharding`` ("auto" or a type) on ``device_type``.
+
+    Raises ShardingError for combinations TorchRec / fbgemm cannot run (row-wise over gloo,
+    fused Adam on CPU) with the alternative spelled out.
+    """
+    cpu = device_type == "cpu"
+    if sharding == "row_wise" and cpu:
+        raise ShardingError(
+            "row_wise sharding needs GPUs (TorchRec does not support it over gloo); "
+            "use sharding=table_wise or column_wise on CPU"
+        )
+    if sharding == "auto":
+        if cpu and optimizer == "adam":
+            sharding = "data_parallel"
+        elif cpu:
+            types: tuple[str, ...] = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value)
+            return EmbeddingPlacement(types, EmbeddingComputeKernel.FUSED.value, optimizer, True)
+        else:
+            types = (
+                ShardingType.TABLE_WISE.value,
+                ShardingType.COLUMN_WISE.value,
+                ShardingType.ROW_WISE.value,
+                ShardingType.TABLE_ROW_WISE.value,
+            )
+            return EmbeddingPlacement(types, EmbeddingComputeKernel.FUSED.value, optimizer, True)
+    if sharding == "data_parallel":
+        return EmbeddingPlacement(
+            (ShardingType.DATA_PARALLEL.value,), EmbeddingComputeKernel.DENSE.value, optimizer, False
+        )
+    if cpu and optimizer == "adam":
+        raise ShardingError(
+            f"sharding={sharding} with embedding_optimizer=adam is not possible on CPU: fbgemm's fused "
+            "CPU kernels support only sgd, adagrad and rowwise_adagrad. Use sharding=data_parallel "
+            "(Adam on replicated tables) or embedding_optimizer=rowwise_adagrad"
+        )
+    return EmbeddingPlacement((sharding,), EmbeddingComputeKernel.FUSED.value, optimizer, True)
+
+
+def fused_params(placement: EmbeddingPlacement, lr: float, weight_decay: float) -> dict:
+    """fbgemm fused-optimizer settings; weight decay (L2 mode) touches only the looked-up rows."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+    kinds = {
+        "adam": EmbOptimType.ADAM,
+        "adagrad": EmbOptimType.EXACT_ADAGRAD,
+        "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        "sgd": EmbOptimType.EXACT_SGD,
+    }
+    params: dict = {"optimizer": kinds[placement.optimizer], "learning_rate": lr}
+    if placement.optimizer == "adam":
+        params.update(beta1=0.9, beta2=0.999, eps=1e-8)
+    else:
+        params["eps"] = 1e-8
+    if weight_decay > 0:
+        params.update(weight_decay=weight_decay, weight_decay_mode=WeightDecayMode.L2)
+    return params
+
+
+def table_constraints(
+    tables: Iterable[EmbeddingBagConfig], placement: EmbeddingPlacement
+) -> dict[str, ParameterConstraints]:
+    return {
+        t.name: ParameterConstraints(
+            sharding_types=list(placement.sharding_types), compute_kernels=[placement.compute_kernel]
+        )
+        for t in tables
+    }
+
+
+def plan_sharding(
+    module: nn.Module,
+    tables: list[EmbeddingBagConfig],
+    placement: EmbeddingPlacement,
+    sharders: list,
+    world_size: int,
+    device_type: str,
+    local_batch_size: int,
+    pg: Optional[dist.ProcessGroup] = None,
+) -> ShardingPlan:
+    """Run the TorchRec planner (collectively when ``pg`` is given, so every rank agrees)."""
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world_size, compute_device=device_type, local_world_size=world_size),
+        batch_size=local_batch_size,
+        constraints=table_constraints(tables, placement),
+    )
+    if pg is not None:
+        return planner.collective_plan(module, sharders, pg)
+    return planner.plan(module, sharders)
+
+
+def shard_model(
+    module: nn.Module,
+    tables: list[EmbeddingBagConfig],
+    placement: EmbeddingPlacement,
+    *,
+    device: torch.device,
+    embedding_lr: float,
+    embedding_weight_decay: float,
+    local_batch_size: int,
+    pg: Optional[dist.ProcessGroup] = None,
+) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Plan and wrap ``module`` (built on ``meta``) in DistributedModelParallel."""
+    pg = pg or dist.group.WORLD
+    world_size = dist.get_world_size(pg)
+    sharder_params = fused_params(placement, embedding_lr, embedding_weight_decay) if placement.fused else None
+    sharders = [EmbeddingBagCollectionSharder(fused_params=sharder_params)]
+    plan = plan_sharding(module, tables, placement, sharders, world_size, device.type, local_batch_size, pg)
+    dmp = DistributedModelParallel(
+        module=module,
+        env=ShardingEnv.from_process_group(pg),
+        device=device,
+        plan=plan,
+        sharders=sharders,
+    )
+    return dmp, plan
+
+
+def is_embedding_param(name: str) -> bool:
+    return "embedding_bags" in name
+
+
+class DenseStepHooks(OptimizerWrapper):
+    """Runs before every optimizer step: clip dense gradients, decay touched embedding rows.
+
+    ``touched_decay`` adds lambda*E_r to the gradient of every row r that has a non-zero
+    gradient this step: the exact gradient of (lambda/2) * sum over touched rows of ||E_r||^2,
+    the scalable form of the paper's full-table penalty for data-parallel tables.
+    """
+
+    def __init__(self, optimizer, dense_params: list, emb_params: list, clip: float, touched_decay: float):
+        super().__init__(optimizer)
+        self._dense_params = dense_params
+        self._emb_params = emb_params
+        self._clip = clip
+        self._touched_decay = touched_decay
+
+    def step(self, closure=None):  # type: ignore[override]
+        if self._clip > 0 and self._dense_params:
+            torch.nn.utils.clip_grad_norm_(self._dense_params, self._clip)
+        if self._touched_decay > 0:
+            with torch.no_grad():
+                for p in self._emb_params:
+                    if p.grad is None:
+                        continue
+                    touched = p.grad.abs().sum(dim=1) != 0  # (rows,)
+                    p.grad[touched] += self._touched_decay * p[touched]
+        return super().step(closure)
+
+
+def build_optimizer(
+    dmp: DistributedModelParallel,
+    *,
+    lr: float,
+    embedding_lr: float,
+    emb_reg: float,
+    emb_reg_mode: str,
+    clip_grad_norm: float,
+) -> KeyedOptimizer:
+    """Adam over every parameter not updated by a fused kernel, combined with the fused one.
+
+    Data-parallel (dense-kernel) tables are in Adam's second group. With emb_reg_mode=full they
+    get coupled L2 weight decay: Adam adds lambda*E to the gradient of ALL rows, the exact
+    gradient of (lambda/2)*||E||^2 (the authors' penalty). Fused tables get their decay from
+    fbgemm (see ``fused_params``), which only ever touches looked-up rows.
+    """
+    named = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    emb = {k: v for k, v in named.items() if is_embedding_param(k)}
+    dense = {k: v for k, v in named.items() if not is_embedding_param(k)}
+    emb_ids = {id(p) for p in emb.values()}
+    full_decay = emb_reg if emb_reg_mode == "full" else 0.0
+
+    def make(params: list) -> torch.optim.Optimizer:
+        # KeyedOptimizerWrapper hands over one flat list; split it back by identity.
+        groups = [
+            {"params": [p for p in params if id(p) not in emb_ids], "lr": lr, "weight_decay": 0.0},
+            {"params": [p for p in params if id(p) in emb_ids], "lr": embedding_lr, "weight_decay": full_decay},
+        ]
+        return torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+
+    optimizers: list = [("dense", KeyedOptimizerWrapper({**dense, **emb}, make))]
+    fused = dmp.fused_optimizer
+    if fused.params:
+        optimizers.insert(0, ("sparse", fused))
+    combined = CombinedOptimizer(optimizers)
+    touched = emb_reg if emb_reg_mode == "touched" else 0.0
+    return DenseStepHooks(combined, list(dense.values()), list(emb.values()), clip_grad_norm, touched)
+
+
+def scale_lr(optimizer: KeyedOptimizer, factor: float, min_lr: float) -> float:
+    """Multiply every group's lr (dense and fused) by ``factor``, floored at ``min_lr``."""
+    new = min_lr
+    for group in optimizer.param_groups:
+        group["lr"] = max(group["lr"] * factor, min_lr)
+        new = max(new, group["lr"])
+    return new
+
+
+def describe_plan(plan: ShardingPlan, tables: list[EmbeddingBagConfig], world_size: int) -> str:
+    """Human-readable plan: where each table lives and the table bytes per rank (fp32 weights)."""
+    sizes = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}
+    per_rank = [0] * world_size
+    lines = []
+    for module_path, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            rows, dim = sizes.get(table, (0, 0))
+            ranks = ps.ranks or list(range(world_size))
+            if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
+                for r in range(world_size):
+                    per_rank[r] += rows * dim * 4
+            elif ps.sharding_spec is not None:
+                for shard in ps.sharding_spec.shards:  # type: ignore[union-attr]
+                    r = shard.placement.rank()
+                    per_rank[r] += shard.shard_sizes[0] * shard.shard_sizes[1] * 4
+            lines.append(
+                f"  {module_path}.{table:<24} {rows:>10,} x {dim:<3} {ps.sharding_type:<14} "
+                f"{ps.compute_kernel:<6} ranks={ranks}"
+            )
+    mem = ", ".join(f"rank{r}={b / 2**20:.1f} MiB" for r, b in enumerate(per_rank))
+    return "sharding plan:\n" + "\n".join(lines) + f"\n  table weights per rank: {mem}"

@@ -1,0 +1,55 @@
+"""Per-field TorchRec table configs (spec section 1)."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+EMBEDDING_STD = 1e-4
+
+
+@torch.no_grad()
+def init_embedding_rows(
+    weight: torch.Tensor, std: float = EMBEDDING_STD, num_embeddings: int = -1
+) -> torch.Tensor:
+    """N(0, std) for every row, then zero the PAD row 0 (weight: (rows, dim)).
+
+    PAD ids are dropped upstream, so row 0 is never looked up. A sharded table hands over its
+    local shard, which may hold no rows or rows that do not start at global row 0; the PAD row is
+    zeroed only when this tensor holds every row of the table.
+    """
+    torch.nn.init.normal_(weight, mean=0.0, std=std)
+    holds_all_rows = num_embeddings < 0 or weight.shape[0] == num_embeddings
+    if holds_all_rows and weight.shape[0] > 0 and weight.device.type != "meta":
+        weight[0].zero_()
+    return weight
+
+
+def field_tables(
+    prefix: str, fields: Sequence[tuple[str, int]], dim: int
+) -> list[EmbeddingBagConfig]:
+    """One MEAN-pooled table per field, in field order, named f"{prefix}_{field}".
+
+    fields: (field name, vocabulary size incl. PAD 0 and OOV). The EBC built from these tables
+    returns values() of shape (B, len(fields)*dim) with the field blocks in this order.
+    """
+    # Sharded kernels (fbgemm TBE) may initialise uniformly from weight_init_min/max before
+    # init_fn runs; +-sqrt(3)*std gives that uniform the same std.
+    bound = math.sqrt(3.0) * EMBEDDING_STD
+    return [
+        EmbeddingBagConfig(
+            num_embeddings=vocab_size,
+            embedding_dim=dim,
+            name=f"{prefix}_{name}",
+            feature_names=[name],
+            pooling=PoolingType.MEAN,
+            weight_init_min=-bound,
+            weight_init_max=bound,
+            init_fn=partial(init_embedding_rows, std=EMBEDDING_STD, num_embeddings=vocab_size),
+        )
+        for name, vocab_size in fields
+    ]

@@ -1,0 +1,98 @@
+"""The TF4CTR model: embeddings -> SSEM -> twin encoders + heads -> DFM (spec sections 1-4)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from tf4ctr_dist.modules.init import init_linear, reset_dense
+from tf4ctr_dist.modules.ssem import ShareSSEM
+
+
+def _param_device(module: nn.Module) -> Optional[torch.device]:
+    for p in module.parameters():
+        return p.device
+    return None
+
+
+class TF4CTR(nn.Module):
+    """TF4CTR assembled from ready-made parts.
+
+    embedding:      EBC with one table per field, in field order (see `field_tables`); its
+                    values() are h (B, F*d), or h_es (B, F*d/2) when `hard_embedding` is given.
+    hard_embedding: the second table set of SSEM `ser` (dim d), giving h_hs (B, F*d); None otherwise.
+    ssem:           maps h -> (h_es, h_hs); must be None or ShareSSEM with `ser`.
+    simple_encoder / complex_encoder: modules with `out_dim`, (B, in) -> (B, out_dim).
+    fusion:         DFM module, (z_s, z_c, v_s, v_c) -> z (B, 1).
+    device:         where to create the two heads; default: the device of simple_encoder's
+                    parameters (so a model built on "meta" gets meta heads), else cpu.
+
+    forward(features: KJT) -> (z, z_s, z_c), each (B, 1) logits.
+
+    Placement: the usual TorchRec recipe is embeddings on "meta" and dense parts on cpu, so the
+    dense init done here survives DistributedModelParallel. If the dense parts were built on
+    "meta" too, call `reset_dense_parameters()` after DMP materialises them, with the same seed
+    on every rank (DMP would otherwise leave kaiming-initialised Linear layers).
+    """
+
+    def __init__(
+        self,
+        embedding: EmbeddingBagCollection,
+        hard_embedding: Optional[EmbeddingBagCollection],
+        ssem: Optional[nn.Module],
+        simple_encoder: nn.Module,
+        complex_encoder: nn.Module,
+        fusion: nn.Module,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if ssem is None:
+            ssem = ShareSSEM()
+        if hard_embedding is not None and any(True for _ in ssem.parameters()):
+            raise ValueError("with two embedding table sets (ser) the ssem must be None/ShareSSEM")
+        if device is None:
+            device = _param_device(simple_encoder) or torch.device("cpu")
+        self.embedding = embedding
+        self.hard_embedding = hard_embedding
+        self.ssem = ssem
+        self.simple_encoder = simple_encoder
+        self.complex_encoder = complex_encoder
+        self.simple_head = init_linear(nn.Linear(simple_encoder.out_dim, 1, device=device))
+        self.complex_head = init_linear(nn.Linear(complex_encoder.out_dim, 1, device=device))
+        self.fusion = fusion
+
+    def dense_modules(self) -> list[nn.Module]:
+        """Every part except the embedding tables."""
+        return [
+            self.ssem,
+            self.simple_encoder,
+            self.complex_encoder,
+            self.simple_head,
+            self.complex_head,
+            self.fusion,
+        ]
+
+    def reset_dense_parameters(self) -> None:
+        """Re-apply the dense init (xavier Linear, fresh BN, wsf = 0.5); tables untouched."""
+        for m in self.dense_modules():
+            reset_dense(m)
+
+    def forward(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.hard_embedding is None:
+            h = self.embedding(features).values()  # (B, F*d)
+            h_es, h_hs = self.ssem(h)
+        else:
+            h_es = self.embedding(features).values()  # (B, F*d/2)
+            h_hs = self.hard_embedding(features).values()  # (B, F*d)
+        v_s = self.simple_encoder(h_es)  # (B, last_s)
+        v_c = self.complex_encoder(h_hs)  # (B, last_c)
+        z_s = self.simple_head(v_s)  # (B, 1)
+        z_c = self.complex_head(v_c)  # (B, 1)
+        z = self.fusion(z_s, z_c, v_s, v_c)  # (B, 1)
+        return z, z_s, z_c
