@@ -81,12 +81,13 @@ def open_text_input(
     storage_options: Mapping[str, Any] | None = None,
     *,
     delimiter: str | None = None,
-    header: bool = True,
+    header: bool | None = True,
     columns: list[str] | None = None,
 ) -> TextInput:
     """Check that the input exists and is not empty; read its header (or use `columns`).
 
     delimiter None: sniffed from the first line (tab if it has one, else comma).
+    header None: the first line is a header unless its first cell is a number.
     """
     loc = resolve(url, storage_options)
     try:
@@ -94,8 +95,7 @@ def open_text_input(
             raise DataError(f"input file not found: {loc.url}")
         if loc.fs.isdir(loc.path()):
             raise DataError(f"input {loc.url} is a directory; expected a CSV/TSV file")
-        with loc.fs.open(loc.path(), "rb", compression="infer") as raw:
-            first = raw.readline(1 << 20)
+        first, has_data = _peek(loc)
     except DataError:
         raise
     except Exception as exc:
@@ -105,6 +105,8 @@ def open_text_input(
         raise DataError(f"{loc.url}: empty file (expected a {'header line' if header else 'data line'})")
     if delimiter is None:
         delimiter = "\t" if "\t" in text else ","
+    if header is None:
+        header = not _is_number(next(csv.reader(io.StringIO(text), delimiter=delimiter))[0].strip())
     if header:
         names = next(csv.reader(io.StringIO(text), delimiter=delimiter))
         names = [n.strip() for n in names]
@@ -121,20 +123,25 @@ def open_text_input(
         if found != len(names):
             raise DataError(f"{loc.url}: line 1 has {found} columns; expected {len(names)} ({names[0]}..{names[-1]})")
     result = TextInput(loc=loc, columns=names, header=header, delimiter=delimiter)
-    if header and _no_data_rows(result):
+    if not has_data and (header or not first.strip()):
         raise DataError(f"{loc.url}: empty file (a header but no data rows)")
     return result
 
 
-def _no_data_rows(inp: TextInput) -> bool:
-    with inp.loc.fs.open(inp.loc.path(), "rb", compression="infer") as raw:
-        raw.readline(1 << 20)
-        while True:
-            line = raw.readline(1 << 20)
-            if not line:
-                return True
-            if line.strip():
-                return False
+def _peek(loc: Location, limit: int = 1 << 20) -> tuple[bytes, bool]:
+    """The first line, and whether anything but whitespace follows it (reads at most ~`limit`)."""
+    data = b""
+    with loc.fs.open(loc.path(), "rb", compression="infer") as raw:
+        while len(data) < limit:
+            chunk = raw.read(64 << 10)
+            if not chunk:
+                break
+            data += chunk
+            newline = data.find(b"\n")
+            if newline >= 0 and data[newline + 1 :].strip():
+                break
+    first, _, rest = data.partition(b"\n")
+    return first, bool(rest.strip())
 
 
 def parse_labels(inp: TextInput, column: pa.Array, offset: int, name: str) -> np.ndarray:

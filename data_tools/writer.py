@@ -113,7 +113,7 @@ class SplitWriter:
             self._part_path = rel
             target = owner.staging_path(rel)
             try:
-                owner.loc.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                owner.loc.makedirs(posixpath.dirname(target))
                 self._file = _HashingFile(owner.loc.fs.open(target, "wb"))
             except Exception as exc:
                 raise owner.loc.error(f"cannot write {owner.loc.url_of(owner.staging, rel)}", exc) from None
@@ -179,7 +179,7 @@ class DatasetWriter:
         self._committed = False
         # Probe: a bad bucket or read-only location fails now, not after an hour of converting.
         try:
-            self.loc.fs.makedirs(self.staging_path(), exist_ok=True)
+            self.loc.makedirs(self.staging_path())
             self.loc.fs.pipe_file(self.staging_path("_WRITING"), b"staging area of an unfinished write\n")
         except Exception as exc:
             self._remove_staging()
@@ -242,7 +242,7 @@ class DatasetWriter:
                     fs.rm(loc.path(name), recursive=True)
             for info in splits.values():
                 for part in info.parts:
-                    fs.makedirs(posixpath.dirname(loc.path(part.path)), exist_ok=True)
+                    loc.makedirs(posixpath.dirname(loc.path(part.path)))
                     fs.mv(self.staging_path(part.path), loc.path(part.path))
             fs.mv(self.staging_path(MANIFEST_NAME), loc.path(MANIFEST_NAME))
         except Exception as exc:

@@ -50,14 +50,27 @@ def storage_options_for(endpoint_url: str, *, connect_timeout: float = 5, attemp
             "read_timeout": 30,
             "retries": {"max_attempts": attempts, "mode": "standard"},
         },
-        "skip_instance_cache": True,
     }
+
+
+def create_bucket(endpoint_url: str, bucket: str) -> None:
+    # botocore directly: s3fs.mkdir would send a us-east-1 LocationConstraint, which S3 rejects.
+    import botocore.session
+
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+    )
+    client.create_bucket(Bucket=bucket)
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    s3fs = pytest.importorskip("s3fs")
+    pytest.importorskip("s3fs")
     port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -73,7 +86,7 @@ def s3_server() -> Iterator[S3Server]:
     try:
         options = storage_options_for(endpoint)
         bucket = "tf4ctr-test"
-        s3fs.S3FileSystem(**options).mkdir(bucket)
+        create_bucket(endpoint, bucket)
         yield S3Server(endpoint_url=endpoint, bucket=bucket, storage_options=options, env=env)
     finally:
         server.stop()

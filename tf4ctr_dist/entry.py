@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -123,9 +124,17 @@ def criteo_full(argv: Optional[list[str]] = None) -> dict:
     return _launch(cfg)
 
 
+def absolute_url(url: str) -> str:
+    """Local paths become absolute: Ray workers do not share the driver's working directory."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    return os.path.abspath(url.removeprefix("file://"))
+
+
 def _launch(cfg: RunConfig) -> dict:
     from tf4ctr_dist.train.launch import run_training
 
+    cfg = cfg.with_overrides({"data.url": absolute_url(cfg.data.url), "out": absolute_url(cfg.out)})
     print(f"[tf4ctr] run folder: {cfg.out}", flush=True)
     result = run_training(cfg)
     _print_result(result)

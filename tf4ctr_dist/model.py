@@ -109,6 +109,7 @@ class Objective(nn.Module):
         self.rce: Optional[RCELoss] = (
             RCELoss(cfg.rce_max_drop_rate, cfg.rce_num_gradual) if cfg.loss == "rce" else None
         )
+        self.steps = 0  # training forward passes seen; drives R-CE's growing drop rate
 
     def forward(
         self, z: torch.Tensor, z_s: torch.Tensor, z_c: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
@@ -117,7 +118,9 @@ class Objective(nn.Module):
         if cfg.loss == "focal":
             return focal_loss(z, labels, valid, gamma=cfg.focal_gamma)
         if self.rce is not None:
-            return self.rce(z, labels, valid)
+            if self.training:
+                self.steps += 1
+            return self.rce(z, labels, valid, self.steps)
         loss = bce_loss(z, labels, valid)
         if cfg.loss == "tf":
             loss = loss + twin_focus_loss(

@@ -42,9 +42,10 @@ def _overrides(url: str, out: str, *extra: str) -> list[str]:
     [
         ["sharding=table_wise", "embedding_optimizer=rowwise_adagrad", "embedding_lr=0.05",
          "emb_reg=1e-5", "emb_reg_mode=touched"],
-        ["sharding=data_parallel", "embedding_optimizer=adam", "emb_reg=1e-3", "emb_reg_mode=full"],
+        ["sharding=data_parallel", "embedding_optimizer=adam", "emb_reg=1e-3", "emb_reg_mode=full",
+         "loss=rce"],
     ],
-    ids=["table_wise-rowwise_adagrad", "data_parallel-adam"],
+    ids=["table_wise-rowwise_adagrad", "data_parallel-adam-rce"],
 )
 def test_two_workers_train_twin_tables(synthetic_url, tmp_path, placement):
     out = tmp_path / "run"

@@ -99,6 +99,16 @@ def test_field_tables_and_embedding_init():
     assert w[1:].std().item() == pytest.approx(1e-4, rel=0.05)
 
 
+def test_init_fn_leaves_row_zero_of_a_partial_shard():
+    # A row-wise shard does not start at global row 0: its first row is a real token.
+    (table,) = field_tables("x", [("f", 100)], 4)
+    whole, shard = torch.empty(100, 4), torch.empty(40, 4)
+    table.init_fn(whole)
+    table.init_fn(shard)
+    assert torch.count_nonzero(whole[0]) == 0
+    assert torch.count_nonzero(shard[0]) == 4
+
+
 def test_embedding_blocks_in_field_order_and_mean_pooled():
     d = 4
     model = build(SMALL_FIELDS, d, "share", "sum", easy=[8], hard=[8])

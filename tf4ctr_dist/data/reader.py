@@ -33,6 +33,7 @@ from .batch import Batch
 from .errors import DataError
 from .manifest import GROUP_COLUMN, FieldSpec, Manifest
 from .storage import Location, describe, resolve
+from .validate import check_part, validate_row_group
 
 SAMPLE_ID_COLUMN = "_sample_id"  # added by the reader, never stored
 
@@ -86,6 +87,7 @@ class ParquetSplitReader:
         shuffle_buffer_row_groups: int = 4,
         prefetch: bool = True,
         max_open_files: int = 16,
+        pad_tail: bool = True,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -101,6 +103,7 @@ class ParquetSplitReader:
         self.local_batch_size = local_batch_size
         self.shuffle, self.seed = shuffle, seed
         self.shuffle_buffer_row_groups = shuffle_buffer_row_groups
+        self.pad_tail = pad_tail
         self.max_open_files = max(1, max_open_files)
         self._fields: list[FieldSpec] = list(manifest.fields)
         self._columns = manifest.column_names()
@@ -163,13 +166,39 @@ class ParquetSplitReader:
 
     # ---- iteration ----------------------------------------------------------------------------
 
+    def batch_sizes(self, epoch: int) -> list[int]:
+        """Real rows in each of this rank's batches (len == num_batches(epoch)).
+
+        pad_tail=True: full batches, the tail padded with valid=0 rows (eval: fixed shapes).
+        pad_tail=False (training): no padding rows at all, because padding would enter
+        BatchNorm's batch statistics; the last batch is simply smaller, as in a single-process
+        run. Shares differ by at most one row, so a rank may need one extra step: it then splits
+        its last batch, and a 1-row tail borrows a row (BatchNorm cannot train on one sample).
+        """
+        total, size, rows = self.num_batches(epoch), self.local_batch_size, self.rank_rows(epoch)
+        sizes = [size] * (rows // size) + ([rows % size] if rows % size else [])
+        if self.pad_tail:
+            return sizes + [0] * (total - len(sizes))
+        if len(sizes) < total:
+            if not sizes or sizes[-1] < 4:
+                raise ValueError(
+                    f"split {self.split!r} has {self.num_rows} rows: too few for {self.world_size} "
+                    f"workers at local batch {size}"
+                )
+            last = sizes.pop()
+            sizes += [last - 2, 2]
+        if len(sizes) >= 2 and sizes[-1] < 2:
+            sizes[-2] -= 2 - sizes[-1]
+            sizes[-1] = 2
+        return sizes
+
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Yield batches start_batch .. num_batches(epoch)-1 of `epoch` for this rank."""
         total = self.num_batches(epoch)
         if not 0 <= start_batch <= total:
             raise ValueError(f"start_batch must be in [0, {total}], got {start_batch}")
-        size = self.local_batch_size
-        skip = start_batch * size
+        sizes = self.batch_sizes(epoch)
+        skip = sum(sizes[:start_batch])
         windows = self._windows(epoch)
         first_window = max(0, bisect.bisect_right([w.first for w in windows], skip) - 1)
         todo = [w for w in windows[first_window:] if w.first + w.rows > skip]
@@ -182,15 +211,14 @@ class ParquetSplitReader:
                 table = table.slice(skip - window.first)
             buffer.append(table)
             buffered += table.num_rows
-            while buffered >= size:
-                rows, buffer = _take(buffer, size)
-                buffered -= size
-                yield self._to_batch(rows)
+            while produced < total and sizes[produced] > 0 and buffered >= sizes[produced]:
+                rows, buffer = _take(buffer, sizes[produced])
+                buffered -= sizes[produced]
+                yield self._to_batch(rows, self.local_batch_size if self.pad_tail else sizes[produced])
                 produced += 1
-        while produced < total:  # the tail: a partly valid batch, then padding-only batches
-            rows, buffer = _take(buffer, min(buffered, size))
-            buffered -= rows.num_rows if rows is not None else 0
-            yield self._to_batch(rows)
+        while produced < total:  # padding-only batches keep ranks in lock-step
+            rows, buffer = _take(buffer, sizes[produced]) if sizes[produced] else (None, buffer)
+            yield self._to_batch(rows, self.local_batch_size if self.pad_tail else sizes[produced])
             produced += 1
 
     def _read_windows(self, epoch: int, windows: list[_Window]) -> Iterator[tuple[pa.Table, _Window]]:
@@ -223,34 +251,10 @@ class ParquetSplitReader:
             raise DataError(f"{where}: cannot read ({describe(exc, self.loc.storage_options)}); corrupt or truncated Parquet?") from None
         if table.num_rows != group.rows:
             raise DataError(f"{where}: has {table.num_rows} rows, manifest says {group.rows}")
-        self._validate(table, where)
+        validate_row_group(table, self.manifest, where)
         table = table.slice(piece.start, piece.rows)
         sample_ids = np.arange(group.first_row + piece.start, group.first_row + piece.stop, dtype=np.int64)
         return table.append_column(SAMPLE_ID_COLUMN, pa.array(sample_ids))
-
-    def _validate(self, table: pa.Table, where: str) -> None:
-        """Cheap vectorised checks so a bad dataset fails loudly instead of training on garbage."""
-        label = table.column(self.manifest.label)
-        if label.null_count:
-            raise DataError(f"{where}: column {self.manifest.label!r} has nulls; expected 0 or 1")
-        if pc.any(pc.and_(pc.not_equal(label, 0), pc.not_equal(label, 1))).as_py():
-            raise DataError(f"{where}: column {self.manifest.label!r} has values other than 0 and 1")
-        for spec in self._fields:
-            column = table.column(spec.name)
-            if column.null_count:
-                raise DataError(f"{where}: column {spec.name!r} has nulls; expected ids")
-            ids = pc.list_flatten(column) if spec.kind == "sequence" else column
-            if len(ids):
-                bounds = pc.min_max(ids).as_py()
-                if bounds["min"] < 0 or bounds["max"] >= spec.vocab_size:
-                    raise DataError(
-                        f"{where}: column {spec.name!r} has ids in [{bounds['min']}, {bounds['max']}]; "
-                        f"expected [0, {spec.vocab_size}) (vocab_size)"
-                    )
-            if spec.kind == "sequence" and len(column):
-                longest = pc.max(pc.list_value_length(column)).as_py() or 0
-                if spec.max_len is not None and longest > spec.max_len:
-                    raise DataError(f"{where}: column {spec.name!r} has a list of {longest} ids; max_len is {spec.max_len}")
 
     # ---- files --------------------------------------------------------------------------------
 
@@ -264,10 +268,9 @@ class ParquetSplitReader:
             return self._files[part][1]
         info, url = self.info.parts[part], self._url(part)
         path = self.loc.path(info.path)
-        local = "file" in _protocols(self.loc.fs)
         try:
             # No fsspec read cache: pyarrow coalesces a row group's column reads (pre_buffer).
-            handle = self.loc.fs.open(path, "rb", **({} if local else {"cache_type": "none"}))
+            handle = self.loc.fs.open(path, "rb", **({} if self.loc.is_local else {"cache_type": "none"}))
         except FileNotFoundError:
             raise DataError(f"{url}: part file missing (listed in the manifest)") from None
         except Exception as exc:
@@ -277,28 +280,12 @@ class ParquetSplitReader:
         except Exception as exc:
             handle.close()
             raise DataError(f"{url}: not a readable Parquet file ({describe(exc, self.loc.storage_options)}); corrupt or truncated?") from None
-        self._check_schema(pf, url, info.row_groups)
+        check_part(pf, self.manifest, url, info.row_groups)
         self._files[part] = (handle, pf)
         while len(self._files) > self.max_open_files:
             _, (old, _) = self._files.popitem(last=False)
             old.close()
         return pf
-
-    def _check_schema(self, pf: pq.ParquetFile, url: str, row_groups: list[int]) -> None:
-        schema = pf.schema_arrow
-        expected = self.manifest.arrow_schema()
-        for want in expected:
-            if want.name not in schema.names:
-                raise DataError(f"{url}: missing column {want.name!r} (expected columns {expected.names})")
-            got = schema.field(want.name).type
-            if not _compatible(got, want.type):
-                raise DataError(f"{url}: column {want.name!r} has type {got}; expected {want.type}")
-        actual = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
-        if actual != row_groups:
-            raise DataError(
-                f"{url}: row groups {actual[:8]}{'...' if len(actual) > 8 else ''} do not match the manifest "
-                f"({row_groups[:8]}{'...' if len(row_groups) > 8 else ''}); file replaced or truncated?"
-            )
 
     def close(self) -> None:
         if self._pool is not None:  # first: the read-ahead thread may be using the files
@@ -316,9 +303,8 @@ class ParquetSplitReader:
 
     # ---- batch assembly -----------------------------------------------------------------------
 
-    def _to_batch(self, table: pa.Table | None) -> Batch:
-        """B rows (the first `table.num_rows` real, the rest padding) -> Batch."""
-        size = self.local_batch_size
+    def _to_batch(self, table: pa.Table | None, size: int) -> Batch:
+        """`size` rows (the first `table.num_rows` real, the rest padding) -> Batch."""
         n = table.num_rows if table is not None else 0
         labels = np.zeros(size, dtype=np.float32)
         groups = np.zeros(size, dtype=np.int64)
@@ -383,16 +369,3 @@ def _take(buffer: list[pa.Table], k: int) -> tuple[pa.Table | None, list[pa.Tabl
             buffer = [head.slice(need), *buffer[1:]]
             need = 0
     return (taken[0] if len(taken) == 1 else pa.concat_tables(taken)), buffer
-
-
-def _protocols(fs: Any) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
-def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
-    if pa.types.is_list(want) or pa.types.is_large_list(want):
-        return (pa.types.is_list(got) or pa.types.is_large_list(got)) and pa.types.is_integer(got.value_type)
-    if pa.types.is_floating(want):
-        return pa.types.is_floating(got) or pa.types.is_integer(got)
-    return pa.types.is_integer(got)

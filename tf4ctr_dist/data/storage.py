@@ -83,6 +83,17 @@ class Location:
         """User-facing URL of a file below the root (for messages)."""
         return posixpath.join(self.url.rstrip("/"), *rel) if rel else self.url
 
+    @property
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol
+        return bool({"file", "local"} & set((protocol,) if isinstance(protocol, str) else protocol))
+
+    def makedirs(self, path: str) -> None:
+        """Create a folder on local filesystems; a no-op on object stores, where a "mkdir" of a
+        missing bucket would silently create the bucket."""
+        if self.is_local:
+            self.fs.makedirs(path, exist_ok=True)
+
     def error(self, message: str, exc: BaseException | None = None) -> DataError:
         """A DataError whose text (and cause) cannot leak credentials."""
         if exc is not None:

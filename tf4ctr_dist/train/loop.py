@@ -72,6 +72,21 @@ def _log(ctx: WorkerContext, msg: str) -> None:
         print(f"[tf4ctr] {msg}", flush=True)
 
 
+def quiet_library_logs() -> None:
+    """TorchRec and fbgemm log every kernel argument at INFO; keep worker output readable."""
+    import warnings
+
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    # fbgemm's dense (data-parallel) lookup implements its backward inside the CPU op; autograd
+    # warns about the missing Autograd-key registration although the gradient is exact
+    # (tests/distributed/test_dense_tables.py compares it with plain torch).
+    warnings.filterwarnings("ignore", message=".*dense_embedding_codegen_lookup_function.*")
+
+
 def _set_threads(cfg: RunConfig) -> None:
     threads = cfg.train.intra_op_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.cluster.workers))
     torch.set_num_threads(threads)
@@ -79,6 +94,7 @@ def _set_threads(cfg: RunConfig) -> None:
 
 def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train, evaluate and (rank 0) write RUN_DIR files; returns the result dict on every rank."""
+    quiet_library_logs()
     _set_threads(cfg)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -140,6 +156,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             shuffle=cfg.data.shuffle and split == cfg.data.train_split,
             seed=cfg.train.seed,
             shuffle_buffer_row_groups=cfg.data.shuffle_buffer_row_groups,
+            pad_tail=split != cfg.data.train_split,
         )
         for split in (cfg.data.train_split, cfg.data.valid_split, cfg.data.test_split)
         if split in manifest.splits

@@ -1,0 +1,61 @@
+"""Checks shared by the reader and `python -m data_tools check` (no torch import here)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import DataError
+from .manifest import Manifest
+
+
+def validate_row_group(table: pa.Table, manifest: Manifest, where: str) -> None:
+    """Cheap vectorised checks so a bad dataset fails loudly instead of training on garbage."""
+    label = table.column(manifest.label)
+    if label.null_count:
+        raise DataError(f"{where}: column {manifest.label!r} has nulls; expected 0 or 1")
+    if pc.any(pc.and_(pc.not_equal(label, 0), pc.not_equal(label, 1))).as_py():
+        raise DataError(f"{where}: column {manifest.label!r} has values other than 0 and 1")
+    for spec in manifest.fields:
+        column = table.column(spec.name)
+        if column.null_count:
+            raise DataError(f"{where}: column {spec.name!r} has nulls; expected ids")
+        ids = pc.list_flatten(column) if spec.kind == "sequence" else column
+        if len(ids):
+            bounds = pc.min_max(ids).as_py()
+            if bounds["min"] < 0 or bounds["max"] >= spec.vocab_size:
+                raise DataError(
+                    f"{where}: column {spec.name!r} has ids in [{bounds['min']}, {bounds['max']}]; "
+                    f"expected [0, {spec.vocab_size}) (vocab_size)"
+                )
+        if spec.kind == "sequence" and len(column):
+            longest = pc.max(pc.list_value_length(column)).as_py() or 0
+            if spec.max_len is not None and longest > spec.max_len:
+                raise DataError(f"{where}: column {spec.name!r} has a list of {longest} ids; max_len is {spec.max_len}")
+
+
+def check_part(pf: pq.ParquetFile, manifest: Manifest, url: str, row_groups: list[int]) -> None:
+    """The part's columns, types and row groups agree with the manifest."""
+    schema = pf.schema_arrow
+    expected = manifest.arrow_schema()
+    for want in expected:
+        if want.name not in schema.names:
+            raise DataError(f"{url}: missing column {want.name!r} (expected columns {expected.names})")
+        got = schema.field(want.name).type
+        if not _compatible(got, want.type):
+            raise DataError(f"{url}: column {want.name!r} has type {got}; expected {want.type}")
+    actual = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+    if actual != row_groups:
+        raise DataError(
+            f"{url}: row groups {actual[:8]}{'...' if len(actual) > 8 else ''} do not match the manifest "
+            f"({row_groups[:8]}{'...' if len(row_groups) > 8 else ''}); file replaced or truncated?"
+        )
+
+
+def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    if pa.types.is_list(want) or pa.types.is_large_list(want):
+        return (pa.types.is_list(got) or pa.types.is_large_list(got)) and pa.types.is_integer(got.value_type)
+    if pa.types.is_floating(want):
+        return pa.types.is_floating(got) or pa.types.is_integer(got)
+    return pa.types.is_integer(got)
