@@ -26,7 +26,7 @@ def prepare_bars_csv(
     group_col: str | None = None,
     min_count: int = 2,
     fields: list[str] | None = None,
-    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+    row_group_rows: int | None = None,
     row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
@@ -54,7 +54,9 @@ def prepare_bars_csv(
     for inp in inputs.values():
         inp.require(needed)
 
-    counters = _count_tokens(inputs["train"], fields, label_col)
+    counters, train_rows = _count_tokens(inputs["train"], fields, label_col)
+    if row_group_rows is None:
+        row_group_rows = adaptive_row_group_rows(train_rows)
     vocabs = {name: counters[name].vocabulary(min_count) for name in fields}
     specs = [FieldSpec(name, "categorical", vocabs[name].size, None, "counted") for name in fields]
 
@@ -88,13 +90,21 @@ def _unique(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _count_tokens(inp: TextInput, fields: list[str], label_col: str) -> dict[str, TokenCounter]:
+def adaptive_row_group_rows(train_rows: int) -> int:
+    """Small datasets get at least ~16 row groups, so the per-epoch row-group permutation
+    changes which rows each worker reads; large ones the reader-friendly default."""
+    return int(min(DEFAULT_ROW_GROUP_ROWS, max(1024, -(-train_rows // 16))))
+
+
+def _count_tokens(inp: TextInput, fields: list[str], label_col: str) -> tuple[dict[str, TokenCounter], int]:
     counters = {name: TokenCounter() for name in fields}
+    rows = 0
     for offset, batch in inp.batches(_unique([label_col, *fields])):
+        rows += batch.num_rows
         parse_labels(inp, batch.column(label_col), offset, label_col)  # fail early on bad labels
         for name in fields:
             counters[name].update(batch.column(name))
-    return counters
+    return counters, rows
 
 
 def _transform(

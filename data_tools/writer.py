@@ -117,7 +117,7 @@ class SplitWriter:
                 self._file = _HashingFile(owner.loc.fs.open(target, "wb"))
             except Exception as exc:
                 raise owner.loc.error(f"cannot write {owner.loc.url_of(owner.staging, rel)}", exc) from None
-            self._writer = pq.ParquetWriter(self._file, owner.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self._file, owner.schema, compression="snappy")
         self._writer.write_table(table, row_group_size=table.num_rows)
         self._part_groups.append(table.num_rows)
         if len(self._part_groups) >= owner.row_groups_per_part:
@@ -166,9 +166,13 @@ class DatasetWriter:
         self.overwrite = overwrite
         # Validates field/label names early (duplicates, reserved _group).
         self.schema = Manifest(self.fields, label, group, {}).arrow_schema()
-        for name in [label, *(f.name for f in self.fields)]:
+        names = [label, *(f.name for f in self.fields)]
+        for name in names:
             if name == GROUP_COLUMN or name.startswith(STAGING_PREFIX):
                 raise DataError(f"column name {name!r} is reserved")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise DataError(f"duplicate column name(s) {duplicates} among the label and fields")
         self._old: Manifest | None = self._check_output()
         try:
             self._created_root = not self.loc.fs.exists(self.loc.path())

@@ -36,7 +36,8 @@ class DataConfig:
     valid_split: str = "valid"
     test_split: str = "test"
     shuffle: bool = True
-    shuffle_buffer_row_groups: int = 4
+    # Rows shuffled together in memory (whole row groups; each epoch also permutes row groups).
+    shuffle_buffer_rows: int = 1_000_000
 
 
 @dataclass

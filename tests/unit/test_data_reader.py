@@ -278,3 +278,26 @@ def test_bad_arguments(small_ds) -> None:
         ParquetSplitReader(url, "train", manifest=m, rank=2, world_size=2, local_batch_size=8, shuffle=False)
     with pytest.raises(DataError, match="split 'dev' not in manifest"):
         ParquetSplitReader(url, "dev", manifest=m, rank=0, world_size=1, local_batch_size=8, shuffle=False)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_no_padding_mode_covers_rows_in_lock_step(small_ds, world_size: int, shuffle: bool) -> None:
+    """pad_tail=False (training): no padding rows, same step count on every rank, resumable."""
+    url, m = small_ds
+    rows = m.splits["train"].rows
+    seen, steps = [], set()
+    for rank in range(world_size):
+        with ParquetSplitReader(
+            url, "train", manifest=m, rank=rank, world_size=world_size, local_batch_size=64,
+            shuffle=shuffle, seed=4, pad_tail=False,
+        ) as reader:
+            batches = list(reader.iter_epoch(1))
+            steps.add(len(batches))
+            assert [b.size for b in batches] == reader.batch_sizes(1)
+            assert all(b.valid.min() == 1 and b.size >= 2 for b in batches)
+            seen.append(valid_sample_ids(batches))
+            resumed = list(reader.iter_epoch(1, start_batch=len(batches) - 1))
+            assert torch.equal(resumed[0].sample_ids, batches[-1].sample_ids)
+    assert len(steps) == 1
+    assert sorted(np.concatenate(seen).tolist()) == list(range(rows))

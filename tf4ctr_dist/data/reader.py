@@ -7,9 +7,10 @@ Sharding (exact distributed eval, resumable training):
     and shares differ by at most one row;
   * a rank opens only the row groups overlapping its slice; when shuffling, rows are shuffled
     within windows of `shuffle_buffer_row_groups` row groups (seeded by seed, epoch, rank, window);
-  * every rank yields ceil(ceil(N/W) / B) batches of exactly B rows; rows past the rank's share
-    are padding (valid=0, label 0, no ids, sample_id -1, group 0), so all ranks run the same
-    number of collective steps;
+  * every rank yields ceil(ceil(N/W) / B) batches, so all ranks run the same number of
+    collective steps. pad_tail=True (eval): every batch has exactly B rows, rows past the rank's
+    share are padding (valid=0, label 0, no ids, sample_id -1, group 0). pad_tail=False
+    (training): no padding rows; tail batches are smaller (see `batch_sizes`);
   * `iter_epoch(epoch, start_batch=k)` yields exactly the batches k.. of an uninterrupted epoch,
     skipping whole windows without reading them.
 """
@@ -35,7 +36,45 @@ from .manifest import GROUP_COLUMN, FieldSpec, Manifest
 from .storage import Location, describe, resolve
 from .validate import check_part, validate_row_group
 
-SAMPLE_ID_COLUMN = "_sample_id"  # added by the reader, never stored
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Decoded rows. Categorical ids sit in one (C, n) matrix so shuffling is one fancy-index and
+    a batch's KJT values (field-major) are one ravel; sequence fields stay Arrow list arrays."""
+
+    labels: np.ndarray  # (n,) float32
+    groups: np.ndarray  # (n,) int64
+    sample_ids: np.ndarray  # (n,) int64
+    ids: np.ndarray  # (C, n) int64, categorical fields in manifest order
+    lists: tuple[pa.Array, ...]  # one list<int> array per sequence field, manifest order
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def slice(self, start: int, stop: int) -> "_Rows":
+        return _Rows(
+            self.labels[start:stop], self.groups[start:stop], self.sample_ids[start:stop],
+            self.ids[:, start:stop], tuple(a.slice(start, stop - start) for a in self.lists),
+        )
+
+    def take(self, index: np.ndarray) -> "_Rows":
+        return _Rows(
+            self.labels[index], self.groups[index], self.sample_ids[index],
+            self.ids[:, index], tuple(a.take(pa.array(index)) for a in self.lists),
+        )
+
+    @staticmethod
+    def concat(parts: list["_Rows"]) -> "_Rows":
+        if len(parts) == 1:
+            return parts[0]
+        return _Rows(
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.groups for p in parts]),
+            np.concatenate([p.sample_ids for p in parts]),
+            np.concatenate([p.ids for p in parts], axis=1),
+            tuple(pa.concat_arrays([p.lists[i] for p in parts]) for i in range(len(parts[0].lists))),
+        )
 
 
 @dataclass(frozen=True)
@@ -85,6 +124,7 @@ class ParquetSplitReader:
         seed: int = 0,
         storage_options: Mapping[str, Any] | None = None,
         shuffle_buffer_row_groups: int = 4,
+        shuffle_buffer_rows: int | None = None,
         prefetch: bool = True,
         max_open_files: int = 16,
         pad_tail: bool = True,
@@ -103,9 +143,12 @@ class ParquetSplitReader:
         self.local_batch_size = local_batch_size
         self.shuffle, self.seed = shuffle, seed
         self.shuffle_buffer_row_groups = shuffle_buffer_row_groups
+        self.shuffle_buffer_rows = shuffle_buffer_rows
         self.pad_tail = pad_tail
         self.max_open_files = max(1, max_open_files)
         self._fields: list[FieldSpec] = list(manifest.fields)
+        self._cat = [f.name for f in self._fields if f.kind == "categorical"]
+        self._seq = [f.name for f in self._fields if f.kind == "sequence"]
         self._columns = manifest.column_names()
         self._groups: list[_RowGroup] = []
         first = 0
@@ -154,14 +197,22 @@ class ParquetSplitReader:
         return pieces
 
     def _windows(self, epoch: int) -> list[_Window]:
+        """Consecutive pieces shuffled together: shuffle_buffer_row_groups row groups, grown
+        until the window holds at least shuffle_buffer_rows rows (when given)."""
         pieces = self._pieces(epoch)
-        size = self.shuffle_buffer_row_groups if self.shuffle else 1
-        windows, first = [], 0
-        for i in range(0, len(pieces), size):
-            chunk = tuple(pieces[i : i + size])
+        min_groups = self.shuffle_buffer_row_groups if self.shuffle else 1
+        min_rows = (self.shuffle_buffer_rows or 0) if self.shuffle else 0
+        windows: list[_Window] = []
+        first, chunk = 0, []
+        for piece in pieces:
+            chunk.append(piece)
             rows = sum(p.rows for p in chunk)
-            windows.append(_Window(chunk, first, rows, len(windows)))
-            first += rows
+            if len(chunk) >= min_groups and rows >= min_rows:
+                windows.append(_Window(tuple(chunk), first, rows, len(windows)))
+                first, chunk = first + rows, []
+        if chunk:
+            rows = sum(p.rows for p in chunk)
+            windows.append(_Window(tuple(chunk), first, rows, len(windows)))
         return windows
 
     # ---- iteration ----------------------------------------------------------------------------
@@ -203,14 +254,14 @@ class ParquetSplitReader:
         first_window = max(0, bisect.bisect_right([w.first for w in windows], skip) - 1)
         todo = [w for w in windows[first_window:] if w.first + w.rows > skip]
 
-        buffer: list[pa.Table] = []
+        buffer: list[_Rows] = []
         buffered = 0
         produced = start_batch
-        for table, window in self._read_windows(epoch, todo):
+        for rows_read, window in self._read_windows(epoch, todo):
             if window.first < skip:
-                table = table.slice(skip - window.first)
-            buffer.append(table)
-            buffered += table.num_rows
+                rows_read = rows_read.slice(skip - window.first, len(rows_read))
+            buffer.append(rows_read)
+            buffered += len(rows_read)
             while produced < total and sizes[produced] > 0 and buffered >= sizes[produced]:
                 rows, buffer = _take(buffer, sizes[produced])
                 buffered -= sizes[produced]
@@ -221,7 +272,7 @@ class ParquetSplitReader:
             yield self._to_batch(rows, self.local_batch_size if self.pad_tail else sizes[produced])
             produced += 1
 
-    def _read_windows(self, epoch: int, windows: list[_Window]) -> Iterator[tuple[pa.Table, _Window]]:
+    def _read_windows(self, epoch: int, windows: list[_Window]) -> Iterator[tuple[_Rows, _Window]]:
         """Read (and shuffle) windows in order, one ahead on a background thread when enabled."""
         if self._pool is None:
             for window in windows:
@@ -233,15 +284,14 @@ class ParquetSplitReader:
             pending = self._pool.submit(self._read_window, epoch, windows[i + 1]) if i + 1 < len(windows) else None
             yield future.result(), window
 
-    def _read_window(self, epoch: int, window: _Window) -> pa.Table:
-        tables = [self._read_piece(p) for p in window.pieces]
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        if self.shuffle and table.num_rows > 1:
+    def _read_window(self, epoch: int, window: _Window) -> _Rows:
+        rows = _Rows.concat([self._read_piece(p) for p in window.pieces])
+        if self.shuffle and len(rows) > 1:
             rng = np.random.default_rng([self.seed, epoch, self.rank, window.index])
-            table = table.take(pa.array(rng.permutation(table.num_rows)))
-        return table
+            rows = rows.take(rng.permutation(len(rows)))
+        return rows
 
-    def _read_piece(self, piece: _Piece) -> pa.Table:
+    def _read_piece(self, piece: _Piece) -> _Rows:
         group = piece.group
         pf = self._file(group.part)
         where = f"{self._url(group.part)} row group {group.index}"
@@ -253,8 +303,17 @@ class ParquetSplitReader:
             raise DataError(f"{where}: has {table.num_rows} rows, manifest says {group.rows}")
         validate_row_group(table, self.manifest, where)
         table = table.slice(piece.start, piece.rows)
-        sample_ids = np.arange(group.first_row + piece.start, group.first_row + piece.stop, dtype=np.int64)
-        return table.append_column(SAMPLE_ID_COLUMN, pa.array(sample_ids))
+        n = table.num_rows
+        ids = np.empty((len(self._cat), n), dtype=np.int64)
+        for i, name in enumerate(self._cat):
+            ids[i] = table.column(name).to_numpy()
+        return _Rows(
+            labels=table.column(self.manifest.label).to_numpy().astype(np.float32, copy=False),
+            groups=table.column(GROUP_COLUMN).to_numpy().astype(np.int64, copy=False),
+            sample_ids=np.arange(group.first_row + piece.start, group.first_row + piece.stop, dtype=np.int64),
+            ids=ids,
+            lists=tuple(table.column(name).combine_chunks() for name in self._seq),
+        )
 
     # ---- files --------------------------------------------------------------------------------
 
@@ -303,45 +362,31 @@ class ParquetSplitReader:
 
     # ---- batch assembly -----------------------------------------------------------------------
 
-    def _to_batch(self, table: pa.Table | None, size: int) -> Batch:
-        """`size` rows (the first `table.num_rows` real, the rest padding) -> Batch."""
-        n = table.num_rows if table is not None else 0
+    def _to_batch(self, rows: _Rows | None, size: int) -> Batch:
+        """`size` rows (the first len(rows) real, the rest padding) -> Batch."""
+        n = len(rows) if rows is not None else 0
         labels = np.zeros(size, dtype=np.float32)
         groups = np.zeros(size, dtype=np.int64)
         sample_ids = np.full(size, -1, dtype=np.int64)
         valid = np.zeros(size, dtype=np.float32)
-        values: list[np.ndarray] = []
-        lengths: list[np.ndarray] = []
+        lengths = np.zeros((len(self._fields), size), dtype=np.int32)  # (F, B), field-major
+        if rows is None or n == 0:
+            values = np.empty(0, dtype=np.int64)
+        elif not self._seq and rows.ids.all():
+            # Fast path (e.g. every BARS / Criteo dataset): one id per field and row, no PAD.
+            values = rows.ids.ravel()  # (C*n,) field-major, as the KJT wants
+            lengths[:, :n] = 1
+        else:
+            values = self._jagged(rows, lengths)
         if n:
-            labels[:n] = table.column(self.manifest.label).to_numpy()
-            groups[:n] = table.column(GROUP_COLUMN).to_numpy()
-            sample_ids[:n] = table.column(SAMPLE_ID_COLUMN).to_numpy()
+            labels[:n] = rows.labels
+            groups[:n] = rows.groups
+            sample_ids[:n] = rows.sample_ids
             valid[:n] = 1.0
-        for spec in self._fields:
-            field_lengths = np.zeros(size, dtype=np.int32)
-            if not n:
-                values.append(np.empty(0, dtype=np.int64))
-            elif spec.kind == "categorical":
-                ids = table.column(spec.name).to_numpy()
-                present = ids != 0  # PAD (0) means "no id": zero length, pools to zero
-                field_lengths[:n] = present
-                values.append(ids if present.all() else ids[present])
-            else:
-                column = table.column(spec.name).combine_chunks()
-                ids = pc.list_flatten(column).to_numpy()
-                row_lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int32)
-                pad = ids == 0
-                if pad.any():  # tolerate explicit PAD inside lists: drop it, shorten the row
-                    rows = np.repeat(np.arange(n), row_lengths)
-                    row_lengths = row_lengths - np.bincount(rows[pad], minlength=n).astype(np.int32)
-                    ids = ids[~pad]
-                field_lengths[:n] = row_lengths
-                values.append(ids)
-            lengths.append(field_lengths)
         kjt = KeyedJaggedTensor(
             keys=[f.name for f in self._fields],
-            values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
-            lengths=torch.from_numpy(np.concatenate(lengths)),
+            values=torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
+            lengths=torch.from_numpy(lengths.ravel()),
         )
         return Batch(
             sparse_features=kjt,
@@ -351,21 +396,47 @@ class ParquetSplitReader:
             valid=torch.from_numpy(valid),
         )
 
+    def _jagged(self, rows: _Rows, lengths: np.ndarray) -> np.ndarray:
+        """General case: PAD (id 0) removed everywhere, sequence fields flattened. Fills `lengths`."""
+        n = len(rows)
+        values: list[np.ndarray] = []
+        cat = seq = 0
+        for f, spec in enumerate(self._fields):
+            if spec.kind == "categorical":
+                ids = rows.ids[cat]
+                cat += 1
+                present = ids != 0  # PAD means "no id": zero length, pools to the zero vector
+                lengths[f, :n] = present
+                values.append(ids[present])
+            else:
+                column = rows.lists[seq]
+                seq += 1
+                ids = pc.list_flatten(column).to_numpy().astype(np.int64, copy=False)
+                row_lengths = pc.list_value_length(column).fill_null(0).to_numpy().astype(np.int32)
+                pad = ids == 0
+                if pad.any():  # tolerate explicit PAD inside lists: drop it, shorten the row
+                    owner = np.repeat(np.arange(n), row_lengths)
+                    row_lengths -= np.bincount(owner[pad], minlength=n).astype(np.int32)
+                    ids = ids[~pad]
+                lengths[f, :n] = row_lengths
+                values.append(ids)
+        return np.concatenate(values)
 
-def _take(buffer: list[pa.Table], k: int) -> tuple[pa.Table | None, list[pa.Table]]:
-    """Split the first k rows off a list of tables (zero-copy slices)."""
+
+def _take(buffer: list[_Rows], k: int) -> tuple[_Rows | None, list[_Rows]]:
+    """Split the first k rows off a list of row blocks (views; one copy when spanning blocks)."""
     if k == 0:
         return None, buffer
-    taken: list[pa.Table] = []
+    taken: list[_Rows] = []
     need = k
     while need:
         head = buffer[0]
-        if head.num_rows <= need:
+        if len(head) <= need:
             taken.append(head)
-            need -= head.num_rows
+            need -= len(head)
             buffer = buffer[1:]
         else:
             taken.append(head.slice(0, need))
-            buffer = [head.slice(need), *buffer[1:]]
+            buffer = [head.slice(need, len(head)), *buffer[1:]]
             need = 0
-    return (taken[0] if len(taken) == 1 else pa.concat_tables(taken)), buffer
+    return _Rows.concat(taken), buffer

@@ -17,6 +17,9 @@ from tf4ctr_dist.config import RunConfig
 
 
 def _ray_worker(loop_config: dict) -> None:
+    from tf4ctr_dist.train.logs import quiet_library_logs
+
+    quiet_library_logs()
     import ray.train
     import ray.train.torch
 

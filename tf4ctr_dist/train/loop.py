@@ -32,6 +32,7 @@ from tf4ctr_dist.distributed.sharding import (
 from tf4ctr_dist.metrics import difficulty_buckets, evaluate, gather_across_ranks
 from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
 from tf4ctr_dist.train import runfiles
+from tf4ctr_dist.train.logs import quiet_library_logs
 
 logger = logging.getLogger("tf4ctr_dist")
 
@@ -70,21 +71,6 @@ class WorkerContext:
 def _log(ctx: WorkerContext, msg: str) -> None:
     if ctx.rank == 0:
         print(f"[tf4ctr] {msg}", flush=True)
-
-
-def quiet_library_logs() -> None:
-    """TorchRec and fbgemm log every kernel argument at INFO; keep worker output readable."""
-    import warnings
-
-    logging.getLogger().setLevel(logging.WARNING)
-    for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "torch.fx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
-    # fbgemm's dense (data-parallel) lookup implements its backward inside the CPU op; autograd
-    # warns about the missing Autograd-key registration although the gradient is exact
-    # (tests/distributed/test_dense_tables.py compares it with plain torch).
-    warnings.filterwarnings("ignore", message=".*dense_embedding_codegen_lookup_function.*")
 
 
 def _set_threads(cfg: RunConfig) -> None:
@@ -155,7 +141,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             local_batch_size=local_batch if split == cfg.data.train_split else eval_local_batch,
             shuffle=cfg.data.shuffle and split == cfg.data.train_split,
             seed=cfg.train.seed,
-            shuffle_buffer_row_groups=cfg.data.shuffle_buffer_row_groups,
+            shuffle_buffer_row_groups=1,
+            shuffle_buffer_rows=cfg.data.shuffle_buffer_rows,
             pad_tail=split != cfg.data.train_split,
         )
         for split in (cfg.data.train_split, cfg.data.valid_split, cfg.data.test_split)

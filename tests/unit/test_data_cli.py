@@ -1,0 +1,70 @@
+"""`python -m data_tools prepare|check`: exit codes, spec handling, corruption detection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_tools.cli import main
+from tests.data_helpers import tiny_bars
+
+
+def test_prepare_bars_folder_then_check(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tiny_bars(tmp_path / "in")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("group_col: u\nmin_count: 2\nrow_group_rows: 16\n")
+    out = tmp_path / "ds"
+    assert main(["prepare", "bars-csv", "--input", str(tmp_path / "in"), "--out", str(out), "--spec", str(spec)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["group"] == "u" and manifest["spec"]["row_group_rows"] == 16
+    assert main(["check", str(out)]) == 0
+    assert "OK:" in capsys.readouterr().out
+    # Refuses to replace without --overwrite (exit 1, clear message).
+    assert main(["prepare", "bars-csv", "--input", str(tmp_path / "in"), "--out", str(out)]) == 1
+    assert "already holds a dataset" in capsys.readouterr().err
+
+
+def test_check_finds_corruption_and_leftovers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "ds"
+    assert main(["prepare", "synthetic", "--out", str(out), "--set", "rows=500", "--set", "fields=3", "--set", "row_group_rows=50"]) == 0
+    (out / ".staging-deadbeef").mkdir()
+    (out / "train" / "stray.parquet").write_bytes(b"x")
+    assert main(["check", str(out), "--quiet"]) == 0  # leftovers are warnings only
+    assert "leftover staging" in capsys.readouterr().out
+    part = out / "train" / "part-00000.parquet"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    assert main(["check", str(out), "--quiet"]) == 1
+    text = capsys.readouterr().out
+    assert "part-00000.parquet: sha256" in text and "FAILED" in text
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["fields"][0]["vocab_size"] = 3
+    (out / "manifest.json").write_text(json.dumps(raw))
+    assert main(["check", str(out), "--quiet"]) == 1
+    assert "expected [0, 3)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prepare", "synthetic", "--out", "X", "--set", "rows=10", "--set", "colour=red"], "unknown spec key(s) for synthetic: ['colour']"),
+        (["prepare", "synthetic", "--out", "X"], "needs a row count"),
+        (["prepare", "criteo", "--out", "X"], "exactly one --input"),
+        (["prepare", "bars-csv", "--input", "a", "--input", "b", "--out", "X"], "three --input files"),
+        (["prepare", "synthetic", "--out", "X", "--set", "rows"], "expected KEY=VALUE"),
+    ],
+)
+def test_usage_errors(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = [str(tmp_path / "o") if a == "X" else a for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_engine_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["prepare", "synthetic", "--out", str(tmp_path / "o"), "--engine", "spark", "--set", "rows=10"])
+    assert info.value.code == 2
