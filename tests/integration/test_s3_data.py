@@ -70,3 +70,14 @@ def test_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
         prepare_bars_csv(train, valid, test, "s3://some-bucket/out", storage_options=opts)
     assert SECRET_KEY not in str(info.value)
     assert time.monotonic() - started < 20
+
+
+def test_cli_on_s3_with_credentials_from_env(s3_server: S3Server, capsys: pytest.CaptureFixture) -> None:
+    from data_tools.cli import main
+
+    url = s3_server.url("datasets", "cli-synthetic")
+    endpoint = ["--endpoint-url", s3_server.endpoint_url]  # keys come from AWS_* env (set by the fixture)
+    assert main(["prepare", "synthetic", "--out", url, "--set", "rows=300", "--set", "fields=3", *endpoint]) == 0
+    assert main(["check", url, "--quiet", *endpoint]) == 0
+    out = capsys.readouterr()
+    assert "OK:" in out.out and SECRET_KEY not in out.out + out.err

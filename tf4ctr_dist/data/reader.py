@@ -227,21 +227,33 @@ class ParquetSplitReader:
         its last batch, and a 1-row tail borrows a row (BatchNorm cannot train on one sample).
         """
         total, size, rows = self.num_batches(epoch), self.local_batch_size, self.rank_rows(epoch)
-        sizes = [size] * (rows // size) + ([rows % size] if rows % size else [])
         if self.pad_tail:
+            sizes = [size] * (rows // size) + ([rows % size] if rows % size else [])
             return sizes + [0] * (total - len(sizes))
+        # Every rank checks every rank's plan, so all raise together (a rank that failed alone
+        # would leave the others blocked in a collective).
+        plans = [self._train_sizes(hi - lo, total) for lo, hi in map(self._share, range(self.world_size))]
+        if any(plan is None for plan in plans):
+            raise ValueError(
+                f"split {self.split!r} has {self.num_rows} rows: too few for {self.world_size} "
+                f"workers at local batch {size} (training needs at least 2 rows in every batch)"
+            )
+        return plans[self.rank]  # type: ignore[return-value]
+
+    def _train_sizes(self, rows: int, total: int) -> list[int] | None:
+        """pad_tail=False batch sizes of a share of `rows` rows; None if some batch would hold
+        fewer than 2 rows."""
+        size = self.local_batch_size
+        sizes = [size] * (rows // size) + ([rows % size] if rows % size else [])
         if len(sizes) < total:
             if not sizes or sizes[-1] < 4:
-                raise ValueError(
-                    f"split {self.split!r} has {self.num_rows} rows: too few for {self.world_size} "
-                    f"workers at local batch {size}"
-                )
+                return None
             last = sizes.pop()
             sizes += [last - 2, 2]
         if len(sizes) >= 2 and sizes[-1] < 2:
             sizes[-2] -= 2 - sizes[-1]
             sizes[-1] = 2
-        return sizes
+        return sizes if all(s >= 2 for s in sizes) else None
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Yield batches start_batch .. num_batches(epoch)-1 of `epoch` for this rank."""

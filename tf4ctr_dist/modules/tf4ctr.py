@@ -7,10 +7,26 @@ from typing import Optional
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from tf4ctr_dist.modules.init import init_linear, reset_dense
 from tf4ctr_dist.modules.ssem import ShareSSEM
+
+
+def _feature_order(ebc: Optional[EmbeddingBagCollection]) -> list[str]:
+    """The EBC's pooled keys in table order (= field order for `field_tables`)."""
+    if ebc is None:
+        return []
+    return [f for cfg in ebc.embedding_bag_configs() for f in cfg.feature_names]
+
+
+def _in_order(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
+    """values() of `pooled` with the key blocks in `keys` order: (B, sum of dims).
+
+    A sharded EBC returns its keys grouped by sharding (e.g. table-wise: the tables of rank 0
+    first), not in table order; the encoders need the field blocks in a fixed order.
+    """
+    return KeyedTensor.regroup([pooled], [keys])[0]
 
 
 def _param_device(module: nn.Module) -> Optional[torch.device]:
@@ -64,6 +80,8 @@ class TF4CTR(nn.Module):
         self.simple_head = init_linear(nn.Linear(simple_encoder.out_dim, 1, device=device))
         self.complex_head = init_linear(nn.Linear(complex_encoder.out_dim, 1, device=device))
         self.fusion = fusion
+        self._easy_keys = _feature_order(embedding)
+        self._hard_keys = _feature_order(hard_embedding)
 
     def dense_modules(self) -> list[nn.Module]:
         """Every part except the embedding tables."""
@@ -85,11 +103,11 @@ class TF4CTR(nn.Module):
         self, features: KeyedJaggedTensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.hard_embedding is None:
-            h = self.embedding(features).values()  # (B, F*d)
+            h = _in_order(self.embedding(features), self._easy_keys)  # (B, F*d)
             h_es, h_hs = self.ssem(h)
         else:
-            h_es = self.embedding(features).values()  # (B, F*d/2)
-            h_hs = self.hard_embedding(features).values()  # (B, F*d)
+            h_es = _in_order(self.embedding(features), self._easy_keys)  # (B, F*d/2)
+            h_hs = _in_order(self.hard_embedding(features), self._hard_keys)  # (B, F*d)
         v_s = self.simple_encoder(h_es)  # (B, last_s)
         v_c = self.complex_encoder(h_hs)  # (B, last_c)
         z_s = self.simple_head(v_s)  # (B, 1)
