@@ -1,19 +1,86 @@
-"""BARS-style CSV -> prepared Parquet dataset (e.g. Frappe x1: label + categorical columns)."""
+"""BARS-style CSV -> prepared Parquet dataset (e.g. Frappe x1: label + categorical columns).
+
+Three files (train, valid, test), each with a header; the label column in {0, 1}; every other
+used column categorical. Vocabularies are fit on TRAIN only (counted: tokens seen >= min_count
+times, empty cells are missing and map to OOV) or hashed per field (see data_tools.fields).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-import numpy as np
-import pyarrow as pa
+from typing import Any, Iterator, Mapping, Sequence
 
 from tf4ctr_dist.data.errors import DataError
-from tf4ctr_dist.data.manifest import GROUP_COLUMN, FieldSpec, Manifest
+from tf4ctr_dist.data.manifest import Manifest
 from tf4ctr_dist.data.storage import display_url
 
-from .csv_input import TextInput, group_ids, open_text_input, parse_labels
-from .vocab import TokenCounter, Vocabulary
-from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART, DatasetWriter
+from .csv_input import TextShard, check_shard_rows, group_ids, open_text_input, parse_labels, plan_text_shards
+from .engine import Engine
+from .fields import FieldPlan, resolve_fields
+from .pipeline import Chunk, Source, adaptive_row_group_rows, prepare
+from .writer import DEFAULT_ROW_GROUPS_PER_PART
+
+__all__ = ["prepare_bars_csv", "adaptive_row_group_rows"]
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+class BarsSource(Source):
+    created_by = "data_tools.bars_csv"
+
+    def __init__(
+        self, urls: tuple[str, str, str], label_col: str, group_col: str | None, entries: list[Any] | None,
+        resolve: Mapping[str, Any], storage_options: Mapping[str, Any] | None,
+    ) -> None:
+        self.urls = urls
+        self.inputs = [open_text_input(url, storage_options, delimiter=",") for url in urls]
+        if entries is None:
+            entries = [c for c in self.inputs[0].columns if c != label_col]
+        self.fields: list[FieldPlan] = resolve_fields(list(entries), kinds=("categorical",), **resolve)
+        if not self.fields:
+            raise DataError(f"{self.inputs[0].url}: no feature columns besides label {label_col!r}")
+        names = [f.name for f in self.fields]
+        if label_col in names:
+            raise DataError(f"label column {label_col!r} cannot also be a field")
+        self.label, self.group = label_col, group_col
+        self.needed = _unique([label_col, *names, *([group_col] if group_col else [])])
+        for inp in self.inputs:
+            inp.require(self.needed)
+        self.resolve = dict(resolve)
+
+    def shards(self, engine: Engine) -> list[TextShard]:
+        return [s for i, inp in enumerate(self.inputs) for s in plan_text_shards(inp, i, (i,), engine)]
+
+    def read(self, shard: TextShard, names: Sequence[str]) -> Iterator[Chunk]:
+        inp, rows = self.inputs[shard.source], 0
+        columns = _unique([self.label, *names, *([self.group] if self.group else [])])
+        for offset, batch in inp.batches(columns, start=shard.start, end=shard.end, first_row=shard.first_row):
+            labels = parse_labels(inp, batch.column(self.label), offset, self.label)
+            groups = group_ids(batch.column(self.group)) if self.group else None
+            rows += batch.num_rows
+            yield Chunk(labels, {name: batch.column(name) for name in names}, shard.source, groups)
+        check_shard_rows(inp, shard, rows)
+
+    def train_rows_hint(self) -> int | None:
+        """Estimated from the file size and the first ~1 MB of lines (no extra pass over train)."""
+        inp = self.inputs[0]
+        if inp.compressed:
+            return None
+        with inp.loc.fs.open(inp.loc.path(), "rb") as f:
+            head = f.read(1 << 20)
+        lines = max(1, head.count(b"\n"))
+        return max(1, int(inp.size() / (len(head) / lines)) - 1)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "format": "bars-csv",
+            "inputs": {split: display_url(url) for split, url in zip(("train", "valid", "test"), self.urls)},
+            "label_col": self.label,
+            "group_col": self.group,
+            "fields": [f.name for f in self.fields],
+            "min_count": self.resolve["min_count"],
+        }
 
 
 def prepare_bars_csv(
@@ -25,101 +92,33 @@ def prepare_bars_csv(
     label_col: str = "label",
     group_col: str | None = None,
     min_count: int = 2,
-    fields: list[str] | None = None,
+    fields: list[Any] | None = None,
+    vocab_mode: str = "counted",
+    buckets: int | None = None,
+    field_options: Mapping[str, Any] | None = None,
     row_group_rows: int | None = None,
     row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
+    vocab_memory_mb: float | None = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    engine: Engine | None = None,
 ) -> Manifest:
     """Convert three CSV files (header; `label_col` in {0,1}; all other used columns categorical).
 
-    Vocabularies are fit on TRAIN only (tokens seen >= min_count times; empty cells are missing
-    and map to OOV). Two streaming passes over train (count, then transform), one over valid and
-    test. `storage_options` apply to the inputs and the output. Returns the written manifest.
+    `fields`: column names or per-field mappings (data_tools.fields); default all but the label.
+    Two streaming passes over train (count, then transform; one when every field is hashed),
+    one over valid and test. `storage_options` apply to the inputs and the output. Returns the
+    written manifest.
     """
-    if min_count < 1:
+    if not isinstance(min_count, int) or min_count < 1:
         raise DataError(f"min_count must be >= 1, got {min_count}")
-    inputs = {
-        split: open_text_input(url, storage_options, delimiter=",")
-        for split, url in (("train", train), ("valid", valid), ("test", test))
-    }
-    if fields is None:
-        fields = [c for c in inputs["train"].columns if c != label_col]
-    fields = list(fields)
-    if not fields:
-        raise DataError(f"{inputs['train'].url}: no feature columns besides label {label_col!r}")
-    if label_col in fields:
-        raise DataError(f"label column {label_col!r} cannot also be a field")
-    needed = _unique([label_col, *fields, *([group_col] if group_col else [])])
-    for inp in inputs.values():
-        inp.require(needed)
-
-    counters, train_rows = _count_tokens(inputs["train"], fields, label_col)
-    if row_group_rows is None:
-        row_group_rows = adaptive_row_group_rows(train_rows)
-    vocabs = {name: counters[name].vocabulary(min_count) for name in fields}
-    specs = [FieldSpec(name, "categorical", vocabs[name].size, None, "counted") for name in fields]
-
-    with DatasetWriter(
-        out_url,
-        fields=specs,
-        label=label_col,
-        group=group_col,
-        row_group_rows=row_group_rows,
-        row_groups_per_part=row_groups_per_part,
-        overwrite=overwrite,
-        storage_options=storage_options,
-    ) as writer:
-        for split, inp in inputs.items():
-            out = writer.split(split)
-            for offset, batch in inp.batches(needed):
-                out.write(_transform(inp, batch, offset, label_col, fields, group_col, vocabs))
-        spec = {
-            "format": "bars-csv",
-            "inputs": {split: display_url(url) for split, url in (("train", train), ("valid", valid), ("test", test))},
-            "label_col": label_col,
-            "group_col": group_col,
-            "fields": fields,
-            "min_count": min_count,
-            "row_group_rows": row_group_rows,
-        }
-        return writer.commit(spec, created_by="data_tools.bars_csv")
-
-
-def _unique(names: list[str]) -> list[str]:
-    return list(dict.fromkeys(names))
-
-
-def adaptive_row_group_rows(train_rows: int) -> int:
-    """Small datasets get at least ~16 row groups, so the per-epoch row-group permutation
-    changes which rows each worker reads; large ones the reader-friendly default."""
-    return int(min(DEFAULT_ROW_GROUP_ROWS, max(1024, -(-train_rows // 16))))
-
-
-def _count_tokens(inp: TextInput, fields: list[str], label_col: str) -> tuple[dict[str, TokenCounter], int]:
-    counters = {name: TokenCounter() for name in fields}
-    rows = 0
-    for offset, batch in inp.batches(_unique([label_col, *fields])):
-        rows += batch.num_rows
-        parse_labels(inp, batch.column(label_col), offset, label_col)  # fail early on bad labels
-        for name in fields:
-            counters[name].update(batch.column(name))
-    return counters, rows
-
-
-def _transform(
-    inp: TextInput,
-    batch: pa.RecordBatch,
-    offset: int,
-    label_col: str,
-    fields: list[str],
-    group_col: str | None,
-    vocabs: dict[str, Vocabulary],
-) -> pa.Table:
-    columns: dict[str, Any] = {label_col: parse_labels(inp, batch.column(label_col), offset, label_col)}
-    for name in fields:
-        columns[name] = vocabs[name].lookup(batch.column(name))
-    columns[GROUP_COLUMN] = (
-        group_ids(batch.column(group_col)) if group_col else np.zeros(batch.num_rows, dtype=np.int64)
+    source = BarsSource(
+        (train, valid, test), label_col, group_col, fields,
+        dict(vocab_mode=vocab_mode, min_count=min_count, buckets=buckets, field_options=field_options),
+        storage_options,
     )
-    return pa.table(columns)
+    return prepare(
+        source, out_url, engine=engine, row_group_rows=row_group_rows, row_groups_per_part=row_groups_per_part,
+        overwrite=overwrite, storage_options=storage_options, vocab_memory_mb=vocab_memory_mb,
+    )
+

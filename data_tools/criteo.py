@@ -5,43 +5,38 @@ as CSV with a header (e.g. DeepCTR's criteo_sample.txt); detected from the first
 Numeric fields are bucketised (missing -> 0; v > 2 -> floor(ln(v)^2); else int(v), truncating
 toward zero) and then treated as categorical like C1..C26. Rows are split train/valid/test 8:1:1
 by a seeded hash of the row number (deterministic, independent of chunking); vocabularies are fit
-on the train rows only (min_count 10).
+on the train rows only (min_count 10), or hashed (vocab_mode / field_options, see
+data_tools.fields). With the Ray engine the file is cut into byte ranges at line ends; a fast
+parallel line count gives every range its first row number, so the split of a row never depends
+on the sharding.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from tf4ctr_dist.data.errors import DataError
-from tf4ctr_dist.data.manifest import GROUP_COLUMN, SPLITS, FieldSpec, Manifest
+from tf4ctr_dist.data.manifest import Manifest
 from tf4ctr_dist.data.storage import display_url
 
-from .csv_input import TextInput, open_text_input, parse_labels
-from .vocab import TokenCounter, Vocabulary
-from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART, DatasetWriter
+from .csv_input import TextInput, TextShard, check_shard_rows, open_text_input, parse_labels, plan_text_shards
+from .engine import Engine
+from .fields import FieldPlan, bucketize_criteo, resolve_fields
+from .pipeline import Chunk, Source, prepare
+from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART
 
 LABEL = "label"
 NUMERIC = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL = [f"C{i}" for i in range(1, 27)]
 FIELDS = NUMERIC + CATEGORICAL
 COLUMNS = [LABEL, *FIELDS]
+NUMERIC_BUCKETING = "missing -> 0; v > 2 -> floor(ln(v)^2); else int(v)"
 
-
-def bucketize(values: np.ndarray) -> np.ndarray:
-    """Criteo numeric bucketing on floats (NaN = missing): int64 buckets."""
-    values = np.asarray(values, dtype=np.float64)
-    out = np.zeros(values.shape, dtype=np.int64)  # missing -> 0
-    present = ~np.isnan(values)
-    big = present & (values > 2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out[big] = np.floor(np.log(values[big]) ** 2).astype(np.int64)
-    small = present & ~big
-    out[small] = np.trunc(values[small]).astype(np.int64)  # int(v): toward zero, also for negatives
-    return out
+bucketize = bucketize_criteo
 
 
 def split_of_rows(first_row: int, n: int, seed: int, fractions: tuple[float, float, float]) -> np.ndarray:
@@ -56,6 +51,12 @@ def split_of_rows(first_row: int, n: int, seed: int, fractions: tuple[float, flo
     x = x ^ (x >> np.uint64(31))
     u = (x >> np.uint64(11)).astype(np.float64) / float(2**53)
     return np.searchsorted(np.cumsum(fractions)[:2], u, side="right").astype(np.int8)
+
+
+def check_split(split: Sequence[float]) -> tuple[float, float, float]:
+    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+        raise DataError(f"split must be three non-negative fractions summing to 1, got {tuple(split)}")
+    return (float(split[0]), float(split[1]), float(split[2]))
 
 
 def _numeric(inp: TextInput, column: pa.Array, offset: int, name: str) -> np.ndarray:
@@ -76,11 +77,50 @@ def _numeric(inp: TextInput, column: pa.Array, offset: int, name: str) -> np.nda
     return bucketize(values.to_numpy(zero_copy_only=False))
 
 
-def _tokens(inp: TextInput, batch: pa.RecordBatch, offset: int, name: str) -> pa.Array:
-    """Raw tokens of one field as strings (numeric fields: their bucket)."""
-    if name in NUMERIC:
-        return pa.array(_numeric(inp, batch.column(name), offset, name)).cast(pa.string())
-    return batch.column(name)
+class CriteoSource(Source):
+    created_by = "data_tools.criteo"
+    label = LABEL
+
+    def __init__(
+        self, input_url: str, fields: list[FieldPlan], seed: int, fractions: tuple[float, float, float],
+        storage_options: Mapping[str, Any] | None, min_count: int = 10,
+    ) -> None:
+        self.min_count = min_count
+        self.input_url = input_url
+        self.inp = open_text_input(input_url, storage_options, delimiter=None, header=None, columns=COLUMNS)
+        self.inp.require(COLUMNS)
+        self.fields = fields
+        self.seed, self.fractions = seed, fractions
+
+    def shards(self, engine: Engine) -> list[TextShard]:
+        return plan_text_shards(self.inp, 0, (0, 1, 2), engine)
+
+    def read(self, shard: TextShard, names: Sequence[str]) -> Iterator[Chunk]:
+        inp, rows = self.inp, 0
+        for offset, batch in inp.batches(COLUMNS, start=shard.start, end=shard.end, first_row=shard.first_row):
+            labels = parse_labels(inp, batch.column(LABEL), offset, LABEL)
+            tokens = {}
+            for name in names:
+                if name in NUMERIC:
+                    tokens[name] = pa.array(_numeric(inp, batch.column(name), offset, name)).cast(pa.string())
+                else:
+                    tokens[name] = batch.column(name)
+            rows += batch.num_rows
+            yield Chunk(labels, tokens, split_of_rows(offset, batch.num_rows, self.seed, self.fractions))
+        check_shard_rows(inp, shard, rows)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "format": "criteo",
+            "input": display_url(self.input_url),
+            "header": self.inp.header,
+            "delimiter": self.inp.delimiter,
+            "min_count": self.min_count,
+            "split": list(self.fractions),
+            "seed": self.seed,
+            "numeric_fields": NUMERIC,
+            "numeric_bucketing": NUMERIC_BUCKETING,
+        }
 
 
 def prepare_criteo(
@@ -88,63 +128,28 @@ def prepare_criteo(
     out_url: str,
     *,
     min_count: int = 10,
+    vocab_mode: str = "counted",
+    buckets: int | None = None,
+    field_options: Mapping[str, Any] | None = None,
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 2018,
     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
     row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
+    vocab_memory_mb: float | None = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    engine: Engine | None = None,
 ) -> Manifest:
     """Convert one Criteo file (TSV without header, or CSV/TSV with header; .gz etc. inferred)."""
-    if min_count < 1:
+    if not isinstance(min_count, int) or min_count < 1:
         raise DataError(f"min_count must be >= 1, got {min_count}")
-    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
-        raise DataError(f"split must be three non-negative fractions summing to 1, got {split}")
-    inp = open_text_input(input_url, storage_options, delimiter=None, header=None, columns=COLUMNS)
-    inp.require(COLUMNS)
-    fractions = (float(split[0]), float(split[1]), float(split[2]))
-
-    # Pass 1: count tokens on the train rows only.
-    counters = {name: TokenCounter() for name in FIELDS}
-    for offset, batch in inp.batches(COLUMNS):
-        parse_labels(inp, batch.column(LABEL), offset, LABEL)
-        train = pa.array(split_of_rows(offset, batch.num_rows, seed, fractions) == 0)
-        for name in FIELDS:
-            counters[name].update(pc.filter(_tokens(inp, batch, offset, name), train))
-    vocabs: dict[str, Vocabulary] = {name: counters[name].vocabulary(min_count) for name in FIELDS}
-    specs = [FieldSpec(name, "categorical", vocabs[name].size, None, "counted") for name in FIELDS]
-
-    # Pass 2: transform and route each row to its split.
-    with DatasetWriter(
-        out_url,
-        fields=specs,
-        label=LABEL,
-        group=None,
-        row_group_rows=row_group_rows,
-        row_groups_per_part=row_groups_per_part,
-        overwrite=overwrite,
-        storage_options=storage_options,
-    ) as writer:
-        outs = [writer.split(name) for name in SPLITS]
-        for offset, batch in inp.batches(COLUMNS):
-            columns: dict[str, Any] = {LABEL: parse_labels(inp, batch.column(LABEL), offset, LABEL)}
-            for name in FIELDS:
-                columns[name] = vocabs[name].lookup(_tokens(inp, batch, offset, name))
-            columns[GROUP_COLUMN] = np.zeros(batch.num_rows, dtype=np.int64)
-            table = pa.table(columns)
-            which = split_of_rows(offset, batch.num_rows, seed, fractions)
-            for index, out in enumerate(outs):
-                out.write(table.filter(pa.array(which == index)))
-        spec = {
-            "format": "criteo",
-            "input": display_url(input_url),
-            "header": inp.header,
-            "delimiter": inp.delimiter,
-            "min_count": min_count,
-            "split": list(fractions),
-            "seed": seed,
-            "numeric_fields": NUMERIC,
-            "numeric_bucketing": "missing -> 0; v > 2 -> floor(ln(v)^2); else int(v)",
-            "row_group_rows": row_group_rows,
-        }
-        return writer.commit(spec, created_by="data_tools.criteo")
+    fractions = check_split(split)
+    plans = resolve_fields(
+        FIELDS, vocab_mode=vocab_mode, min_count=min_count, buckets=buckets, field_options=field_options,
+        kinds=("categorical",),
+    )
+    source = CriteoSource(input_url, plans, seed, fractions, storage_options, min_count)
+    return prepare(
+        source, out_url, engine=engine, row_group_rows=row_group_rows, row_groups_per_part=row_groups_per_part,
+        overwrite=overwrite, storage_options=storage_options, vocab_memory_mb=vocab_memory_mb,
+    )

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from fsspec.utils import infer_compression
 
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.storage import Location, resolve
@@ -39,12 +40,19 @@ class TextInput:
         if missing:
             raise DataError(f"{self.url}: missing column(s) {missing}; the header has {self.columns}")
 
-    def batches(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """Yield (row offset of the batch's first data row, batch of string columns)."""
+    def batches(
+        self, columns: list[str], *, start: int = 0, end: int | None = None, first_row: int = 0
+    ) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """Yield (row offset of the batch's first data row, batch of string columns).
+
+        start/end: read only the bytes [start, end) of an uncompressed file (both on line
+        boundaries, see plan_text_shards); first_row: the row number of its first data row.
+        """
+        ranged = start > 0 or end is not None
         read = pacsv.ReadOptions(
             block_size=BLOCK_SIZE,
             column_names=self.columns,
-            skip_rows=1 if self.header else 0,
+            skip_rows=1 if self.header and start == 0 else 0,
         )
         parse = pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=False)
         convert = pacsv.ConvertOptions(
@@ -53,10 +61,14 @@ class TextInput:
             strings_can_be_null=False,  # an empty cell is "" (missing -> OOV), never null
             quoted_strings_can_be_null=False,
         )
-        offset = 0
+        offset = first_row
         try:
-            with self.loc.fs.open(self.loc.path(), "rb", compression="infer") as raw:
-                reader = pacsv.open_csv(raw, read_options=read, parse_options=parse, convert_options=convert)
+            with self.loc.fs.open(self.loc.path(), "rb", **({} if ranged else {"compression": "infer"})) as raw:
+                stream: Any = raw
+                if ranged:
+                    raw.seek(start)
+                    stream = _RangeReader(raw, (end if end is not None else self.size()) - start)
+                reader = pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
                 for batch in reader:
                     yield offset, batch
                     offset += batch.num_rows
@@ -67,6 +79,13 @@ class TextInput:
             raise DataError(f"{self.url}: malformed {self._kind()} at or after line {line}: {exc}") from None
         except Exception as exc:
             raise self.loc.error(f"cannot read {self.url}", exc) from None
+
+    def size(self) -> int:
+        return int(self.loc.fs.size(self.loc.path()))
+
+    @property
+    def compressed(self) -> bool:
+        return infer_compression(self.loc.path()) is not None
 
     def line_of(self, row: int) -> int:
         """1-based line number of data row `row` (0-based), assuming one line per record."""
@@ -176,3 +195,118 @@ def group_ids(column: pa.Array) -> np.ndarray:
     hashed = pd.util.hash_array(np.asarray(values, dtype=object), categorize=True).view(np.int64)
     hashed[hashed == 0] = 1
     return hashed
+
+
+# ---- byte-range shards of one text file (the Ray engine's unit of work) -----------------------
+
+
+class _RangeReader(io.RawIOBase):
+    """Read-only view of the next `length` bytes of a file object."""
+
+    def __init__(self, raw: Any, length: int) -> None:
+        self._raw, self._left = raw, max(0, length)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._left)
+        if n <= 0:
+            return 0
+        data = self._raw.read(n)
+        buffer[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+
+@dataclass(frozen=True)
+class TextShard:
+    """Bytes [start, end) of input `source` (end None: to the end), whose first data row is row
+    `first_row` of the file; `rows` is the row count found by the counting pass (None: unknown)."""
+
+    source: int
+    start: int
+    end: int | None
+    first_row: int
+    rows: int | None
+    splits: tuple[int, ...]
+
+
+def _line_starts(inp: TextInput, target_bytes: int) -> list[int]:
+    """Byte offsets just after a newline, about every target_bytes (0 and the size included)."""
+    size = inp.size()
+    cuts = [0]
+    with inp.loc.fs.open(inp.loc.path(), "rb") as f:
+        for k in range(1, -(-size // target_bytes)):
+            pos = max(k * target_bytes, cuts[-1])
+            f.seek(pos)
+            while True:
+                block = f.read(64 << 10)
+                if not block:
+                    pos = size
+                    break
+                newline = block.find(b"\n")
+                if newline >= 0:
+                    pos += newline + 1
+                    break
+                pos += len(block)
+            if cuts[-1] < pos < size:
+                cuts.append(pos)
+    return cuts + [size]
+
+
+def count_rows(inp: TextInput, span: tuple[int, int]) -> int:
+    """Rows pyarrow's CSV reader yields for bytes [start, end) (excluding the header line when
+    start is 0): lines with any character but a trailing carriage return. Vectorised, ~GB/s."""
+    start, end = span
+    rows, open_line = 0, False  # open_line: the unterminated line so far has content
+    with inp.loc.fs.open(inp.loc.path(), "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            block = f.read(min(8 << 20, left))
+            if not block:
+                break
+            left -= len(block)
+            a = np.frombuffer(block, dtype=np.uint8)
+            newlines = np.flatnonzero(a == 10)
+            content = (a != 10) & (a != 13)
+            if newlines.size == 0:
+                open_line = open_line or bool(content.any())
+                continue
+            # content per line: a cumulative count of content bytes between newlines
+            cum = np.concatenate([[0], np.cumsum(content)])
+            ends = newlines
+            starts = np.concatenate([[0], newlines[:-1] + 1])
+            has = (cum[ends] - cum[starts]) > 0
+            has[0] |= open_line
+            rows += int(np.count_nonzero(has))
+            open_line = bool(content[newlines[-1] + 1 :].any())
+    rows += int(open_line)
+    if start == 0 and inp.header:
+        rows -= 1
+    return rows
+
+
+def plan_text_shards(inp: TextInput, source: int, splits: tuple[int, ...], engine: Any) -> list[TextShard]:
+    """One shard for the whole file (local engine, compressed or small files), else ranges of
+    about engine.shard_bytes cut at line ends, with row offsets from a parallel row count."""
+    target = getattr(engine, "shard_bytes", None)
+    if not target or inp.compressed or inp.size() <= target:
+        return [TextShard(source, 0, None, 0, None, splits)]
+    cuts = _line_starts(inp, target)
+    spans = list(zip(cuts[:-1], cuts[1:]))
+    counts = list(engine.map(count_rows, spans, inp))
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    return [TextShard(source, a, b, int(r0), int(n), splits) for (a, b), r0, n in zip(spans, firsts, counts)]
+
+
+def check_shard_rows(inp: TextInput, shard: TextShard, rows: int) -> None:
+    """A ranged shard must yield exactly the rows the counting pass found (else row numbers, and
+    with them the row-hash splits, would be wrong)."""
+    if shard.rows is not None and rows != shard.rows:
+        raise DataError(
+            f"{inp.url}: bytes [{shard.start}, {shard.end}) parsed as {rows} rows but hold {shard.rows} "
+            "non-empty lines (bare carriage-return line endings or blank lines with spaces?); "
+            "prepare this file with --engine local"
+        )

@@ -222,8 +222,17 @@ class DatasetWriter:
             self._splits[name] = SplitWriter(self, name)
         return self._splits[name]
 
-    def commit(self, spec: Mapping[str, Any], created_by: str) -> Manifest:
-        """Close all splits, move parts into place, then write the manifest (last)."""
+    def commit(self, spec: Mapping[str, Any], created_by: str, fields: list[FieldSpec] | None = None) -> Manifest:
+        """Close all splits, move parts into place, then write the manifest (last).
+
+        `fields`: the final field specs when they were not known at construction (vocabulary
+        sizes are fit while writing); names, kinds and order must match the written columns.
+        """
+        if fields is not None:
+            fields = list(fields)
+            if [(f.name, f.kind) for f in fields] != [(f.name, f.kind) for f in self.fields]:
+                raise ValueError("commit(fields=...) must keep the field names, kinds and order")
+            self.fields = fields
         for writer in self._splits.values():
             writer.close()
         splits = {name: SplitInfo(w.rows, w.parts) for name, w in self._splits.items()}

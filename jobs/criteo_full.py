@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tf4ctr_dist.entry import criteo_full  # noqa: E402
+from tf4ctr_dist.entry import criteo_full, run_cli  # noqa: E402
 
 if __name__ == "__main__":
-    criteo_full(sys.argv[1:])
+    run_cli(criteo_full)

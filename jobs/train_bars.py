@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tf4ctr_dist.entry import train_bars  # noqa: E402
+from tf4ctr_dist.entry import train_bars, run_cli  # noqa: E402
 
 if __name__ == "__main__":
-    train_bars(sys.argv[1:])
+    run_cli(train_bars)

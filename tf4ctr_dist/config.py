@@ -127,7 +127,7 @@ class RunConfig:
             target = raw
             for part in path[:-1]:
                 target = target[part]
-            target[path[-1]] = _parse_value(value) if isinstance(value, str) else value
+            target[path[-1]] = _parse_override(value, _declared_type(path)) if isinstance(value, str) else value
         return RunConfig.from_dict(raw)
 
 
@@ -169,6 +169,23 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+
+
+def _declared_type(path: list[str]) -> Any:
+    tp: Any = RunConfig
+    for part in path:
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _parse_override(text: str, tp: Any) -> Any:
+    """Override text -> value: YAML scalars/lists, except that a str field keeps the text as
+    written (``name=2023``, ``train_split=001``) and an Optional[str] one only maps none/null."""
+    if tp is str:
+        return text
+    if tp == Optional[str]:
+        return None if text.lower() in ("none", "null") else text
+    return _parse_value(text)
 
 
 def _section_classes() -> dict[str, type]:
@@ -229,7 +246,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if origin is list:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value] if not isinstance(value, str) else [v for v in value.split(",") if v]
+            # "64,32" (a comma list on the command line): each item parsed like a scalar value.
+            value = [value] if not isinstance(value, str) else [_parse_value(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(args[0], v, key) for v in value]

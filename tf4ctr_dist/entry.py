@@ -142,12 +142,17 @@ def _launch(cfg: RunConfig) -> dict:
     return result
 
 
-def main_train_bars() -> None:
-    train_bars(sys.argv[1:])
+def run_cli(job, argv: Optional[list[str]] = None) -> None:
+    """Run a job function for a command line: expected failures (bad data, bad config,
+    impossible placement) print one clear line and exit 1 instead of a traceback."""
+    from tf4ctr_dist.data.errors import DataError
+    from tf4ctr_dist.distributed.sharding import ShardingError
 
-
-def main_criteo_full() -> None:
-    criteo_full(sys.argv[1:])
+    try:
+        job(sys.argv[1:] if argv is None else argv)
+    except (DataError, ConfigError, ShardingError, FileNotFoundError) as e:
+        print(f"[tf4ctr] error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -129,6 +129,7 @@ def train_reference(
     step = ReferenceStep(model, loss_cfg, emb_reg)
     ids, labels = train
     history = []
+    best, best_state, bad = -float("inf"), None, 0
     for epoch in range(epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(len(ids))
@@ -140,4 +141,18 @@ def train_reference(
         history.append(metrics)
         if log:
             print(f"[reference] epoch {epoch + 1}: " + " ".join(f"{k} {v:.6f}" for k, v in metrics.items()), flush=True)
+        # The published protocol: monitor AUC (+ gAUC), lr x0.1 on plateau, stop after 2.
+        score = metrics["AUC"] + metrics.get("gAUC", 0.0)
+        if score > best + 1e-6:
+            best, bad = score, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            for group in step.optimizer.param_groups:
+                group["lr"] = max(group["lr"] * 0.1, 1e-6)
+            if bad >= 2:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    history.append({"model": model})  # type: ignore[dict-item]
     return history

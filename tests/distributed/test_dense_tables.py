@@ -5,8 +5,10 @@ a global batch, take optimizer steps through DistributedModelParallel + build_op
 result must equal one process training the unsharded model (plain torchrec EBCs on cpu) on the
 whole batch with torch.optim.Adam, L2 on the embeddings only, dense-only gradient clipping:
 
-  * emb_reg_mode=full:    Adam's coupled weight decay on every row of every table;
-  * emb_reg_mode=touched: 0.1*E_r added to the gradient of the rows looked up this step only.
+  * emb_reg_mode=full:    Adam's coupled weight decay on every row of every table (one step,
+    forward/backward/step by hand through the DMP);
+  * emb_reg_mode=touched: 0.1*E_r added to the gradient of the rows looked up this step only
+    (two steps through TrainPipelineSparseDist, as the worker loop trains, with an active clip).
 
 Table-wise sharded tables (fused kernels): the sharded forward equals the unsharded one.
 
@@ -187,7 +189,10 @@ def _state_of(dmp) -> dict:
     return {k: v.detach().numpy().copy() for k, v in dmp.state_dict().items()}
 
 
-def _dp_train(rank: int, world: int, init: dict, batches: list[dict], mode: str, clip: float) -> dict:
+def _dp_train(rank: int, world: int, init: dict, batches: list[dict], mode: str, clip: float,
+              pipeline: bool = False) -> dict:
+    """Train on this rank's halves: by hand (zero_grad / forward / backward / step through the
+    DMP) or through TrainPipelineSparseDist, as the worker loop does."""
     from tf4ctr_dist.config import LossConfig
     from tf4ctr_dist.distributed.sharding import build_optimizer, resolve_placement
     from tf4ctr_dist.model import Objective, TF4CTRTrain, tf4ctr
@@ -198,15 +203,29 @@ def _dp_train(rank: int, world: int, init: dict, batches: list[dict], mode: str,
                                 clip_grad_norm=clip)
     _load(dmp, init)
     half = GLOBAL_BATCH // world
-    losses = []
-    for data in batches:
-        optimizer.zero_grad()
-        loss, (_, probs, _, _) = dmp(_make_batch(data, rank * half, (rank + 1) * half))
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    local = [_make_batch(data, rank * half, (rank + 1) * half) for data in batches]
+    losses, pipelined = [], 0
+    if pipeline:
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipe = TrainPipelineSparseDist(dmp, optimizer, torch.device("cpu"), execute_all_batches=True)
+        it = iter(local)
+        while True:
+            try:
+                loss, _, _, _ = pipe.progress(it)
+            except StopIteration:
+                break
+            losses.append(float(loss))
+        pipelined = len(pipe._pipelined_modules)  # sharded modules whose input dist it took over
+    else:
+        for batch in local:
+            optimizer.zero_grad()
+            loss, _ = dmp(batch)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
     sharding = {t: ps.sharding_type for m in plan.plan.values() for t, ps in m.items()}
-    return {"state": _state_of(dmp), "losses": losses, "sharding": sharding}
+    return {"state": _state_of(dmp), "losses": losses, "sharding": sharding, "pipelined": pipelined}
 
 
 def _tw_forward(rank: int, world: int, init: dict, data: dict) -> dict:
@@ -232,7 +251,7 @@ def _all_cases(rank: int, world: int, init: dict, batches: list[dict], clip_touc
     torch.manual_seed(99 + rank)  # the loaded weights, not any rank's init, must decide the result
     return {
         "full": _dp_train(rank, world, init, batches[:1], "full", 10.0),
-        "touched": _dp_train(rank, world, init, batches, "touched", clip_touched),
+        "touched": _dp_train(rank, world, init, batches, "touched", clip_touched, pipeline=True),
         "table_wise": _tw_forward(rank, world, init, batches[0]),
     }
 
@@ -284,6 +303,8 @@ def test_data_parallel_adam_step_equals_single_process(runs, mode):
         assert mean == pytest.approx(ref["losses"][step], abs=1e-6)
     for result in runs["ranks"]:
         _assert_state_equal(result[mode]["state"], ref["state"])
+    if mode == "touched":  # trained through TrainPipelineSparseDist: both EBCs were pipelined
+        assert [r[mode]["pipelined"] for r in runs["ranks"]] == [2, 2]
     # The step really moved the tables and a dense weight (a no-op optimizer cannot pass).
     for key in ("model.embedding.embedding_bags.easy_a.weight", "model.complex_encoder.net.0.weight"):
         assert (ref["state"][key] - init[key]).abs().max() > 1e-3, key

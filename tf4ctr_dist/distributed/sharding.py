@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -110,14 +110,44 @@ def fused_params(placement: EmbeddingPlacement, lr: float, weight_decay: float) 
 
 
 def table_constraints(
-    tables: Iterable[EmbeddingBagConfig], placement: EmbeddingPlacement
+    tables: Iterable[EmbeddingBagConfig],
+    placement: EmbeddingPlacement,
+    pooling_factors: Optional[Mapping[str, float]] = None,
 ) -> dict[str, ParameterConstraints]:
-    return {
-        t.name: ParameterConstraints(
-            sharding_types=list(placement.sharding_types), compute_kernels=[placement.compute_kernel]
+    """Per-table planner constraints; ``pooling_factors`` (table name -> mean ids per sample,
+    TorchRec assumes 1.0) only matter for sequence fields."""
+    pooling_factors = pooling_factors or {}
+    constraints = {}
+    for t in tables:
+        extra = {"pooling_factors": [float(pooling_factors[t.name])]} if t.name in pooling_factors else {}
+        constraints[t.name] = ParameterConstraints(
+            sharding_types=list(placement.sharding_types), compute_kernels=[placement.compute_kernel], **extra
         )
-        for t in tables
-    }
+    return constraints
+
+
+def make_sharders(placement: EmbeddingPlacement, embedding_lr: float, embedding_weight_decay: float) -> list:
+    """The sharders DMP (and the planner) use: fused-optimizer settings only for fused tables."""
+    params = fused_params(placement, embedding_lr, embedding_weight_decay) if placement.fused else None
+    return [EmbeddingBagCollectionSharder(fused_params=params)]
+
+
+def build_planner(
+    tables: Iterable[EmbeddingBagConfig],
+    placement: EmbeddingPlacement,
+    topology: Topology,
+    local_batch_size: int,
+    pooling_factors: Optional[Mapping[str, float]] = None,
+    **planner_kwargs,
+) -> EmbeddingShardingPlanner:
+    """The planner with the training constraints; ``planner_kwargs`` go to EmbeddingShardingPlanner
+    (stats, proposer, storage_reservation, ...). Also used by ``plan_sim`` for offline plans."""
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=local_batch_size,
+        constraints=table_constraints(tables, placement, pooling_factors),
+        **planner_kwargs,
+    )
 
 
 def plan_sharding(
@@ -131,10 +161,11 @@ def plan_sharding(
     pg: Optional[dist.ProcessGroup] = None,
 ) -> ShardingPlan:
     """Run the TorchRec planner (collectively when ``pg`` is given, so every rank agrees)."""
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device=device_type, local_world_size=world_size),
-        batch_size=local_batch_size,
-        constraints=table_constraints(tables, placement),
+    planner = build_planner(
+        tables,
+        placement,
+        Topology(world_size=world_size, compute_device=device_type, local_world_size=world_size),
+        local_batch_size,
     )
     if pg is not None:
         return planner.collective_plan(module, sharders, pg)
@@ -155,8 +186,7 @@ def shard_model(
     """Plan and wrap ``module`` (built on ``meta``) in DistributedModelParallel."""
     pg = pg or dist.group.WORLD
     world_size = dist.get_world_size(pg)
-    sharder_params = fused_params(placement, embedding_lr, embedding_weight_decay) if placement.fused else None
-    sharders = [EmbeddingBagCollectionSharder(fused_params=sharder_params)]
+    sharders = make_sharders(placement, embedding_lr, embedding_weight_decay)
     plan = plan_sharding(module, tables, placement, sharders, world_size, device.type, local_batch_size, pg)
     dmp = DistributedModelParallel(
         module=module,

@@ -1,0 +1,281 @@
+"""Field declarations shared by the converters: kind, vocabulary mode, and the raw-value cleaning
+(numeric bucketing, sequence splitting and truncation) that turns input columns into tokens.
+
+A spec declares fields as a name or a mapping, with spec-level defaults and per-field overrides:
+
+    vocab_mode: counted          # default for every field: counted | hashed
+    min_count: 2                 # default for counted fields
+    buckets: 1000000             # default for hashed fields
+    fields:                      # bars-csv / parquet-logs: which columns (formats with fixed fields: not accepted)
+      - user_id                                        # categorical, spec defaults
+      - {name: item_id, vocab_mode: hashed, buckets: 4000000}
+      - {name: hist, kind: sequence, max_len: 20, splitter: "|", keep: last}
+      - {name: price, kind: numeric, bucketing: criteo}          # or bucketing: {boundaries: [1, 10, 100]}
+    field_options:               # any format: per-field overrides by name (precedence over `fields`)
+      C3: {vocab_mode: hashed, buckets: 2000000}
+
+Per-field keys: kind (categorical | sequence | numeric; numeric fields are bucketised, then
+stored as categorical ids), vocab_mode, min_count (counted only), buckets (hashed only),
+max_len / splitter / keep (sequence: split a string column on `splitter` or take a list column,
+drop empty items, keep the first or last max_len), bucketing (numeric: `criteo` = missing -> 0,
+v > 2 -> floor(ln(v)^2), else int(v); or {boundaries: [b0, b1, ...]} = number of boundaries <= v,
+missing -> the missing token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tf4ctr_dist.data.errors import DataError
+from tf4ctr_dist.data.manifest import FieldSpec
+
+from .vocab import HASH_NAME, MISSING, HashedVocabulary, Vocabulary, as_strings
+
+KINDS = ("categorical", "sequence", "numeric")
+VOCAB_MODES = ("counted", "hashed")
+FIELD_KEYS = {"name", "kind", "vocab_mode", "min_count", "buckets", "max_len", "splitter", "keep", "bucketing"}
+
+
+@dataclass(frozen=True)
+class FieldPlan:
+    """One output field and how its raw values become ids."""
+
+    name: str
+    kind: str = "categorical"  # categorical | sequence | numeric (stored as categorical)
+    vocab_mode: str = "counted"
+    min_count: int = 1
+    buckets: int | None = None
+    max_len: int | None = None
+    splitter: str = "|"
+    keep: str = "first"
+    bucketing: Any = None  # numeric: "criteo" or {"boundaries": [...]}
+    boundaries: tuple[float, ...] = field(default=(), compare=False)
+
+    @property
+    def stored_kind(self) -> str:
+        return "sequence" if self.kind == "sequence" else "categorical"
+
+    @property
+    def counted(self) -> bool:
+        return self.vocab_mode == "counted"
+
+    def field_spec(self, vocab: Vocabulary | HashedVocabulary) -> FieldSpec:
+        return FieldSpec(self.name, self.stored_kind, vocab.size, self.max_len, self.vocab_mode)  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, Any]:
+        """For the manifest's spec: enough to redo the mapping."""
+        out: dict[str, Any] = {"kind": self.kind, "vocab_mode": self.vocab_mode}
+        if self.counted:
+            out["min_count"] = self.min_count
+        else:
+            out["buckets"] = self.buckets
+            out["hash"] = HASH_NAME
+        if self.kind == "sequence":
+            out.update(max_len=self.max_len, splitter=self.splitter, keep=self.keep)
+        if self.kind == "numeric":
+            out["bucketing"] = self.bucketing
+        return out
+
+
+def _int(value: Any, what: str, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise DataError(f"{what} should be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def resolve_fields(
+    entries: Sequence[Any],
+    *,
+    vocab_mode: str = "counted",
+    min_count: int = 1,
+    buckets: int | None = None,
+    field_options: Mapping[str, Any] | None = None,
+    kinds: Sequence[str] = KINDS,
+    fixed: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[FieldPlan]:
+    """Field entries (name or mapping) + spec defaults + field_options -> FieldPlans.
+
+    `fixed`: per-field settings a format imposes (e.g. MovieLens Genres is a sequence); a spec
+    may change their vocabulary settings but not their kind.
+    """
+    if vocab_mode not in VOCAB_MODES:
+        raise DataError(f"vocab_mode should be one of {list(VOCAB_MODES)}, got {vocab_mode!r}")
+    _int(min_count, "min_count", 1)
+    if buckets is not None:
+        _int(buckets, "buckets", 1)
+    options = dict(field_options or {})
+    if not isinstance(field_options or {}, Mapping):
+        raise DataError(f"field_options should map field names to settings, got {field_options!r}")
+    plans: list[FieldPlan] = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise DataError(f"fields[{i}] should be a column name or a mapping with a 'name', got {entry!r}")
+        plans.append(_plan(dict(entry), options.pop(entry["name"], None), fixed, kinds, vocab_mode, min_count, buckets))
+    if options:
+        raise DataError(f"field_options name unknown field(s) {sorted(options)}; fields are {[p.name for p in plans]}")
+    names = [p.name for p in plans]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"field(s) {dupes} declared more than once")
+    return plans
+
+
+def _plan(
+    entry: dict[str, Any],
+    override: Any,
+    fixed: Mapping[str, Mapping[str, Any]] | None,
+    kinds: Sequence[str],
+    vocab_mode: str,
+    min_count: int,
+    buckets: int | None,
+) -> FieldPlan:
+    name = entry["name"]
+    if override is not None:
+        if not isinstance(override, Mapping):
+            raise DataError(f"field_options.{name} should be a mapping of settings, got {override!r}")
+        if "name" in override:
+            raise DataError(f"field_options.{name}: 'name' cannot be changed")
+        entry.update(override)
+    unknown = sorted(set(entry) - FIELD_KEYS)
+    if unknown:
+        raise DataError(f"field {name!r}: unknown setting(s) {unknown}; allowed: {sorted(FIELD_KEYS - {'name'})}")
+    base = dict((fixed or {}).get(name, {}))
+    if "kind" in entry and "kind" in base and entry["kind"] != base["kind"]:
+        raise DataError(f"field {name!r} is a {base['kind']} field in this format; kind cannot be changed")
+    merged = {**base, **entry}
+    kind = merged.get("kind", "categorical")
+    if kind not in kinds:
+        raise DataError(f"field {name!r}: kind should be one of {list(kinds)}, got {kind!r}")
+    mode = merged.get("vocab_mode", vocab_mode)
+    if mode not in VOCAB_MODES:
+        raise DataError(f"field {name!r}: vocab_mode should be one of {list(VOCAB_MODES)}, got {mode!r}")
+    if mode == "hashed":
+        if "min_count" in entry:
+            raise DataError(f"field {name!r}: min_count applies to vocab_mode counted only (this field is hashed)")
+        n = merged.get("buckets", buckets)
+        if n is None:
+            raise DataError(f"field {name!r}: vocab_mode hashed needs buckets (per field or a spec-level default)")
+        n = _int(n, f"field {name!r}: buckets", 1)
+        count = 1
+    else:
+        if "buckets" in entry:
+            raise DataError(f"field {name!r}: buckets applies to vocab_mode hashed only (this field is counted)")
+        n = None
+        count = _int(merged.get("min_count", min_count), f"field {name!r}: min_count", 1)
+    max_len, splitter, keep = None, "|", "first"
+    if kind == "sequence":
+        max_len = _int(merged.get("max_len"), f"sequence field {name!r}: max_len", 1)
+        splitter = merged.get("splitter", "|")
+        if not isinstance(splitter, str) or not splitter:
+            raise DataError(f"field {name!r}: splitter should be a non-empty string, got {splitter!r}")
+        keep = merged.get("keep", "first")
+        if keep not in ("first", "last"):
+            raise DataError(f"field {name!r}: keep should be 'first' or 'last', got {keep!r}")
+    else:
+        for key in ("max_len", "splitter", "keep"):
+            if key in entry:
+                raise DataError(f"field {name!r}: {key} applies to sequence fields only")
+    bucketing, boundaries = None, ()
+    if kind == "numeric":
+        bucketing = merged.get("bucketing")
+        if bucketing == "criteo":
+            pass
+        elif isinstance(bucketing, Mapping) and set(bucketing) == {"boundaries"}:
+            values = bucketing["boundaries"]
+            if (
+                not isinstance(values, list) or not values
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                or any(b <= a for a, b in zip(values, values[1:]))
+            ):
+                raise DataError(f"field {name!r}: bucketing.boundaries should be a non-empty increasing list of numbers")
+            boundaries = tuple(float(v) for v in values)
+            bucketing = {"boundaries": list(values)}
+        else:
+            raise DataError(
+                f"numeric field {name!r} needs bucketing: criteo, or bucketing: {{boundaries: [b0, b1, ...]}}; got {bucketing!r}"
+            )
+    elif "bucketing" in entry:
+        raise DataError(f"field {name!r}: bucketing applies to numeric fields only")
+    return FieldPlan(name, kind, mode, count, n, max_len, splitter, keep, bucketing, boundaries)
+
+
+def make_vocab(plan: FieldPlan, counted: Vocabulary | None = None) -> Vocabulary | HashedVocabulary:
+    if plan.counted:
+        assert counted is not None
+        return counted
+    assert plan.buckets is not None
+    return HashedVocabulary(plan.buckets)
+
+
+# ---- raw values -> tokens -------------------------------------------------------------------
+
+
+def bucketize_criteo(values: np.ndarray) -> np.ndarray:
+    """Criteo numeric bucketing on floats (NaN = missing): missing -> 0; v > 2 -> floor(ln(v)^2);
+    else int(v) (truncating toward zero)."""
+    values = np.asarray(values, dtype=np.float64)
+    out = np.zeros(values.shape, dtype=np.int64)
+    present = ~np.isnan(values)
+    big = present & (values > 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[big] = np.floor(np.log(values[big]) ** 2).astype(np.int64)
+    small = present & ~big
+    out[small] = np.trunc(values[small]).astype(np.int64)
+    return out
+
+
+def numeric_tokens(plan: FieldPlan, values: np.ndarray) -> pa.Array:
+    """Bucket tokens (decimal text) of float values (NaN = missing)."""
+    values = np.asarray(values, dtype=np.float64)
+    if plan.bucketing == "criteo":
+        return pa.array(bucketize_criteo(values)).cast(pa.string())
+    buckets = np.searchsorted(np.asarray(plan.boundaries), values, side="right")
+    tokens = pa.array(buckets).cast(pa.string())
+    missing = np.isnan(values)
+    if missing.any():
+        tokens = pc.if_else(pa.array(missing), pa.scalar(MISSING), tokens)
+    return tokens
+
+
+def clean_lists(lists: pa.Array | pa.ChunkedArray, max_len: int, keep: str = "first") -> pa.ListArray:
+    """list<string> with empty / null items dropped, null lists empty, at most max_len items
+    per row (the first or the last ones)."""
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    n = len(lists)
+    if n == 0:
+        return pa.array([], pa.list_(pa.string()))
+    items = as_strings(pc.list_flatten(lists))
+    parents = pc.list_parent_indices(lists).to_numpy()
+    good = pc.not_equal(items, MISSING).to_numpy(zero_copy_only=False)
+    items = items.filter(pa.array(good))
+    parents = parents[good]
+    lengths = np.bincount(parents, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pos = np.arange(len(parents)) - starts[parents]
+    if keep == "last":
+        pos = lengths[parents] - 1 - pos
+    kept = pos < max_len
+    if not kept.all():
+        items = items.filter(pa.array(kept))
+        lengths = np.minimum(lengths, max_len)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), items)
+
+
+def split_strings(column: pa.Array | pa.ChunkedArray, splitter: str) -> pa.Array:
+    """A string column of `splitter`-joined items -> list<string>."""
+    return pc.split_pattern(as_strings(column), pattern=splitter)
+
+
+def lookup_lists(vocab: Vocabulary | HashedVocabulary, lists: pa.ListArray) -> pa.ListArray:
+    """Map every item of clean list<string> rows (see clean_lists) to ids; same row lengths."""
+    ids = vocab.lookup(lists.values) if len(lists.values) else np.empty(0, dtype=np.int64)
+    return pa.ListArray.from_arrays(lists.offsets, pa.array(ids, pa.int64()))

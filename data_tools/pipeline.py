@@ -1,0 +1,245 @@
+"""The preparation every converter shares: (1) count train tokens of the counted fields, (2) map
+every row to ids and route it to its split, (3) write parts and the manifest atomically.
+
+A converter is a `Source`: its field plans, an ordered list of shards, and `read(shard)` yielding
+`Chunk`s of raw tokens (labels validated, splits assigned). Pass 1 runs only when some field is
+counted, and only over shards that can hold train rows; hashed fields never need it, so a
+dataset whose fields are all hashed reads its input once. Both passes go through an engine
+(data_tools.engine); the output is independent of the engine (see there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tf4ctr_dist.data.errors import DataError
+from tf4ctr_dist.data.manifest import GROUP_COLUMN, SPLITS, FieldSpec, Manifest
+
+from .engine import Engine, LocalEngine
+from .fields import FieldPlan, lookup_lists
+from .vocab import DEFAULT_MEMORY_BUDGET, HashedVocabulary, Vocabulary, VocabCounter, aggregate_counts, count_values
+from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART, DatasetWriter
+
+TRAIN = 0
+
+
+@dataclass
+class Chunk:
+    """Raw rows of one input batch: labels (float32, 0/1), tokens per field (string array, or
+    clean list<string> for sequence fields), split index per row (or one for all), group ids."""
+
+    labels: np.ndarray
+    tokens: dict[str, pa.Array]
+    split: np.ndarray | int
+    groups: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.labels)
+
+    def split_mask(self, index: int) -> np.ndarray | bool:
+        return self.split == index
+
+
+class Source:
+    """Base class of the converters' inputs (picklable: shipped to Ray tasks)."""
+
+    created_by = "data_tools"
+    label = "label"
+    group: str | None = None
+    fields: list[FieldPlan]
+    split_indexes: tuple[int, ...] = (0, 1, 2)  # splits this dataset has (written even if empty)
+
+    def shards(self, engine: Engine) -> list[Any]:
+        """Ordered shards; each has `.splits`, the split indexes its rows can belong to."""
+        raise NotImplementedError
+
+    def read(self, shard: Any, names: Sequence[str]) -> Iterator[Chunk]:
+        """Chunks of the shard, in order, with tokens for the fields `names`."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def train_rows_hint(self) -> int | None:
+        """Train rows (exact or estimated) when no counting pass runs; for adaptive row groups."""
+        return None
+
+
+def adaptive_row_group_rows(train_rows: int) -> int:
+    """Small datasets get at least ~16 row groups, so the per-epoch row-group permutation
+    changes which rows each worker reads; large ones the reader-friendly default."""
+    return int(min(DEFAULT_ROW_GROUP_ROWS, max(1024, -(-train_rows // 16))))
+
+
+# ---- shard functions (run by an engine: in process, or as Ray tasks) --------------------------
+
+
+def count_chunks(source: Source, shard: Any, names: Sequence[str]) -> Iterator[tuple[pa.Table, int]]:
+    """Per chunk: partial counts (field = index in `names`) over its train rows, and train rows."""
+    plans = {f.name: f for f in source.fields}
+    for chunk in source.read(shard, names):
+        train = chunk.split_mask(TRAIN)
+        if isinstance(train, (bool, np.bool_)):
+            if not train:
+                continue
+            rows, keep = chunk.rows, None
+        else:
+            rows, keep = int(np.count_nonzero(train)), pa.array(train)
+            if rows == 0:
+                continue
+        partials = []
+        for i, name in enumerate(names):
+            column = chunk.tokens[name]
+            if keep is not None:
+                column = column.filter(keep)
+            if plans[name].kind == "sequence":
+                column = pc.list_flatten(column)
+            partials.append(count_values(i, column))
+        yield pa.concat_tables(partials), rows
+
+
+def count_shard(source: Source, names: Sequence[str], shard: Any) -> tuple[pa.Table, int]:
+    """count_chunks of a whole shard, aggregated (what a Ray task returns)."""
+    partials, rows = [], 0
+    for partial, n in count_chunks(source, shard, names):
+        partials.append(partial)
+        rows += n
+        if len(partials) >= 32:
+            partials = [aggregate_counts(partials)]
+    return aggregate_counts(partials), rows
+
+
+def _schema(source: Source) -> pa.Schema:
+    specs = [FieldSpec(f.name, f.stored_kind, 2, f.max_len, f.vocab_mode) for f in source.fields]  # type: ignore[arg-type]
+    return Manifest(specs, source.label, source.group, {}).arrow_schema()
+
+
+def transform_chunks(
+    source: Source, vocabs: Mapping[str, Vocabulary | HashedVocabulary], shard: Any
+) -> Iterator[list[pa.Table | None]]:
+    """Per chunk: its rows as ids, one table (or None) per split index."""
+    schema = _schema(source)
+    names = [f.name for f in source.fields]
+    for chunk in source.read(shard, names):
+        n = chunk.rows
+        columns: list[pa.Array] = [pa.array(np.asarray(chunk.labels, dtype=np.float32))]
+        for f in source.fields:
+            tokens = chunk.tokens[f.name]
+            if f.kind == "sequence":
+                columns.append(lookup_lists(vocabs[f.name], tokens))
+            else:
+                columns.append(pa.array(vocabs[f.name].lookup(tokens), pa.int64()))
+        groups = chunk.groups if chunk.groups is not None else np.zeros(n, dtype=np.int64)
+        columns.append(pa.array(groups, pa.int64()))
+        table = pa.Table.from_arrays(columns, schema=schema)
+        out: list[pa.Table | None] = [None] * len(SPLITS)
+        if isinstance(chunk.split, (int, np.integer)):
+            out[int(chunk.split)] = table
+        else:
+            for i in range(len(SPLITS)):
+                mask = chunk.split == i
+                if mask.any():
+                    out[i] = table if mask.all() else table.filter(pa.array(mask))
+        yield out
+
+
+def transform_shard(
+    source: Source, vocabs: Mapping[str, Vocabulary | HashedVocabulary], shard: Any
+) -> list[pa.Table | None]:
+    """transform_chunks of a whole shard, concatenated per split (what a Ray task returns)."""
+    parts: list[list[pa.Table]] = [[] for _ in SPLITS]
+    for tables in transform_chunks(source, vocabs, shard):
+        for i, table in enumerate(tables):
+            if table is not None and table.num_rows:
+                parts[i].append(table)
+    return [pa.concat_tables(p) if p else None for p in parts]
+
+
+# ---- driver -----------------------------------------------------------------------------------
+
+
+def prepare(
+    source: Source,
+    out_url: str,
+    *,
+    engine: Engine | None = None,
+    row_group_rows: int | None = None,
+    row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    vocab_memory_mb: float | None = None,
+) -> Manifest:
+    """Run both passes of `source` on `engine` (default: this process) and commit the dataset.
+
+    row_group_rows None: adaptive (from the train rows). vocab_memory_mb: counting budget
+    (default 1024 MiB; see data_tools.vocab.VocabCounter).
+    """
+    engine = engine or LocalEngine()
+    if row_group_rows is not None and (not isinstance(row_group_rows, int) or row_group_rows < 1):
+        raise DataError(f"row_group_rows must be a positive integer, got {row_group_rows!r}")
+    if vocab_memory_mb is not None and not (isinstance(vocab_memory_mb, (int, float)) and vocab_memory_mb > 0):
+        raise DataError(f"vocab_memory_mb must be a positive number, got {vocab_memory_mb!r}")
+    budget = int(vocab_memory_mb * (1 << 20)) if vocab_memory_mb else DEFAULT_MEMORY_BUDGET
+    counted = [f for f in source.fields if f.counted]
+    names = [f.name for f in counted]
+    with DatasetWriter(
+        out_url,
+        fields=[FieldSpec(f.name, f.stored_kind, 2, f.max_len, f.vocab_mode) for f in source.fields],  # type: ignore[arg-type]
+        label=source.label,
+        group=source.group,
+        row_group_rows=row_group_rows or DEFAULT_ROW_GROUP_ROWS,
+        row_groups_per_part=row_groups_per_part,
+        overwrite=overwrite,
+        storage_options=storage_options,
+    ) as writer:
+        shards = source.shards(engine)
+        vocabs: dict[str, Vocabulary | HashedVocabulary] = {}
+        train_rows: int | None = None
+        if counted:
+            train_shards = [s for s in shards if TRAIN in s.splits]
+            train_rows = 0
+            with VocabCounter(len(counted), memory_budget=budget) as counter:
+                if engine.streams:
+                    for shard in train_shards:
+                        for partial, n in count_chunks(source, shard, names):
+                            counter.add(partial)
+                            train_rows += n
+                else:
+                    for partial, n in engine.map(count_shard, train_shards, source, names):
+                        counter.add(partial)
+                        train_rows += n
+                vocabs.update(zip(names, counter.vocabularies([f.min_count for f in counted])))
+        for f in source.fields:
+            if not f.counted:
+                assert f.buckets is not None
+                vocabs[f.name] = HashedVocabulary(f.buckets)
+        if row_group_rows is None:
+            hint = train_rows if train_rows is not None else source.train_rows_hint()
+            writer.row_group_rows = adaptive_row_group_rows(hint) if hint is not None else DEFAULT_ROW_GROUP_ROWS
+        outs = {i: writer.split(SPLITS[i]) for i in source.split_indexes}
+
+        def write(tables: list[pa.Table | None]) -> None:
+            for i, table in enumerate(tables):
+                if table is not None and table.num_rows:
+                    if i not in outs:
+                        raise AssertionError(f"rows for split {SPLITS[i]} that {type(source).__name__} does not write")
+                    outs[i].write(table)
+
+        if engine.streams:
+            for shard in shards:
+                for tables in transform_chunks(source, vocabs, shard):
+                    write(tables)
+        else:
+            for tables in engine.map(transform_shard, shards, source, vocabs):
+                write(tables)
+        spec = source.spec()
+        spec["row_group_rows"] = writer.row_group_rows
+        spec["vocab"] = {f.name: f.describe() for f in source.fields}
+        specs = [f.field_spec(vocabs[f.name]) for f in source.fields]
+        return writer.commit(spec, created_by=source.created_by, fields=specs)

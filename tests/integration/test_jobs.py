@@ -1,0 +1,68 @@
+"""The job entry points as users run them: a subprocess, a local Ray cluster, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.data_helpers import write_csv
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bars_csvs(tmp: Path, rows: int = 3000) -> tuple[str, str, str]:
+    header = "label,user,item,hour"
+    def make(n: int, offset: int) -> list[str]:
+        out = []
+        for i in range(offset, offset + n):
+            user, item, hour = i % 97, (i * 7) % 211, i % 24
+            label = int((user % 3 == 0) ^ (item % 5 == 0) ^ (hour < 6))
+            out.append(f"{label},u{user},i{item},h{hour}")
+        return out
+    return (write_csv(tmp / "train.csv", header, make(rows, 0)),
+            write_csv(tmp / "valid.csv", header, make(rows // 4, rows)),
+            write_csv(tmp / "test.csv", header, make(rows // 4, rows + rows // 4)))
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_bars_end_to_end_from_csv(tmp_path):
+    train, valid, test = _bars_csvs(tmp_path)
+    out = tmp_path / "run"
+    proc = _run(["jobs/train_bars.py", "--train", train, "--valid", valid, "--test", test,
+                 "--group-col", "user", "--workers", "2", "--seed", "7", "--out", str(out),
+                 "batch_size=256", "eval_batch_size=1024", "epochs=3", "easy_hidden_units=[32]",
+                 "hard_hidden_units=[32,32]", "emb_reg=0.01", "log_every=0"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["valid"]) >= {"AUC", "gAUC", "logloss"} and set(result["test"]) >= {"AUC", "gAUC", "logloss"}
+    assert result["epochs"] >= 1 and result["config"]["loss"]["alpha"] == 0.25
+    # The labels are a deterministic function of the ids: the model must learn it.
+    assert result["test"]["AUC"] > 0.75
+    assert "test" in proc.stdout and "AUC=" in proc.stdout
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == result["epochs"]
+
+
+def test_train_bars_refuses_a_missing_column_and_writes_nothing(tmp_path):
+    train, valid, test = _bars_csvs(tmp_path, rows=200)
+    write_csv(tmp_path / "bad_valid.csv", "label,user,item", ["1,u1,i1", "0,u2,i2"])
+    out = tmp_path / "run"
+    proc = _run(["jobs/train_bars.py", "--train", train, "--valid", str(tmp_path / "bad_valid.csv"),
+                 "--test", test, "--out", str(out)], timeout=120)
+    assert proc.returncode == 1
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("[tf4ctr] error:") and "bad_valid.csv" in error and "hour" in error
+    assert "Traceback" not in proc.stderr
+    assert not (out / "dataset" / "manifest.json").exists()
+    assert not (out / "result.json").exists()
+
+
+def test_unknown_override_is_an_error(tmp_path):
+    proc = _run(["jobs/criteo_full.py", "--data", str(tmp_path), "alpah=0.3"], timeout=60)
+    assert proc.returncode == 2
+    assert "alpah" in proc.stderr

@@ -1,0 +1,1132 @@
+"""Benchmark: the distributed TF4CTR training path against the plain reference and the machine.
+
+`python jobs/benchmark.py --help`. Everything runs in ONE invocation, side by side:
+
+  1. training samples/s of TF4CTRTrain through the real path (meta-built model -> resolve_placement
+     -> shard_model -> build_optimizer -> TrainPipelineSparseDist, fed by ParquetSplitReader over
+     a synthetic Criteo-shaped dataset), 1 and 2 gloo workers (table_wise + fused rowwise Adagrad),
+     plus data_parallel + Adam on 1 worker;
+  2. the plain single-process reference (ReferenceTF4CTR + ReferenceStep) on the same vocabularies
+     and batch, all cores;
+  3. the roofline: measured dense fp32 matmul FLOP/s vs. the model's counted FLOPs per sample;
+  4. ingest: ParquetSplitReader alone (local path and a local moto S3 server) vs. the step rate;
+  5. evaluation throughput (DMP forward, eval mode);
+  6. peak RSS per worker on a small and a large dataset (the reader streams: RSS must not grow);
+  7. with --gpu: the same training path on CUDA/nccl with fbgemm's fused Adam at two batch sizes,
+     as a share of the GPU's measured dense matmul roofline.
+
+Every measurement runs in its own spawned process (torch threads = cores // workers), timed only
+after a warm-up, as the median of several timed windows. Prints one table; --out writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import queue
+import resource
+import socket
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+# ---- settings --------------------------------------------------------------------------------
+
+FIELDS = 39
+LOSS = {"loss": "tf", "alpha": 0.35, "c": 0.9, "gamma": 1.0}
+LR = 1e-3
+EMB_REG = 1e-5
+CLIP = 10.0
+EMB_LR = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 0.05, "adam": 1e-3}  # demo/criteo presets
+SEED = 2026
+DEFAULT_CACHE = ".tf4ctr-cache"
+
+TARGETS = {
+    # key in the report: (comparison, threshold, what)
+    "ratio_vs_reference": (">=", 3.0, "ours (1 worker, batch 4096) / reference samples/s"),
+    "roofline_share": (">=", 0.40, "achieved dense FLOP/s / measured fp32 matmul FLOP/s (1 worker)"),
+    "ingest_vs_step": (">=", 10.0, "Parquet->Batch samples/s / training samples/s per worker"),
+    "rss_10m_over_1m": ("<", 1.2, "peak worker RSS, large / small dataset"),
+    "gpu_samples_per_s": (">=", 1_000_000.0, "GPU training samples/s (best batch)"),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+# ---- pure helpers (unit-tested) --------------------------------------------------------------
+
+
+def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    """num / den, or None when either is missing or den is not positive."""
+    if num is None or den is None or den <= 0:
+        return None
+    return float(num) / float(den)
+
+
+def split_windows(steps: int, windows: int) -> tuple[int, int]:
+    """(number of windows, steps per window) for `steps` timed steps: at least one step each."""
+    steps = max(1, int(steps))
+    windows = max(1, min(int(windows), steps))
+    return windows, steps // windows
+
+
+def window_rates(per_rank: Sequence[Sequence[tuple[int, float]]]) -> list[float]:
+    """Global samples/s per timed window from every rank's [(samples, seconds), ...].
+
+    Ranks step in lock-step (every step all-reduces), so a window's global rate is the samples
+    all ranks processed in it divided by the slowest rank's duration.
+    """
+    if not per_rank:
+        return []
+    n = min(len(r) for r in per_rank)
+    rates = []
+    for w in range(n):
+        samples = sum(r[w][0] for r in per_rank)
+        seconds = max(r[w][1] for r in per_rank)
+        rates.append(samples / seconds if seconds > 0 else float("nan"))
+    return rates
+
+
+def summarize_rates(rates: Sequence[float]) -> dict[str, Any]:
+    clean = [r for r in rates if r == r]  # drop NaN
+    if not clean:
+        return {"samples_per_s": None, "windows": list(rates)}
+    return {
+        "samples_per_s": statistics.median(clean),
+        "min": min(clean),
+        "max": max(clean),
+        "spread": (max(clean) - min(clean)) / statistics.median(clean),
+        "windows": [round(r, 1) for r in rates],
+    }
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs that torch.utils.flop_counter counts while fn() runs (matmuls/convs; 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def mlp_train_flops(in_dim: int, hidden: Sequence[int], batch: int, input_grad: bool) -> int:
+    """Hand count for a Linear stack: forward 2*B*i*o each; backward 2*B*i*o for the weight
+    gradient plus 2*B*i*o for the input gradient (not for the first layer without input_grad)."""
+    total, prev = 0, in_dim
+    for i, out in enumerate(hidden):
+        mac = batch * prev * out
+        total += 2 * mac + 2 * mac + (2 * mac if (i > 0 or input_grad) else 0)
+        prev = out
+    return total
+
+
+def tf4ctr_train_flops_per_sample(fields: int, dim: int, easy: Sequence[int], hard: Sequence[int]) -> int:
+    """Hand count of the TF4CTR (ser) dense part per training sample: both towers and both
+    heads, every layer forward + weight grad + input grad (tables need the input gradient)."""
+    easy_in, hard_in = fields * (dim // 2), fields * dim
+    return (
+        mlp_train_flops(easy_in, [*easy, 1], 1, True)  # MLP_s + simple head (400 -> 1)
+        + mlp_train_flops(hard_in, [*hard, 1], 1, True)  # MLP_c + complex head
+    )
+
+
+def derive(
+    *,
+    train_1w: Optional[float],
+    train_2w: Optional[float],
+    reference: Optional[float],
+    flops_per_sample: Optional[float],
+    matmul_flops: Optional[float],
+    ingest_1w: Optional[float],
+    ingest_2w: Optional[float] = None,
+    ingest_s3_1w: Optional[float] = None,
+    rss_small: Optional[float] = None,
+    rss_large: Optional[float] = None,
+    train_dp_adam: Optional[float] = None,
+    gpu_best: Optional[float] = None,
+) -> dict[str, Optional[float]]:
+    """The headline ratios from raw figures (samples/s, FLOPs, bytes). None where unmeasured."""
+    dense_flops = lambda rate: None if rate is None or flops_per_sample is None else rate * flops_per_sample  # noqa: E731
+    per_worker_2w = None if train_2w is None else train_2w / 2
+    return {
+        "ratio_vs_reference": ratio(train_1w, reference),
+        "ratio_vs_reference_2w": ratio(train_2w, reference),
+        "ratio_vs_reference_dp_adam": ratio(train_dp_adam, reference),
+        "scaling_2w_over_1w": ratio(train_2w, train_1w),
+        "roofline_share": ratio(dense_flops(train_1w), matmul_flops),
+        "roofline_share_2w": ratio(dense_flops(train_2w), matmul_flops),
+        "reference_roofline_share": ratio(dense_flops(reference), matmul_flops),
+        "ingest_vs_step": ratio(ingest_1w, train_1w),
+        "ingest_vs_step_2w": ratio(ingest_2w, per_worker_2w),
+        "ingest_s3_vs_step": ratio(ingest_s3_1w, train_1w),
+        "rss_10m_over_1m": ratio(rss_large, rss_small),
+        "gpu_samples_per_s": gpu_best,
+    }
+
+
+def check_targets(derived: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for key, (op, threshold, what) in TARGETS.items():
+        value = derived.get(key)
+        met = None if value is None else (value >= threshold if op == ">=" else value < threshold)
+        out[key] = {"target": f"{op} {threshold:g}", "value": value, "met": met, "what": what}
+    return out
+
+
+def fmt_value(value: Any, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    if unit == "%":
+        return f"{100 * value:.1f}"
+    if unit in ("x", "ratio"):
+        return f"{value:.2f}"
+    if abs(value) >= 1e9:
+        return f"{value / 1e9:,.1f} G"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def format_table(rows: Sequence[tuple[str, Any, str]]) -> str:
+    """Rows (name, value, unit) -> aligned text; a row with value "" and unit "" is a heading."""
+    cells = [(n, fmt_value(v, u) if v != "" else "", u) for n, v, u in rows]
+    wn = max([len(c[0]) for c in cells] + [4])
+    wv = max([len(c[1]) for c in cells] + [5])
+    lines = [f"{'name':<{wn}}  {'value':>{wv}}  unit", "-" * (wn + wv + 12)]
+    for name, value, unit in cells:
+        lines.append(f"{name:<{wn}}  {value:>{wv}}  {unit}".rstrip() if value else f"-- {name}")
+    return "\n".join(lines)
+
+
+def _get(d: dict, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def build_report(raw: dict[str, Any], machine: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Headline ratios + target checks + raw figures + machine + config (the JSON written)."""
+    gpu_rates = [r.get("samples_per_s") for r in (raw.get("gpu", {}) or {}).get("train", {}).values()]
+    gpu_rates = [r for r in gpu_rates if r]
+    derived = derive(
+        train_1w=_get(raw, "train.table_wise_1w.samples_per_s"),
+        train_2w=_get(raw, "train.table_wise_2w.samples_per_s"),
+        train_dp_adam=_get(raw, "train.data_parallel_adam_1w.samples_per_s"),
+        reference=_get(raw, "reference.samples_per_s"),
+        flops_per_sample=_get(raw, "flops.train_per_sample"),
+        matmul_flops=_get(raw, "matmul_cpu.flops_per_s"),
+        ingest_1w=_get(raw, "ingest.local_1w.samples_per_s"),
+        ingest_2w=_get(raw, "ingest.local_2w.samples_per_s"),
+        ingest_s3_1w=_get(raw, "ingest.s3_1w.samples_per_s"),
+        rss_small=_get(raw, "train.table_wise_1w.rss_peak_bytes"),
+        rss_large=_get(raw, "train.table_wise_1w_large.rss_peak_bytes"),
+        gpu_best=max(gpu_rates) if gpu_rates else None,
+    )
+    return {**derived, "targets": check_targets(derived), "raw": raw, "machine": machine, "config": config}
+
+
+def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    raw = report["raw"]
+    g = lambda p: _get(raw, p)  # noqa: E731
+    rows: list[tuple[str, Any, str]] = [("training (steady state, median of windows)", "", "")]
+    for key, label in (
+        ("table_wise_1w", "ours 1 worker  table_wise + fused rowwise_adagrad"),
+        ("table_wise_2w", "ours 2 workers table_wise + fused rowwise_adagrad"),
+        ("data_parallel_adam_1w", "ours 1 worker  data_parallel + Adam (full L2)"),
+    ):
+        if g(f"train.{key}") is not None:
+            rows.append((label, g(f"train.{key}.samples_per_s"), "samples/s"))
+            rows.append((f"  {key} window spread (max-min)/median", g(f"train.{key}.spread"), "%"))
+    if g("reference") is not None:
+        rows.append(("reference (nn.Embedding + dense Adam, 1 process)", g("reference.samples_per_s"), "samples/s"))
+    rows.append(("ratio ours 1w / reference", report.get("ratio_vs_reference"), "x"))
+    rows.append(("ratio ours 2w / reference", report.get("ratio_vs_reference_2w"), "x"))
+    rows.append(("ratio ours dp-Adam 1w / reference", report.get("ratio_vs_reference_dp_adam"), "x"))
+    rows.append(("scaling 2 workers / 1 worker", report.get("scaling_2w_over_1w"), "x"))
+    rows.append(("roofline", "", ""))
+    rows.append(("dense FLOPs per training sample (counted)", g("flops.train_per_sample"), "FLOP"))
+    rows.append(("dense FLOPs per inference sample (counted)", g("flops.forward_per_sample"), "FLOP"))
+    rows.append(("fp32 matmul 2048^2, all threads (best)", g("matmul_cpu.flops_per_s"), "FLOP/s"))
+    rows.append(("fp32 matmul at the model's first-layer shape", g("matmul_cpu.model_shape_flops_per_s"), "FLOP/s"))
+    rows.append(("roofline share ours 1w", report.get("roofline_share"), "%"))
+    rows.append(("roofline share ours 2w", report.get("roofline_share_2w"), "%"))
+    rows.append(("roofline share reference", report.get("reference_roofline_share"), "%"))
+    rows.append(("ingest (ParquetSplitReader alone, one epoch)", "", ""))
+    for key, label in (("local_1w", "local, 1 worker share"), ("local_2w", "local, 1 of 2 workers"), ("s3_1w", "S3 (moto), 1 worker share")):
+        if g(f"ingest.{key}") is not None:
+            rows.append((f"{label}", g(f"ingest.{key}.samples_per_s"), "samples/s"))
+            rows.append((f"{label}", g(f"ingest.{key}.batches_per_s"), "batches/s"))
+    rows.append(("ingest / step rate, 1 worker", report.get("ingest_vs_step"), "x"))
+    rows.append(("ingest / step rate, 2 workers (per worker)", report.get("ingest_vs_step_2w"), "x"))
+    rows.append(("S3 ingest / step rate, 1 worker", report.get("ingest_s3_vs_step"), "x"))
+    rows.append(("evaluation", "", ""))
+    rows.append(("eval/inference DMP forward (1 worker)", g("train.table_wise_1w.eval.samples_per_s"), "samples/s"))
+    rows.append(("memory (peak RSS per worker, training)", "", ""))
+    for key, label in (
+        ("table_wise_1w", "1 worker, small dataset"),
+        ("table_wise_1w_large", "1 worker, large dataset"),
+        ("table_wise_2w", "2 workers, small dataset (max rank)"),
+        ("data_parallel_adam_1w", "1 worker dp-Adam, small dataset"),
+    ):
+        if g(f"train.{key}.rss_peak_bytes") is not None:
+            rows.append((label, g(f"train.{key}.rss_peak_bytes") / 2**20, "MiB"))
+    if g("reference.rss_peak_bytes") is not None:
+        rows.append(("reference process", g("reference.rss_peak_bytes") / 2**20, "MiB"))
+    rows.append(("RSS large / small", report.get("rss_10m_over_1m"), "x"))
+    gpu = raw.get("gpu")
+    if gpu:
+        rows.append(("GPU", "", ""))
+        for name, v in (gpu.get("matmul") or {}).items():
+            rows.append((f"GPU matmul {name}", v.get("flops_per_s"), "FLOP/s"))
+        for b, r in (gpu.get("train") or {}).items():
+            rows.append((f"GPU train batch {b}", r.get("samples_per_s"), "samples/s"))
+            rows.append((f"GPU roofline share batch {b} (vs TF32 mm)", r.get("roofline_share_tf32"), "%"))
+            rows.append((f"GPU roofline share batch {b} (vs bf16 mm)", r.get("roofline_share_bf16"), "%"))
+        if gpu.get("ingest"):
+            rows.append(("ingest at the GPU batch, 1 worker share", gpu["ingest"].get("samples_per_s"), "samples/s"))
+    rows.append(("targets", "", ""))
+    for key, t in report["targets"].items():
+        state = "n/a" if t["met"] is None else ("MET" if t["met"] else "MISSED")
+        rows.append((f"{key} {t['target']}", state, ""))
+    return rows
+
+
+# ---- measurement primitives ------------------------------------------------------------------
+
+
+def rss_bytes() -> dict[str, Optional[int]]:
+    """Current and peak resident set size of this process.
+
+    /proc/self/status VmHWM is the peak of this address space only (it restarts at exec, so a
+    spawned child does not inherit its parent's peak); getrusage's ru_maxrss is the fallback.
+    psutil is not a dependency of this project.
+    """
+    out: dict[str, Optional[int]] = {"rss_bytes": None, "rss_peak_bytes": None, "rss_source": None}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["rss_bytes"] = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    out["rss_peak_bytes"] = int(line.split()[1]) * 1024
+        out["rss_source"] = "/proc/self/status VmHWM"
+    except OSError:
+        pass
+    if out["rss_peak_bytes"] is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["rss_peak_bytes"] = kib * (1 if sys.platform == "darwin" else 1024)
+        out["rss_source"] = "getrusage ru_maxrss"
+    return out
+
+
+def measure_matmul(
+    n: int = 2048, reps: int = 10, trials: int = 5, device: str = "cpu", dtype: str = "float32",
+    shape: Optional[tuple[int, int, int]] = None,
+) -> dict[str, Any]:
+    """Dense matmul FLOP/s with the current threads: (m,k)@(k,n) repeated; best and median trial."""
+    import torch
+
+    m, k, nn_ = shape or (n, n, n)
+    dt = getattr(torch, dtype)
+    dev = torch.device(device)
+    a = torch.randn(m, k, device=dev).to(dt)
+    b = torch.randn(k, nn_, device=dev).to(dt)
+    c = torch.empty(m, nn_, device=dev, dtype=dt)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    sync()
+    rates = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=c)
+        sync()
+        rates.append(2.0 * m * k * nn_ * reps / (time.perf_counter() - t0))
+    return {
+        "flops_per_s": max(rates),
+        "median_flops_per_s": statistics.median(rates),
+        "shape": [m, k, nn_],
+        "dtype": dtype,
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def model_flops(model_cfg: dict, loss_cfg: dict, fields: int = FIELDS, batch: int = 256) -> dict[str, float]:
+    """Counted dense FLOPs per sample of TF4CTRTrain: one forward+backward (train mode) and one
+    forward (eval mode), through the real model code on tiny tables (lookups count 0 FLOPs)."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from data_tools.synthetic import default_field_names
+    from tf4ctr_dist.config import LossConfig, ModelConfig
+    from tf4ctr_dist.data.batch import Batch
+    from tf4ctr_dist.model import Objective, TF4CTRTrain, tf4ctr
+
+    names = default_field_names(fields)
+    torch.manual_seed(0)
+    module = TF4CTRTrain(tf4ctr([(n, 3) for n in names], ModelConfig(**model_cfg), device="cpu"), Objective(LossConfig(**loss_cfg)))
+    kjt = KeyedJaggedTensor(
+        keys=names,
+        values=torch.ones(fields * batch, dtype=torch.int64),
+        lengths=torch.ones(fields * batch, dtype=torch.int32),
+    )
+    labels = (torch.arange(batch) % 2).float()
+    b = Batch(kjt, labels, torch.zeros(batch, dtype=torch.int64), torch.arange(batch), torch.ones(batch))
+
+    def train_step() -> None:
+        loss, _ = module(b)
+        loss.backward()
+
+    module.train()
+    train = count_flops(train_step)
+    module.eval()
+    with torch.no_grad():
+        fwd = count_flops(lambda: module(b))
+    return {"train_per_sample": train / batch, "forward_per_sample": fwd / batch, "counted_batch": batch,
+            "counter": "torch.utils.flop_counter.FlopCounterMode (matmuls only; BN/ReLU/loss/lookups not counted)"}
+
+
+# ---- processes ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child(rank: int, world: int, port: int, backend: Optional[str], threads: int, fn: Callable, args: tuple, q) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        if backend:
+            import torch.distributed as dist
+
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        try:
+            result = fn(rank, world, *args)
+        finally:
+            if backend:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+        q.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        q.put((rank, False, traceback.format_exc()))
+        raise SystemExit(1)
+
+
+def spawn(
+    fn: Callable, world: int, *args: Any, backend: Optional[str] = "gloo", threads: int = 1, timeout: float = 1800.0
+) -> list:
+    """fn(rank, world, *args) in `world` spawned processes (process group `backend`, or none),
+    each with `threads` intra-op threads (OMP_NUM_THREADS too). Returns per-rank results; raises
+    RuntimeError with the child's traceback if a rank fails, TimeoutError after `timeout` s."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    env_keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in env_keys}
+    os.environ.update({k: str(threads) for k in env_keys})
+    try:
+        procs = [ctx.Process(target=_child, args=(r, world, port, backend, threads, fn, args, q), daemon=True) for r in range(world)]
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world:
+            try:
+                rank, ok, payload = q.get(timeout=0.5)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    try:
+                        rank, ok, payload = q.get(timeout=3.0)
+                    except queue.Empty:
+                        raise RuntimeError(f"rank(s) {dead} died without a report (exit codes "
+                                           f"{[procs[r].exitcode for r in dead]}; out of memory?)") from None
+                elif time.monotonic() > deadline:
+                    raise TimeoutError(f"{getattr(fn, '__name__', fn)} exceeded {timeout:.0f}s") from None
+                else:
+                    continue
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            results[rank] = payload
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return [results[r] for r in range(world)]
+
+
+def _epochs(reader) -> Iterator:
+    """Batches of epoch 0, 1, 2, ... without end (the pipeline never sees StopIteration)."""
+    for epoch in itertools.count():
+        yield from reader.iter_epoch(epoch)
+
+
+def _device(spec: dict, rank: int):
+    import torch
+
+    return torch.device("cuda", rank) if spec["device"] == "cuda" else torch.device("cpu")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_windows(step: Callable[[], int], warmup: int, windows: int, per_window: int, device) -> list[tuple[int, float]]:
+    """Run `warmup` untimed steps, then `windows` windows of `per_window` steps: [(samples, s)]."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    out = []
+    for _ in range(windows):
+        samples = 0
+        t0 = time.perf_counter()
+        for _ in range(per_window):
+            samples += step()
+        _sync(device)
+        out.append((samples, time.perf_counter() - t0))
+    return out
+
+
+def _train_worker(rank: int, world: int, spec: dict) -> dict:
+    """One training process: the real distributed path, timed windows, RSS, optional eval/profile."""
+    from tf4ctr_dist.train.logs import quiet_library_logs
+
+    quiet_library_logs()
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from tf4ctr_dist.config import LossConfig, ModelConfig
+    from tf4ctr_dist.data.manifest import load_manifest
+    from tf4ctr_dist.data.reader import ParquetSplitReader
+    from tf4ctr_dist.distributed.sharding import build_optimizer, describe_plan, resolve_placement, shard_model
+    from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
+
+    t_start = time.perf_counter()
+    device = _device(spec, rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = spec.get("tf32", True)
+        torch.backends.cudnn.allow_tf32 = spec.get("tf32", True)
+    torch.manual_seed(spec["seed"])
+    np.random.seed(spec["seed"])
+    url, opts = spec["url"], spec.get("storage_options")
+    manifest = load_manifest(url, opts)
+    fields = [(f.name, f.vocab_size) for f in manifest.fields]
+    model_cfg = ModelConfig(**spec["model"])
+    tables = embedding_tables(fields, model_cfg)
+    placement = resolve_placement(spec["sharding"], spec["optimizer"], device.type)
+    emb_lr = EMB_LR[spec["optimizer"]]
+    local_batch = spec["batch"] // world
+    module = TF4CTRTrain(tf4ctr(fields, model_cfg, device="meta"), Objective(LossConfig(**spec["loss"])))
+    dmp, plan = shard_model(
+        module, tables, placement, device=device, embedding_lr=emb_lr,
+        embedding_weight_decay=EMB_REG if placement.fused else 0.0, local_batch_size=local_batch,
+    )
+    optimizer = build_optimizer(
+        dmp, lr=LR, embedding_lr=emb_lr, emb_reg=EMB_REG,
+        emb_reg_mode="touched" if placement.fused else "full", clip_grad_norm=CLIP,
+    )
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
+    reader = ParquetSplitReader(
+        url, "train", manifest=manifest, rank=rank, world_size=world, local_batch_size=local_batch,
+        shuffle=True, seed=spec["seed"], storage_options=opts, shuffle_buffer_row_groups=1,
+        shuffle_buffer_rows=spec["shuffle_buffer_rows"], pad_tail=False,
+    )
+    it = _epochs(reader)
+    dmp.train()
+    last: dict[str, Any] = {}
+
+    def step() -> int:
+        out = pipeline.progress(it)
+        last["out"] = out
+        return int(out[3].numel())  # real rows of this step (no padding in training); no device sync
+
+    setup_s = time.perf_counter() - t_start
+    if world > 1:
+        dist.barrier()
+    n_windows, per_window = split_windows(spec["steps"], spec["windows"])
+    t0 = time.perf_counter()
+    windows = _timed_windows(step, spec["warmup"], n_windows, per_window, device)
+    loop_s = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "rank": rank,
+        "windows": windows,
+        "local_batch": local_batch,
+        "setup_s": setup_s,
+        "loop_s": loop_s,
+        "threads": torch.get_num_threads(),
+        "final_loss": float(last["out"][0].float().cpu()),
+        **rss_bytes(),
+    }
+    if rank == 0:
+        result["placement"] = placement.describe()
+        result["plan"] = describe_plan(plan, tables, world)
+    if device.type == "cuda":
+        result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    if spec.get("profile_steps"):  # every rank steps (collectives); rank 0 reports
+        prof = _profile(step, spec["profile_steps"], device)
+        if rank == 0:
+            result["profile"] = prof
+    pipeline.detach()
+    reader.close()
+    if spec.get("eval_batch"):
+        result["eval"] = _eval_rate(dmp, spec, manifest, rank, world, device)
+    return result
+
+
+def _profile(step: Callable[[], int], steps: int, device) -> dict:
+    """torch.profiler over `steps` training steps: top ops by self CPU time, pipeline stages."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=False) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in events) or 1.0
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    ops = [
+        {"name": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+         "self_cpu_share": e.self_cpu_time_total / total_self, "calls_per_step": e.count / steps,
+         "cpu_total_ms_per_step": e.cpu_time_total / 1e3 / steps}
+        for e in top[:30]
+    ]
+    stages = [
+        {"name": e.key, "cpu_total_ms_per_step": e.cpu_time_total / 1e3 / steps}
+        for e in sorted(events, key=lambda e: e.cpu_time_total, reverse=True)
+        if e.key.startswith("##")
+    ]
+    table = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+    return {"steps": steps, "wall_ms_per_step": wall * 1e3 / steps, "top_ops": ops, "stages": stages, "table": table}
+
+
+def _eval_rate(dmp, spec: dict, manifest, rank: int, world: int, device) -> dict:
+    """Eval-mode DMP forward on preloaded valid batches (ingest excluded): median of passes."""
+    import torch
+
+    from tf4ctr_dist.data.reader import ParquetSplitReader
+
+    local = max(1, spec["eval_batch"] // world)
+    with ParquetSplitReader(
+        spec["url"], "valid", manifest=manifest, rank=rank, world_size=world, local_batch_size=local,
+        shuffle=False, storage_options=spec.get("storage_options"), pad_tail=True,
+    ) as reader:
+        batches = [b.to(device) for b in itertools.islice(reader.iter_epoch(0), spec.get("eval_batches", 4))]
+    dmp.eval()
+    rates = []
+    with torch.no_grad():
+        for b in batches[:1]:
+            dmp(b)
+        _sync(device)
+        for _ in range(spec.get("eval_passes", 3)):
+            t0 = time.perf_counter()
+            n = 0
+            for b in batches:
+                dmp(b)
+                n += int(b.valid.numel())
+            _sync(device)
+            rates.append(n * world / (time.perf_counter() - t0))
+    dmp.train()
+    return {"samples_per_s": statistics.median(rates), "passes": rates, "batch": local * world, "batches": len(batches)}
+
+
+def _load_rows(url: str, manifest, rows: int, batch: int, seed: int):
+    """First `rows` rows of the shuffled train stream as (ids (n, F) int64, labels (n,))."""
+    import torch
+
+    from tf4ctr_dist.data.reader import ParquetSplitReader
+
+    ids, labels, n = [], [], 0
+    with ParquetSplitReader(url, "train", manifest=manifest, rank=0, world_size=1, local_batch_size=batch,
+                            shuffle=True, seed=seed, shuffle_buffer_row_groups=1, pad_tail=False) as reader:
+        for b in reader.iter_epoch(0):
+            kjt = b.sparse_features
+            if not bool((kjt.lengths() == 1).all()):
+                raise ValueError("the reference needs exactly one id per field and row")
+            ids.append(kjt.values().view(len(manifest.fields), -1).t().contiguous())
+            labels.append(b.labels)
+            n += b.size
+            if n >= rows:
+                break
+    return torch.cat(ids)[:rows], torch.cat(labels)[:rows]
+
+
+def _reference_worker(rank: int, world: int, spec: dict) -> dict:
+    """The plain single-process baseline: per-field nn.Embedding, dense Adam, full-table L2."""
+    import torch
+
+    from tf4ctr_dist.config import LossConfig, ModelConfig
+    from tf4ctr_dist.data.manifest import load_manifest
+    from tf4ctr_dist.reference import ReferenceStep, ReferenceTF4CTR
+
+    torch.manual_seed(spec["seed"])
+    manifest = load_manifest(spec["url"])
+    batch = spec["batch"]
+    need = min(manifest.split("train").rows, batch * (spec["warmup"] + spec["steps"]))
+    ids, labels = _load_rows(spec["url"], manifest, need, batch, spec["seed"])
+    vocab = [f.vocab_size for f in manifest.fields]
+    model = ReferenceTF4CTR(vocab, ModelConfig(**spec["model"]))
+    model.train()
+    ref_step = ReferenceStep(model, LossConfig(**spec["loss"]), emb_reg=EMB_REG, clip=CLIP, lr=LR)
+    n = len(ids)
+    pos = {"i": 0}
+    last: dict[str, Any] = {}
+
+    def step() -> int:
+        i = pos["i"]
+        if i + batch > n:
+            i = 0
+        pos["i"] = i + batch
+        last["loss"] = ref_step(ids[i : i + batch], labels[i : i + batch])
+        return min(batch, n - i)
+
+    n_windows, per_window = split_windows(spec["steps"], spec["windows"])
+    windows = _timed_windows(step, spec["warmup"], n_windows, per_window, torch.device("cpu"))
+    return {"windows": windows, "threads": torch.get_num_threads(), "rows_in_memory": n,
+            "embedding_rows": sum(vocab), "final_loss": float(last["loss"]), **rss_bytes()}
+
+
+def _ingest_worker(rank: int, world: int, spec: dict) -> dict:
+    """ParquetSplitReader alone over one epoch of one worker's share: batches/s and samples/s."""
+    from tf4ctr_dist.data.manifest import load_manifest
+    from tf4ctr_dist.data.reader import ParquetSplitReader
+
+    opts = spec.get("storage_options")
+    manifest = load_manifest(spec["url"], opts)
+    t0 = time.perf_counter()
+    first = None
+    batches = samples = 0
+    with ParquetSplitReader(
+        spec["url"], "train", manifest=manifest, rank=spec["reader_rank"], world_size=spec["reader_world"],
+        local_batch_size=spec["local_batch"], shuffle=True, seed=spec["seed"], storage_options=opts,
+        shuffle_buffer_row_groups=1, shuffle_buffer_rows=spec["shuffle_buffer_rows"], pad_tail=False,
+    ) as reader:
+        for b in reader.iter_epoch(0):
+            if first is None:
+                first = time.perf_counter() - t0
+            batches += 1
+            samples += b.size
+            if spec.get("max_batches") and batches >= spec["max_batches"]:
+                break
+    s = time.perf_counter() - t0
+    return {"batches": batches, "samples": samples, "seconds": s, "samples_per_s": samples / s,
+            "batches_per_s": batches / s, "first_batch_s": first, "local_batch": spec["local_batch"],
+            "share_of": spec["reader_world"], **rss_bytes()}
+
+
+def _gpu_matmul_worker(rank: int, world: int) -> dict:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fp32 = measure_matmul(8192, reps=10, device="cuda", dtype="float32")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    tf32 = measure_matmul(8192, reps=20, device="cuda", dtype="float32")
+    bf16 = measure_matmul(8192, reps=50, device="cuda", dtype="bfloat16")
+    tf32_model = measure_matmul(device="cuda", dtype="float32", reps=50, shape=(65536, 624, 400))
+    return {"fp32": fp32, "tf32": tf32, "bf16": bf16, "tf32_model_shape": tf32_model,
+            "name": torch.cuda.get_device_name(0)}
+
+
+# ---- datasets, S3 ------------------------------------------------------------------------------
+
+
+def ensure_dataset(rows: int, cache: str) -> str:
+    """The synthetic Criteo-shaped dataset of `rows` rows, cached at {cache}/bench-{rows}."""
+    from data_tools.synthetic import generate_synthetic
+    from tf4ctr_dist.data.manifest import load_manifest
+
+    url = os.path.abspath(os.path.join(cache, f"bench-{rows}"))
+    try:
+        if load_manifest(url).spec.get("rows") == rows:
+            log(f"reusing dataset {url}")
+            return url
+    except Exception:  # noqa: BLE001 - absent or partial: (re)generate
+        pass
+    log(f"generating {rows:,} synthetic Criteo-shaped rows -> {url}")
+    t0 = time.perf_counter()
+    generate_synthetic(url, rows=rows, fields=FIELDS, seed=SEED, overwrite=True)
+    log(f"  generated in {time.perf_counter() - t0:.1f}s")
+    return url
+
+
+@contextlib.contextmanager
+def local_s3(bucket: str = "tf4ctr-bench") -> Iterator[dict[str, Any]]:
+    """A moto S3 server on 127.0.0.1 (this process, a thread) with one bucket; yields
+    {"endpoint", "bucket", "storage_options"}. Dummy credentials, valid only for this server."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    key, secret = "bench-local-key", "bench-local-secret"
+    try:
+        import botocore.session
+
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key, aws_secret_access_key=secret
+        )
+        client.create_bucket(Bucket=bucket)
+        options = {
+            "key": key, "secret": secret,
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}},
+        }
+        yield {"endpoint": endpoint, "bucket": bucket, "storage_options": options}
+    finally:
+        server.stop()
+
+
+# ---- machine -----------------------------------------------------------------------------------
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def machine_info() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    fl = line.split(":", 1)[1].split()
+                    flags = " ".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if x in fl)
+                    break
+    except OSError:
+        pass
+
+    def version(dist_name: str) -> Optional[str]:
+        try:
+            return md.version(dist_name)
+        except md.PackageNotFoundError:
+            return None
+
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = {"count": torch.cuda.device_count(), "name": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "cores": cores(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu,
+        "cpu_flags": flags,
+        "memory_bytes": mem,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            "torch": torch.__version__,
+            "torchrec": version("torchrec"),
+            "fbgemm_gpu": version("fbgemm_gpu") or version("fbgemm_gpu-cpu") or version("fbgemm-gpu-cpu"),
+            "ray": version("ray"),
+            "pyarrow": version("pyarrow"),
+            "numpy": version("numpy"),
+            "s3fs": version("s3fs"),
+            "moto": version("moto"),
+        },
+        "torch_parallel_info": torch.__config__.parallel_info().splitlines()[:6],
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+# ---- orchestration -----------------------------------------------------------------------------
+
+
+def _train_summary(results: list[dict]) -> dict[str, Any]:
+    rates = window_rates([r["windows"] for r in results])
+    total_samples = sum(sum(s for s, _ in r["windows"]) for r in results)
+    total_s = max(sum(t for _, t in r["windows"]) for r in results)
+    r0 = results[0]
+    out = {
+        **summarize_rates(rates),
+        "overall_samples_per_s": total_samples / total_s if total_s else None,
+        "workers": len(results),
+        "local_batch": r0["local_batch"],
+        "threads_per_worker": r0["threads"],
+        "setup_s": max(r["setup_s"] for r in results),
+        "final_loss": r0["final_loss"],
+        "rss_peak_bytes": max(r["rss_peak_bytes"] for r in results),
+        "rss_peak_bytes_per_rank": [r["rss_peak_bytes"] for r in results],
+        "rss_end_bytes_per_rank": [r["rss_bytes"] for r in results],
+        "rss_source": r0.get("rss_source"),
+        "placement": r0.get("placement"),
+        "plan": r0.get("plan"),
+    }
+    for key in ("eval", "profile"):
+        if key in r0:
+            out[key] = r0[key]
+    return out
+
+
+def _timeout(args) -> float:
+    return 900.0 + 20.0 * (args.warmup + args.steps)
+
+
+def _train(args, url: str, workers: int, sharding: str, optimizer: str, label: str, **extra: Any) -> dict:
+    spec = {
+        "url": url, "device": extra.pop("device", "cpu"), "sharding": sharding, "optimizer": optimizer,
+        "batch": extra.pop("batch", args.batch), "warmup": args.warmup, "steps": args.steps,
+        "windows": args.windows, "seed": SEED, "model": _model_cfg(), "loss": dict(LOSS),
+        "shuffle_buffer_rows": args.shuffle_buffer_rows, **extra,
+    }
+    threads = max(1, cores() // workers)
+    backend = "nccl" if spec["device"] == "cuda" else "gloo"
+    log(f"train {label}: {workers} worker(s) x {threads} thread(s), {sharding}/{optimizer}, "
+        f"batch {spec['batch']} on {spec['device']}, {args.warmup} warm-up + {args.steps} timed steps")
+    t0 = time.perf_counter()
+    results = spawn(_train_worker, workers, spec, backend=backend, threads=threads, timeout=_timeout(args))
+    summary = _train_summary(results)
+    log(f"  {label}: {summary['samples_per_s']:,.0f} samples/s (windows {summary['windows']}), "
+        f"peak RSS {summary['rss_peak_bytes'] / 2**20:,.0f} MiB, loss {summary['final_loss']:.4f}, "
+        f"{time.perf_counter() - t0:.0f}s")
+    return summary
+
+
+def _model_cfg() -> dict:
+    from tf4ctr_dist.config import ModelConfig
+
+    return dataclasses.asdict(ModelConfig())  # d=16, ser, wsf, MLP_s [400,400], MLP_c [400,400,400]
+
+
+def _ingest(args, url: str, reader_world: int, local_batch: int, label: str, storage_options=None) -> dict:
+    spec = {"url": url, "reader_rank": 0, "reader_world": reader_world, "local_batch": local_batch,
+            "seed": SEED, "shuffle_buffer_rows": args.shuffle_buffer_rows, "storage_options": storage_options,
+            "max_batches": args.ingest_max_batches}
+    threads = max(1, cores() // reader_world)
+    r = spawn(_ingest_worker, 1, spec, backend=None, threads=threads, timeout=_timeout(args))[0]
+    log(f"  ingest {label}: {r['samples_per_s']:,.0f} samples/s, {r['batches_per_s']:.1f} batches/s "
+        f"({r['batches']} batches in {r['seconds']:.1f}s, first after {r['first_batch_s']:.2f}s)")
+    return r
+
+
+def _ratio_pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    p = argparse.ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--rows-small", "--rows", dest="rows_small", type=int, default=1_000_000,
+                   help="rows of the main dataset (training, ingest, reference, RSS small)")
+    p.add_argument("--rows-large", type=int, default=10_000_000, help="rows of the RSS comparison dataset")
+    p.add_argument("--batch", type=int, default=4096, help="global training batch")
+    p.add_argument("--eval-batch", type=int, default=16384, help="global eval batch")
+    p.add_argument("--steps", type=int, default=100, help="timed steps per training measurement")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps before timing")
+    p.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
+    p.add_argument("--shuffle-buffer-rows", type=int, default=None,
+                   help="reader shuffle window in rows (default: the training default, DataConfig)")
+    p.add_argument("--ingest-max-batches", type=int, default=0, help="cap ingest batches (0: one epoch)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="torch.profiler over STEPS steps of the 1-worker run; top ops go to the report")
+    p.add_argument("--skip-s3", action="store_true", help="no local S3 server / S3 ingest")
+    p.add_argument("--skip-rss", action="store_true", help="no large dataset / RSS comparison")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--skip-cpu", action="store_true", help="with --gpu: only the GPU measurements")
+    p.add_argument("--gpu", action="store_true", help="also measure CUDA/nccl training with fused Adam")
+    p.add_argument("--gpu-batches", default="4096,65536", help="global batches for --gpu")
+    p.add_argument("--gpu-workers", type=int, default=0, help="GPUs to use (0: all visible)")
+    p.add_argument("--gpu-sharding", default="table_wise", choices=["table_wise", "auto", "column_wise", "row_wise"])
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where generated datasets are cached")
+    args = p.parse_args(argv)
+    if args.shuffle_buffer_rows is None:
+        from tf4ctr_dist.config import DataConfig
+
+        args.shuffle_buffer_rows = DataConfig().shuffle_buffer_rows
+    if args.batch % 2:
+        p.error("--batch must be even (it is split over 2 workers)")
+
+    import torch
+
+    t_all = time.perf_counter()
+    machine = machine_info()
+    log(f"machine: {machine['cores']} cores, {machine['cpu_model']}, torch {machine['versions']['torch']}, "
+        f"load average {machine['loadavg_start'][0]:.2f}")
+    config = {
+        "model": _model_cfg(), "loss": dict(LOSS), "fields": FIELDS, "batch": args.batch,
+        "eval_batch": args.eval_batch, "lr": LR, "embedding_lr": EMB_LR, "emb_reg": EMB_REG,
+        "emb_reg_mode": {"fused (table_wise)": "touched (fbgemm L2 on looked-up rows)",
+                         "data_parallel": "full (Adam coupled weight decay on every row)",
+                         "reference": "full ((lambda/2)*||E||^2 in the loss)"},
+        "clip_grad_norm": CLIP, "warmup": args.warmup, "steps": args.steps, "windows": args.windows,
+        "shuffle_buffer_rows": args.shuffle_buffer_rows, "rows_small": args.rows_small,
+        "rows_large": None if args.skip_rss else args.rows_large, "seed": SEED,
+        "threads_per_worker": {"1": max(1, cores()), "2": max(1, cores() // 2)},
+        "dropout_batchnorm": "as ModelConfig (train mode: dropout 0.2, BatchNorm)",
+        "argv": list(argv) if argv is not None else sys.argv[1:],
+    }
+    raw: dict[str, Any] = {"train": {}, "ingest": {}}
+    small = ensure_dataset(args.rows_small, args.cache_dir)
+    large = None if args.skip_rss else ensure_dataset(args.rows_large, args.cache_dir)
+    config["datasets"] = {"small": small, "large": large}
+
+    log("counting model FLOPs (FlopCounterMode, one forward+backward)")
+    raw["flops"] = model_flops(_model_cfg(), dict(LOSS))
+    raw["flops"]["hand_count_train_per_sample"] = tf4ctr_train_flops_per_sample(
+        FIELDS, config["model"]["embedding_dim"], config["model"]["easy_hidden_units"], config["model"]["hard_hidden_units"])
+    log(f"  {raw['flops']['train_per_sample'] / 1e6:.3f} MFLOP per training sample "
+        f"(hand count {raw['flops']['hand_count_train_per_sample'] / 1e6:.3f})")
+
+    if not args.skip_cpu:
+        torch.set_num_threads(cores())
+        log(f"fp32 matmul 2048x2048 on {torch.get_num_threads()} threads")
+        mm_start = measure_matmul(2048)
+        first_layer = (args.batch, FIELDS * config["model"]["embedding_dim"], config["model"]["hard_hidden_units"][0])
+        mm_model = measure_matmul(shape=first_layer, reps=20)
+        log(f"  {mm_start['flops_per_s'] / 1e9:.1f} GFLOP/s (model shape {first_layer}: {mm_model['flops_per_s'] / 1e9:.1f})")
+
+        one = _train(args, small, 1, "table_wise", "rowwise_adagrad", "table_wise_1w",
+                     eval_batch=args.eval_batch, profile_steps=args.profile)
+        raw["train"]["table_wise_1w"] = one
+        if one.get("eval"):
+            log(f"  eval (DMP forward, batch {one['eval']['batch']}): {one['eval']['samples_per_s']:,.0f} samples/s")
+        if one.get("profile"):
+            print(one["profile"]["table"], flush=True)
+        raw["train"]["table_wise_2w"] = _train(args, small, 2, "table_wise", "rowwise_adagrad", "table_wise_2w")
+        raw["train"]["data_parallel_adam_1w"] = _train(args, small, 1, "data_parallel", "adam", "data_parallel_adam_1w")
+
+        if not args.skip_reference:
+            log(f"reference: ReferenceTF4CTR + ReferenceStep, 1 process x {cores()} threads, batch {args.batch}")
+            spec = {"url": small, "batch": args.batch, "warmup": args.warmup, "steps": args.steps,
+                    "windows": args.windows, "seed": SEED, "model": _model_cfg(), "loss": dict(LOSS)}
+            ref = spawn(_reference_worker, 1, spec, backend=None, threads=cores(), timeout=_timeout(args) * 3)[0]
+            raw["reference"] = {**summarize_rates(window_rates([ref["windows"]])),
+                                **{k: v for k, v in ref.items() if k != "windows"}}
+            log(f"  reference: {raw['reference']['samples_per_s']:,.0f} samples/s (windows {raw['reference']['windows']})")
+
+        log("ingest: ParquetSplitReader alone, one epoch of one worker's share")
+        raw["ingest"]["local_1w"] = _ingest(args, small, 1, args.batch, "local_1w")
+        raw["ingest"]["local_2w"] = _ingest(args, small, 2, args.batch // 2, "local_2w")
+        if not args.skip_s3:
+            with local_s3() as s3:
+                s3_url = f"s3://{s3['bucket']}/bench-{args.rows_small}"
+                log(f"local S3 server at {s3['endpoint']}: writing {args.rows_small:,} rows with generate_synthetic")
+                from data_tools.synthetic import generate_synthetic
+
+                t0 = time.perf_counter()
+                generate_synthetic(s3_url, rows=args.rows_small, fields=FIELDS, seed=SEED,
+                                   storage_options=s3["storage_options"])
+                log(f"  uploaded in {time.perf_counter() - t0:.1f}s")
+                raw["ingest"]["s3_1w"] = _ingest(args, s3_url, 1, args.batch, "s3_1w", s3["storage_options"])
+                raw["ingest"]["s3_1w"]["server"] = "moto ThreadedMotoServer in the benchmark process"
+        if large:
+            raw["train"]["table_wise_1w_large"] = _train(args, large, 1, "table_wise", "rowwise_adagrad",
+                                                         "table_wise_1w_large")
+        mm_end = measure_matmul(2048)
+        raw["matmul_cpu"] = {
+            "flops_per_s": max(mm_start["flops_per_s"], mm_end["flops_per_s"]),
+            "start": mm_start, "end": mm_end,
+            "model_shape_flops_per_s": mm_model["flops_per_s"], "model_shape": mm_model,
+        }
+
+    if args.gpu:
+        raw["gpu"] = _gpu(args, large or small, raw["flops"])
+
+    machine["loadavg_end"] = os.getloadavg()
+    raw["wall_s"] = time.perf_counter() - t_all
+    report = build_report(raw, machine, config)
+    print()
+    print(format_table(report_rows(report)), flush=True)
+    print(f"\n(load average start {machine['loadavg_start'][0]:.2f}, end {machine['loadavg_end'][0]:.2f}; "
+          f"{machine['cores']} cores; total {raw['wall_s']:.0f}s)", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+        log(f"wrote {args.out}")
+    return report
+
+
+def _gpu(args, url: str, flops: dict) -> dict:
+    """CUDA path: fbgemm fused Adam on sharded tables (nccl), batches from --gpu-batches."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu: no CUDA device visible (this torch: %s)" % torch.__version__)
+    workers = args.gpu_workers or torch.cuda.device_count()
+    log(f"GPU: {workers} x {torch.cuda.get_device_name(0)}; matmul roofline (fp32, TF32, bf16)")
+    mm = spawn(_gpu_matmul_worker, 1, backend=None, threads=cores(), timeout=600)[0]
+    out: dict[str, Any] = {"workers": workers, "name": mm.pop("name"), "matmul": mm, "train": {}, "dataset": url}
+    for b in (int(x) for x in args.gpu_batches.split(",") if x.strip()):
+        if b % workers:
+            raise SystemExit(f"--gpu-batches: {b} does not split over {workers} GPUs")
+        r = _train(args, url, workers, args.gpu_sharding, "adam", f"gpu_b{b}", device="cuda", batch=b,
+                   eval_batch=max(b, args.eval_batch), profile_steps=args.profile)
+        dense = r["samples_per_s"] * flops["train_per_sample"] if r["samples_per_s"] else None
+        r["roofline_share_tf32"] = ratio(dense, mm["tf32"]["flops_per_s"] * workers)
+        r["roofline_share_bf16"] = ratio(dense, mm["bf16"]["flops_per_s"] * workers)
+        r["roofline_share_fp32"] = ratio(dense, mm["fp32"]["flops_per_s"] * workers)
+        log(f"  GPU batch {b}: {r['samples_per_s']:,.0f} samples/s, {_ratio_pct(r['roofline_share_tf32'])} of TF32 mm")
+        out["train"][str(b)] = r
+    biggest = max(int(x) for x in args.gpu_batches.split(","))
+    out["ingest"] = _ingest(args, url, workers, biggest // workers, f"gpu_b{biggest}")
+    return out
+
+
+def main() -> None:
+    run(sys.argv[1:])
