@@ -20,18 +20,25 @@ from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import Manifest
 from tf4ctr_dist.data.storage import redact, resolve
 
-FORMATS = ("bars-csv", "criteo", "synthetic")
-ENGINES = ("local",)  # a distributed (Ray Data) engine is on the roadmap
+from .engine import ENGINES
+
+FORMATS = ("bars-csv", "criteo", "movielens", "parquet-logs", "synthetic")
 
 # Spec keys each format accepts (= keyword arguments of its converter). Unknown keys are errors.
+_VOCAB_KEYS = {"min_count", "vocab_mode", "buckets", "field_options", "vocab_memory_mb"}
+_LAYOUT_KEYS = {"row_group_rows", "row_groups_per_part"}
 SPEC_KEYS: dict[str, set[str]] = {
-    "bars-csv": {"label_col", "group_col", "min_count", "fields", "row_group_rows", "row_groups_per_part"},
-    "criteo": {"min_count", "split", "seed", "row_group_rows", "row_groups_per_part"},
+    "bars-csv": {"label_col", "group_col", "fields"} | _VOCAB_KEYS | _LAYOUT_KEYS,
+    "criteo": {"split", "seed"} | _VOCAB_KEYS | _LAYOUT_KEYS,
+    "movielens": {"split", "seed"} | _VOCAB_KEYS | _LAYOUT_KEYS,
+    "parquet-logs": {
+        "label", "group", "fields", "train_dates", "valid_dates", "test_dates", "partition_key",
+    } | _VOCAB_KEYS | _LAYOUT_KEYS,
     "synthetic": {
         "rows", "fields", "vocab_sizes", "scale_vocab", "power_law", "positive_rate", "seed", "split",
-        "row_group_rows", "row_groups_per_part",
-    },
+    } | _LAYOUT_KEYS,
 }
+REQUIRED_KEYS = {"parquet-logs": ("label", "fields", "train_dates")}
 SPLIT_NAMES = ("train", "valid", "test")
 BARS_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zst")
 
@@ -49,12 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "--input", action="append", default=[], metavar="PATH_OR_URL",
         help="bars-csv: a folder holding train/valid/test.csv, or three files in that order; "
-        "criteo: the one raw file; synthetic: not used",
+        "criteo: the one raw file; movielens: the ML-1M folder (ratings/users/movies.dat); "
+        "parquet-logs: the folder of dt=YYYY-MM-DD partitions; synthetic: not used",
     )
     prep.add_argument("--out", required=True, metavar="URL", help="dataset root (local path, file://, s3://)")
     prep.add_argument("--spec", metavar="SPEC.yaml", help="converter options (keys listed by --help-spec)")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one spec key (YAML value)")
-    prep.add_argument("--engine", default="local", choices=ENGINES)
+    prep.add_argument(
+        "--engine", default="local", choices=ENGINES,
+        help="local: this process (streaming); ray: Ray tasks over input shards (same output)",
+    )
+    prep.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
+    prep.add_argument("--shard-mb", type=float, metavar="MB", help="--engine ray: input bytes per task (default 64)")
     prep.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
     prep.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the environment)")
 
@@ -101,9 +114,20 @@ def load_spec(path: str | None, overrides: list[str], fmt: str) -> dict[str, Any
     unknown = sorted(set(spec) - SPEC_KEYS[fmt])
     if unknown:
         raise UsageError(f"unknown spec key(s) for {fmt}: {unknown}; allowed: {sorted(SPEC_KEYS[fmt])}")
+    missing = [key for key in REQUIRED_KEYS.get(fmt, ()) if key not in spec]
+    if missing:
+        raise UsageError(f"{fmt} needs {', '.join(missing)} in --spec (or --set KEY=VALUE)")
     if "split" in spec:
+        if not isinstance(spec["split"], (list, tuple)):
+            raise UsageError(f"split: expected three fractions, got {spec['split']!r}")
         spec["split"] = tuple(spec["split"])
     return spec
+
+
+def _one_input(fmt: str, inputs: list[str], what: str) -> str:
+    if len(inputs) != 1:
+        raise UsageError(f"{fmt} needs exactly one --input ({what}); got {len(inputs)}")
+    return inputs[0]
 
 
 def _bars_inputs(inputs: list[str], options: dict | None) -> list[str]:
@@ -127,19 +151,28 @@ def _bars_inputs(inputs: list[str], options: dict | None) -> list[str]:
 
 def _prepare(args: argparse.Namespace, options: dict | None) -> int:
     spec = load_spec(args.spec, args.set, args.format)
-    common = dict(overwrite=args.overwrite, storage_options=options)
-    run: Callable[[], Manifest]
+    common: dict[str, Any] = dict(overwrite=args.overwrite, storage_options=options)
+    run: Callable[[Any], Manifest]
     if args.format == "bars-csv":
         from .bars_csv import prepare_bars_csv
 
         train, valid, test = _bars_inputs(args.input, options)
-        run = lambda: prepare_bars_csv(train, valid, test, args.out, **spec, **common)  # noqa: E731
+        run = lambda engine: prepare_bars_csv(train, valid, test, args.out, **spec, **common, engine=engine)  # noqa: E731
     elif args.format == "criteo":
         from .criteo import prepare_criteo
 
-        if len(args.input) != 1:
-            raise UsageError(f"criteo needs exactly one --input file; got {len(args.input)}")
-        run = lambda: prepare_criteo(args.input[0], args.out, **spec, **common)  # noqa: E731
+        path = _one_input("criteo", args.input, "the raw file")
+        run = lambda engine: prepare_criteo(path, args.out, **spec, **common, engine=engine)  # noqa: E731
+    elif args.format == "movielens":
+        from .movielens import prepare_movielens
+
+        path = _one_input("movielens", args.input, "the ML-1M folder")
+        run = lambda engine: prepare_movielens(path, args.out, **spec, **common, engine=engine)  # noqa: E731
+    elif args.format == "parquet-logs":
+        from .parquet_logs import prepare_parquet_logs
+
+        path = _one_input("parquet-logs", args.input, "the folder of partitions")
+        run = lambda engine: prepare_parquet_logs(path, args.out, **spec, **common, engine=engine)  # noqa: E731
     else:
         from .synthetic import generate_synthetic
 
@@ -147,16 +180,22 @@ def _prepare(args: argparse.Namespace, options: dict | None) -> int:
             raise UsageError("synthetic takes no --input (set rows etc. with --spec or --set rows=N)")
         if "rows" not in spec:
             raise UsageError("synthetic needs a row count: --set rows=N (or rows: in --spec)")
-        run = lambda: generate_synthetic(args.out, **spec, **common)  # noqa: E731
+        run = lambda engine: generate_synthetic(args.out, **spec, **common, engine=engine)  # noqa: E731
+    if args.shard_mb is not None and args.shard_mb <= 0:
+        raise UsageError(f"--shard-mb must be > 0, got {args.shard_mb}")
+    from .engine import make_engine
+
     started = time.monotonic()
-    try:
-        manifest = run()
-    except TypeError as exc:  # a spec value of the wrong type reaching the converter
-        raise UsageError(f"bad spec value: {exc}") from None
+    with make_engine(args.engine, address=args.ray_address, shard_mb=args.shard_mb) as engine:
+        try:
+            manifest = run(engine)
+        except TypeError as exc:  # a spec value of the wrong type reaching the converter
+            raise UsageError(f"bad spec value: {exc}") from None
     seconds = time.monotonic() - started
     rows = {name: info.rows for name, info in manifest.splits.items()}
-    print(f"wrote {args.out} in {seconds:.1f}s: rows {rows}; {len(manifest.fields)} fields, "
-          f"{sum(f.vocab_size for f in manifest.fields):,} embedding rows")
+    total = sum(rows.values())
+    print(f"wrote {args.out} in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} rows/s, engine {args.engine}): "
+          f"rows {rows}; {len(manifest.fields)} fields, {sum(f.vocab_size for f in manifest.fields):,} embedding rows")
     return 0
 
 

@@ -45,7 +45,12 @@ def split_of_rows(first_row: int, n: int, seed: int, fractions: tuple[float, flo
     A splitmix64 hash of (seed, row number) mapped to [0, 1): the same row always lands in the
     same split, however the file is chunked.
     """
-    x = np.arange(first_row, first_row + n, dtype=np.uint64) + np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
+    return split_of_row_numbers(np.arange(first_row, first_row + n, dtype=np.uint64), seed, fractions)
+
+
+def split_of_row_numbers(rows: np.ndarray, seed: int, fractions: tuple[float, float, float]) -> np.ndarray:
+    """split_of_rows for arbitrary (non-contiguous) row numbers."""
+    x = np.asarray(rows, dtype=np.uint64) + np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     x = x ^ (x >> np.uint64(31))

@@ -23,6 +23,7 @@ import pyarrow as pa
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import GROUP_COLUMN, SPLITS, FieldSpec, Manifest
 
+from .engine import Engine, LocalEngine
 from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART, DatasetWriter
 
 # Embedding rows per field (incl. PAD and OOV) at scale_vocab=1: 13 small bucketised numeric
@@ -148,6 +149,7 @@ def generate_synthetic(
     row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    engine: Engine | None = None,
 ) -> Manifest:
     """Write a synthetic dataset (splits train/valid/test) to `out_url`; return its manifest.
 
@@ -180,6 +182,7 @@ def generate_synthetic(
     counts = {"train": n_train, "valid": n_valid, "test": rows - n_train - n_valid}
     specs = [FieldSpec(name, "categorical", size, None, "counted") for name, size in zip(names, sizes)]
 
+    engine = engine or LocalEngine()
     with DatasetWriter(
         out_url,
         fields=specs,
@@ -190,11 +193,20 @@ def generate_synthetic(
         overwrite=overwrite,
         storage_options=storage_options,
     ) as writer:
+        # Chunk k of a split: rows [k*row_group_rows, ...), generated from rng (seed, split, k).
+        # A shard is a run of chunks; the Ray engine generates shards in parallel, the writer
+        # takes them in order, so the output does not depend on the engine.
+        per_shard = 1
+        if engine.shard_bytes:
+            per_shard = max(1, engine.shard_bytes // (row_group_rows * (fields + 2) * 8))
+        shards = []
         for split_index, name in enumerate(SPLITS):
-            out = writer.split(name)
-            for chunk, start in enumerate(range(0, counts[name], row_group_rows)):
-                n = min(row_group_rows, counts[name] - start)
-                out.write(_chunk(teacher, names, np.random.default_rng([seed, split_index, chunk]), n))
+            chunks = [(k, min(row_group_rows, counts[name] - start)) for k, start in enumerate(range(0, counts[name], row_group_rows))]
+            shards += [(split_index, tuple(chunks[i : i + per_shard])) for i in range(0, len(chunks), per_shard)]
+        outs = [writer.split(name) for name in SPLITS]
+        for (split_index, _), tables in zip(shards, engine.map(_shard, shards, teacher, names, seed)):
+            for table in tables:
+                outs[split_index].write(table)
         spec = {
             "format": "synthetic",
             "rows": rows,
@@ -208,6 +220,11 @@ def generate_synthetic(
             "teacher": {"logit_std": TEACHER_LOGIT_STD, "pairs": PAIRS, **stats},
         }
         return writer.commit(spec, created_by="data_tools.synthetic")
+
+
+def _shard(teacher: _Teacher, names: list[str], seed: int, shard: tuple[int, tuple[tuple[int, int], ...]]) -> list[pa.Table]:
+    split_index, chunks = shard
+    return [_chunk(teacher, names, np.random.default_rng([seed, split_index, k]), n) for k, n in chunks]
 
 
 def _chunk(teacher: _Teacher, names: list[str], rng: np.random.Generator, rows: int) -> pa.Table:

@@ -14,14 +14,16 @@ computed by `pandas.util.hash_array`: vectorised, independent of PYTHONHASHSEED,
 the converters already use for the `_group` column. Non-string values are hashed as their
 decimal text (Arrow's cast to string), so an int64 id 123 and the string "123" share a bucket.
 
-Bounded-memory counting (`VocabCounter`, used by every converter). A Criteo-sized train split
-(45M rows, ~33M distinct tokens over 39 fields) would need several GB for exact counts held as
-one table (and far more as Python dicts). The counter therefore keeps per-batch partial counts
+Bounded-memory counting (`VocabCounter`, used by every converter). Exact counts of a
+Criteo-sized train split (45M rows, ~34M distinct tokens over 39 fields) take ~1 GB as one Arrow
+table, 2-3 GB while aggregating it, ~6 GB as Python dicts, and grow with the data: the earlier
+per-field in-memory counter had no bound. The counter therefore keeps per-batch partial counts
 as Arrow tables (field, token, count) and, when they exceed `memory_budget` bytes, aggregates
 them (group-by sum); when the aggregate is still over half the budget it is *spilled*:
 hash-partitioned by stable_hash(token) into `partitions` record batches of one Arrow IPC run
-file on local disk. At the end each partition is merged on its own (its batches from every run
-plus the in-memory rest), filtered by min_count, and only the kept tokens stay in memory.
+file on local disk. At the end (the in-memory rest spilled as a last run) each partition is
+merged on its own from its batch of every run, filtered by min_count, and only the kept tokens
+stay in memory.
 Peak memory is about the budget (plus the group-by's working set, ~2x the data it aggregates)
 during counting and one partition (~distinct tokens / partitions) during the merge.
 Why hash-partitioned spilling rather than a count-min sketch followed by an exact pass over
@@ -49,7 +51,6 @@ MISSING = ""  # an empty cell; never a counted token (-> OOV); hashed like any o
 HASH_NAME = "siphash24-utf8 (pandas.util.hash_array); id = 1 + hash mod buckets"
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of partial counts held before spilling (VocabCounter)
 DEFAULT_PARTITIONS = 64
-_MERGE_EVERY = 64  # TokenCounter: batches of partial counts held before merging
 
 COUNT_SCHEMA = pa.schema([("field", pa.int32()), ("token", pa.string()), ("count", pa.int64())])
 
@@ -107,7 +108,7 @@ class Vocabulary:
 
     def __init__(self, tokens: list[str]) -> None:
         self.tokens = list(tokens)
-        self._index = pd.Index(np.asarray(self.tokens, dtype=object))
+        self._index = pd.Index(np.asarray(self.tokens, dtype=object), dtype=object)
 
     @property
     def size(self) -> int:
@@ -122,46 +123,21 @@ class Vocabulary:
         """Ids (int64) for a string column; unknown or missing values -> OOV."""
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
-        values = column.to_numpy(zero_copy_only=False) if len(column) else np.empty(0, dtype=object)
-        ids = self._index.get_indexer(values).astype(np.int64)  # -1 when absent
+        if len(column) == 0:
+            return np.empty(0, dtype=np.int64)
+        # Look each distinct value up once (Arrow's dictionary encoding is C++), as an object
+        # Index (pandas would otherwise convert the values to its own string dtype first).
+        encoded = pc.dictionary_encode(column)
+        uniques = pd.Index(encoded.dictionary.to_numpy(zero_copy_only=False), dtype=object)
+        ids = self._index.get_indexer(uniques).astype(np.int64)  # -1 when absent
         ids += 1
         ids[ids == 0] = self.oov
-        return ids
+        return ids[encoded.indices.to_numpy()]
 
 
 def _sorted_vocabulary(tokens: pa.Array) -> Vocabulary:
     tokens = pc.take(tokens, pc.sort_indices(tokens))  # UTF-8 byte order: ids independent of input order
     return Vocabulary(tokens.to_pylist())
-
-
-class TokenCounter:
-    """Streaming token counts for one field, all in memory (small inputs; see VocabCounter)."""
-
-    def __init__(self) -> None:
-        self._partials: list[pa.Table] = []
-
-    def update(self, column: pa.Array | pa.ChunkedArray) -> None:
-        counts = pc.value_counts(column)
-        if isinstance(counts, pa.ChunkedArray):
-            counts = counts.combine_chunks()
-        self._partials.append(pa.table({"token": counts.field("values"), "count": counts.field("counts")}))
-        if len(self._partials) >= _MERGE_EVERY:
-            self._partials = [self._merged()]
-
-    def _merged(self) -> pa.Table:
-        if not self._partials:
-            return pa.table({"token": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
-        table = pa.concat_tables(self._partials).group_by("token").aggregate([("count", "sum")])
-        return pa.table({"token": table.column("token"), "count": table.column("count_sum")})
-
-    def counts(self) -> dict[str, int]:
-        table = self._merged()
-        return dict(zip(table.column("token").to_pylist(), table.column("count").to_pylist()))
-
-    def vocabulary(self, min_count: int) -> Vocabulary:
-        table = self._merged()
-        keep = pc.and_(pc.greater_equal(table.column("count"), min_count), pc.not_equal(table.column("token"), MISSING))
-        return _sorted_vocabulary(pc.filter(table.column("token"), keep))
 
 
 # ---- bounded-memory multi-field counting ----------------------------------------------------

@@ -48,6 +48,7 @@ CLIP = 10.0
 EMB_LR = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 0.05, "adam": 1e-3}  # demo/criteo presets
 SEED = 2026
 DEFAULT_CACHE = ".tf4ctr-cache"
+SECTIONS = ("train_1w", "train_2w", "dp_adam", "reference", "ingest", "s3", "rss")
 
 TARGETS = {
     # key in the report: (comparison, threshold, what)
@@ -270,6 +271,7 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
         if g(f"ingest.{key}") is not None:
             rows.append((f"{label}", g(f"ingest.{key}.samples_per_s"), "samples/s"))
             rows.append((f"{label}", g(f"ingest.{key}.batches_per_s"), "batches/s"))
+            rows.append((f"{label}, after the first window", g(f"ingest.{key}.after_first_samples_per_s"), "samples/s"))
     rows.append(("ingest / step rate, 1 worker", report.get("ingest_vs_step"), "x"))
     rows.append(("ingest / step rate, 2 workers (per worker)", report.get("ingest_vs_step_2w"), "x"))
     rows.append(("S3 ingest / step rate, 1 worker", report.get("ingest_s3_vs_step"), "x"))
@@ -509,19 +511,29 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_windows(step: Callable[[], int], warmup: int, windows: int, per_window: int, device) -> list[tuple[int, float]]:
-    """Run `warmup` untimed steps, then `windows` windows of `per_window` steps: [(samples, s)]."""
+def _timed_windows(
+    step: Callable[[], int], warmup: int, windows: int, per_window: int, device, label: str = ""
+) -> list[tuple[int, float, float]]:
+    """Run `warmup` untimed steps, then `windows` windows of `per_window` steps:
+    [(samples, wall seconds, process CPU seconds)].
+    With a `label`, prints one progress line after the warm-up and after every window."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     _sync(device)
+    if label:
+        log(f"  {label}: {warmup} warm-up steps in {time.perf_counter() - t0:.1f}s")
     out = []
-    for _ in range(windows):
+    for w in range(windows):
         samples = 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(per_window):
             samples += step()
         _sync(device)
-        out.append((samples, time.perf_counter() - t0))
+        # (samples, wall s, process CPU s): CPU time is a load-insensitive diagnostic only
+        out.append((samples, time.perf_counter() - t0, time.process_time() - c0))
+        if label:
+            log(f"  {label}: window {w + 1}/{windows}: {samples / out[-1][1]:,.0f} samples/s (this process)")
     return out
 
 
@@ -581,11 +593,13 @@ def _train_worker(rank: int, world: int, spec: dict) -> dict:
         return int(out[3].numel())  # real rows of this step (no padding in training); no device sync
 
     setup_s = time.perf_counter() - t_start
+    if rank == 0:
+        log(f"  {spec['label']}: set up in {setup_s:.1f}s ({placement.describe()})")
     if world > 1:
         dist.barrier()
     n_windows, per_window = split_windows(spec["steps"], spec["windows"])
     t0 = time.perf_counter()
-    windows = _timed_windows(step, spec["warmup"], n_windows, per_window, device)
+    windows = _timed_windows(step, spec["warmup"], n_windows, per_window, device, spec["label"] if rank == 0 else "")
     loop_s = time.perf_counter() - t0
     result: dict[str, Any] = {
         "rank": rank,
@@ -608,7 +622,7 @@ def _train_worker(rank: int, world: int, spec: dict) -> dict:
             result["profile"] = prof
     pipeline.detach()
     reader.close()
-    if spec.get("eval_batch"):
+    if spec.get("eval_batch") and spec.get("eval_batches", 4) > 0:
         result["eval"] = _eval_rate(dmp, spec, manifest, rank, world, device)
     return result
 
@@ -724,7 +738,7 @@ def _reference_worker(rank: int, world: int, spec: dict) -> dict:
         return min(batch, n - i)
 
     n_windows, per_window = split_windows(spec["steps"], spec["windows"])
-    windows = _timed_windows(step, spec["warmup"], n_windows, per_window, torch.device("cpu"))
+    windows = _timed_windows(step, spec["warmup"], n_windows, per_window, torch.device("cpu"), "reference")
     return {"windows": windows, "threads": torch.get_num_threads(), "rows_in_memory": n,
             "embedding_rows": sum(vocab), "final_loss": float(last["loss"]), **rss_bytes()}
 
@@ -738,7 +752,7 @@ def _ingest_worker(rank: int, world: int, spec: dict) -> dict:
     manifest = load_manifest(spec["url"], opts)
     t0 = time.perf_counter()
     first = None
-    batches = samples = 0
+    batches = samples = first_samples = 0
     with ParquetSplitReader(
         spec["url"], "train", manifest=manifest, rank=spec["reader_rank"], world_size=spec["reader_world"],
         local_batch_size=spec["local_batch"], shuffle=True, seed=spec["seed"], storage_options=opts,
@@ -746,14 +760,18 @@ def _ingest_worker(rank: int, world: int, spec: dict) -> dict:
     ) as reader:
         for b in reader.iter_epoch(0):
             if first is None:
-                first = time.perf_counter() - t0
+                first, first_samples = time.perf_counter() - t0, b.size
             batches += 1
             samples += b.size
             if spec.get("max_batches") and batches >= spec["max_batches"]:
                 break
     s = time.perf_counter() - t0
+    after_first = s - (first or 0.0)
     return {"batches": batches, "samples": samples, "seconds": s, "samples_per_s": samples / s,
-            "batches_per_s": batches / s, "first_batch_s": first, "local_batch": spec["local_batch"],
+            "batches_per_s": batches / s, "first_batch_s": first,
+            # after the first batch: the rate once the first shuffle window is in memory
+            "after_first_samples_per_s": (samples - first_samples) / after_first if after_first > 0 else None,
+            "local_batch": spec["local_batch"],
             "share_of": spec["reader_world"], **rss_bytes()}
 
 
@@ -798,6 +816,9 @@ def local_s3(bucket: str = "tf4ctr-bench") -> Iterator[dict[str, Any]]:
     {"endpoint", "bucket", "storage_options"}. Dummy credentials, valid only for this server."""
     from moto.server import ThreadedMotoServer
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -899,12 +920,15 @@ def machine_info() -> dict[str, Any]:
 
 def _train_summary(results: list[dict]) -> dict[str, Any]:
     rates = window_rates([r["windows"] for r in results])
-    total_samples = sum(sum(s for s, _ in r["windows"]) for r in results)
-    total_s = max(sum(t for _, t in r["windows"]) for r in results)
+    total_samples = sum(sum(w[0] for w in r["windows"]) for r in results)
+    total_s = max(sum(w[1] for w in r["windows"]) for r in results)
     r0 = results[0]
+    cpu_s = sum(sum(w[2] for w in r["windows"]) for r in results)
     out = {
         **summarize_rates(rates),
         "overall_samples_per_s": total_samples / total_s if total_s else None,
+        "samples_per_cpu_s": total_samples / cpu_s if cpu_s else None,
+        "cpu_utilisation": cpu_s / total_s / sum(r["threads"] for r in results) if total_s else None,
         "workers": len(results),
         "local_batch": r0["local_batch"],
         "threads_per_worker": r0["threads"],
@@ -932,9 +956,9 @@ def _train(args, url: str, workers: int, sharding: str, optimizer: str, label: s
         "url": url, "device": extra.pop("device", "cpu"), "sharding": sharding, "optimizer": optimizer,
         "batch": extra.pop("batch", args.batch), "warmup": args.warmup, "steps": args.steps,
         "windows": args.windows, "seed": SEED, "model": _model_cfg(), "loss": dict(LOSS),
-        "shuffle_buffer_rows": args.shuffle_buffer_rows, **extra,
+        "shuffle_buffer_rows": args.shuffle_buffer_rows, "label": label, **extra,
     }
-    threads = max(1, cores() // workers)
+    threads = args.threads or max(1, cores() // workers)
     backend = "nccl" if spec["device"] == "cuda" else "gloo"
     log(f"train {label}: {workers} worker(s) x {threads} thread(s), {sharding}/{optimizer}, "
         f"batch {spec['batch']} on {spec['device']}, {args.warmup} warm-up + {args.steps} timed steps")
@@ -960,7 +984,8 @@ def _ingest(args, url: str, reader_world: int, local_batch: int, label: str, sto
     threads = max(1, cores() // reader_world)
     r = spawn(_ingest_worker, 1, spec, backend=None, threads=threads, timeout=_timeout(args))[0]
     log(f"  ingest {label}: {r['samples_per_s']:,.0f} samples/s, {r['batches_per_s']:.1f} batches/s "
-        f"({r['batches']} batches in {r['seconds']:.1f}s, first after {r['first_batch_s']:.2f}s)")
+        f"({r['batches']} batches in {r['seconds']:.1f}s, first after {r['first_batch_s']:.2f}s; "
+        f"{r['after_first_samples_per_s'] or 0:,.0f} samples/s after it)")
     return r
 
 
@@ -982,9 +1007,13 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--windows", type=int, default=5, help="timed windows (the median is reported)")
     p.add_argument("--shuffle-buffer-rows", type=int, default=None,
                    help="reader shuffle window in rows (default: the training default, DataConfig)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per training worker (0: cores // workers)")
+    p.add_argument("--eval-batches", type=int, default=4, help="preloaded eval batches per pass (0: no eval)")
+    p.add_argument("--eval-passes", type=int, default=3, help="timed eval passes (the median is reported)")
     p.add_argument("--ingest-max-batches", type=int, default=0, help="cap ingest batches (0: one epoch)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="torch.profiler over STEPS steps of the 1-worker run; top ops go to the report")
+    p.add_argument("--only", default="", help=f"comma list of CPU sections to run (default all): {','.join(SECTIONS)}")
     p.add_argument("--skip-s3", action="store_true", help="no local S3 server / S3 ingest")
     p.add_argument("--skip-rss", action="store_true", help="no large dataset / RSS comparison")
     p.add_argument("--skip-reference", action="store_true")
@@ -1001,6 +1030,13 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         args.shuffle_buffer_rows = DataConfig().shuffle_buffer_rows
     if args.batch % 2:
         p.error("--batch must be even (it is split over 2 workers)")
+    only = {x.strip() for x in args.only.split(",") if x.strip()} if args.only else set(SECTIONS)
+    if only - set(SECTIONS):
+        p.error(f"--only: unknown section(s) {sorted(only - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
+    skipped = {"reference": args.skip_reference, "s3": args.skip_s3, "rss": args.skip_rss}
+
+    def want(section: str) -> bool:
+        return section in only and not skipped.get(section, False)
 
     import torch
 
@@ -1016,14 +1052,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                          "reference": "full ((lambda/2)*||E||^2 in the loss)"},
         "clip_grad_norm": CLIP, "warmup": args.warmup, "steps": args.steps, "windows": args.windows,
         "shuffle_buffer_rows": args.shuffle_buffer_rows, "rows_small": args.rows_small,
-        "rows_large": None if args.skip_rss else args.rows_large, "seed": SEED,
-        "threads_per_worker": {"1": max(1, cores()), "2": max(1, cores() // 2)},
+        "rows_large": args.rows_large if want("rss") else None, "seed": SEED, "sections": [x for x in SECTIONS if want(x)],
+        "threads_per_worker": {"1": args.threads or max(1, cores()), "2": args.threads or max(1, cores() // 2)},
         "dropout_batchnorm": "as ModelConfig (train mode: dropout 0.2, BatchNorm)",
         "argv": list(argv) if argv is not None else sys.argv[1:],
     }
     raw: dict[str, Any] = {"train": {}, "ingest": {}}
     small = ensure_dataset(args.rows_small, args.cache_dir)
-    large = None if args.skip_rss else ensure_dataset(args.rows_large, args.cache_dir)
+    large = ensure_dataset(args.rows_large, args.cache_dir) if want("rss") and not args.skip_cpu else None
     config["datasets"] = {"small": small, "large": large}
 
     log("counting model FLOPs (FlopCounterMode, one forward+backward)")
@@ -1041,29 +1077,35 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         mm_model = measure_matmul(shape=first_layer, reps=20)
         log(f"  {mm_start['flops_per_s'] / 1e9:.1f} GFLOP/s (model shape {first_layer}: {mm_model['flops_per_s'] / 1e9:.1f})")
 
-        one = _train(args, small, 1, "table_wise", "rowwise_adagrad", "table_wise_1w",
-                     eval_batch=args.eval_batch, profile_steps=args.profile)
-        raw["train"]["table_wise_1w"] = one
-        if one.get("eval"):
-            log(f"  eval (DMP forward, batch {one['eval']['batch']}): {one['eval']['samples_per_s']:,.0f} samples/s")
-        if one.get("profile"):
-            print(one["profile"]["table"], flush=True)
-        raw["train"]["table_wise_2w"] = _train(args, small, 2, "table_wise", "rowwise_adagrad", "table_wise_2w")
-        raw["train"]["data_parallel_adam_1w"] = _train(args, small, 1, "data_parallel", "adam", "data_parallel_adam_1w")
-
-        if not args.skip_reference:
+        if want("train_1w"):
+            one = _train(args, small, 1, "table_wise", "rowwise_adagrad", "table_wise_1w",
+                         eval_batch=args.eval_batch, eval_batches=args.eval_batches,
+                         eval_passes=args.eval_passes, profile_steps=args.profile)
+            raw["train"]["table_wise_1w"] = one
+            if one.get("eval"):
+                log(f"  eval (DMP forward, batch {one['eval']['batch']}): {one['eval']['samples_per_s']:,.0f} samples/s")
+            if one.get("profile"):
+                print(one["profile"]["table"], flush=True)
+        if want("train_2w"):
+            raw["train"]["table_wise_2w"] = _train(args, small, 2, "table_wise", "rowwise_adagrad", "table_wise_2w")
+        if want("dp_adam"):
+            raw["train"]["data_parallel_adam_1w"] = _train(args, small, 1, "data_parallel", "adam",
+                                                           "data_parallel_adam_1w")
+        if want("reference"):
             log(f"reference: ReferenceTF4CTR + ReferenceStep, 1 process x {cores()} threads, batch {args.batch}")
             spec = {"url": small, "batch": args.batch, "warmup": args.warmup, "steps": args.steps,
                     "windows": args.windows, "seed": SEED, "model": _model_cfg(), "loss": dict(LOSS)}
             ref = spawn(_reference_worker, 1, spec, backend=None, threads=cores(), timeout=_timeout(args) * 3)[0]
+            cpu_s = sum(w[2] for w in ref["windows"])
             raw["reference"] = {**summarize_rates(window_rates([ref["windows"]])),
+                                "samples_per_cpu_s": sum(w[0] for w in ref["windows"]) / cpu_s if cpu_s else None,
                                 **{k: v for k, v in ref.items() if k != "windows"}}
             log(f"  reference: {raw['reference']['samples_per_s']:,.0f} samples/s (windows {raw['reference']['windows']})")
-
-        log("ingest: ParquetSplitReader alone, one epoch of one worker's share")
-        raw["ingest"]["local_1w"] = _ingest(args, small, 1, args.batch, "local_1w")
-        raw["ingest"]["local_2w"] = _ingest(args, small, 2, args.batch // 2, "local_2w")
-        if not args.skip_s3:
+        if want("ingest"):
+            log("ingest: ParquetSplitReader alone, one epoch of one worker's share")
+            raw["ingest"]["local_1w"] = _ingest(args, small, 1, args.batch, "local_1w")
+            raw["ingest"]["local_2w"] = _ingest(args, small, 2, args.batch // 2, "local_2w")
+        if want("s3"):
             with local_s3() as s3:
                 s3_url = f"s3://{s3['bucket']}/bench-{args.rows_small}"
                 log(f"local S3 server at {s3['endpoint']}: writing {args.rows_small:,} rows with generate_synthetic")
@@ -1116,7 +1158,8 @@ def _gpu(args, url: str, flops: dict) -> dict:
         if b % workers:
             raise SystemExit(f"--gpu-batches: {b} does not split over {workers} GPUs")
         r = _train(args, url, workers, args.gpu_sharding, "adam", f"gpu_b{b}", device="cuda", batch=b,
-                   eval_batch=max(b, args.eval_batch), profile_steps=args.profile)
+                   eval_batch=max(b, args.eval_batch), eval_batches=args.eval_batches,
+                   eval_passes=args.eval_passes, profile_steps=args.profile)
         dense = r["samples_per_s"] * flops["train_per_sample"] if r["samples_per_s"] else None
         r["roofline_share_tf32"] = ratio(dense, mm["tf32"]["flops_per_s"] * workers)
         r["roofline_share_bf16"] = ratio(dense, mm["bf16"]["flops_per_s"] * workers)

@@ -93,7 +93,8 @@ def train_bars(argv: Optional[list[str]] = None) -> dict:
     return _launch(cfg)
 
 
-def criteo_full(argv: Optional[list[str]] = None) -> dict:
+def criteo_full_parser() -> argparse.ArgumentParser:
+    """The command line of jobs/criteo_full.py (also used to check cluster/ job specs)."""
     p = argparse.ArgumentParser(
         prog="criteo_full",
         description="Train TF4CTR on a prepared Criteo-shaped dataset. Without --data, generates a "
@@ -102,6 +103,11 @@ def criteo_full(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--data", help="prepared Parquet dataset URL (local path, file:// or s3://)")
     p.add_argument("--synthetic-rows", type=int, default=400_000, help="rows of the generated demo dataset")
     _common_args(p)
+    return p
+
+
+def criteo_full(argv: Optional[list[str]] = None) -> dict:
+    p = criteo_full_parser()
     args = p.parse_args(argv)
     preset = "criteo_x4.yaml" if args.data else "demo.yaml"
     try:

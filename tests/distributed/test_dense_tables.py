@@ -294,10 +294,9 @@ def _assert_state_equal(got: dict, want: dict, atol: float = 1e-5) -> None:
 def test_data_parallel_adam_step_equals_single_process(runs, mode):
     ref = runs["refs"][mode]
     init = runs["init"]
-    for rank, result in enumerate(runs["ranks"]):
-        got = result[mode]
-        assert set(got["sharding"].values()) == {"data_parallel"}
-        # Each rank's loss is its half's mean; the two halves average to the global loss.
+    for result in runs["ranks"]:
+        assert set(result[mode]["sharding"].values()) == {"data_parallel"}
+    # Each rank's loss is its half's mean; the two halves average to the global batch's loss.
     for step in range(len(ref["losses"])):
         mean = sum(r[mode]["losses"][step] for r in runs["ranks"]) / 2
         assert mean == pytest.approx(ref["losses"][step], abs=1e-6)

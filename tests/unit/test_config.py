@@ -147,6 +147,21 @@ def test_every_field_name_is_unambiguous_or_dotted() -> None:
         assert getattr(getattr(cfg, section), name) == value
 
 
+def test_ambiguous_short_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were a field name shared by two sections, the short key must not pick one silently."""
+    import tf4ctr_dist.config as config
+
+    @dataclasses.dataclass
+    class Other:
+        alpha: float = 0.0
+
+    sections = config._section_classes()
+    monkeypatch.setattr(config, "_section_classes", lambda: {**sections, "other": Other})
+    with pytest.raises(ConfigError, match=r"ambiguous.*'loss\.alpha'.*'other\.alpha'"):
+        config._resolve_key("alpha")
+    assert config._resolve_key("loss.alpha") == ["loss", "alpha"]
+
+
 @pytest.mark.parametrize(
     "override, section, key, expected",
     [

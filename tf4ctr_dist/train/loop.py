@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tf4ctr_dist.config import RunConfig
 from tf4ctr_dist.data.manifest import Manifest, load_manifest
 from tf4ctr_dist.data.reader import ParquetSplitReader
-from tf4ctr_dist.distributed.state import restore, snapshot
+from tf4ctr_dist.distributed.state import average_batchnorm_stats, restore, snapshot
 from tf4ctr_dist.distributed.sharding import (
     build_optimizer,
     describe_plan,
@@ -163,6 +163,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         dmp.train()
         stats = _train_epoch(pipeline, train_reader, epoch, ctx, cfg.train.log_every)
         pipeline.detach()
+        average_batchnorm_stats(dmp)
         train_s = time.perf_counter() - t0
         valid = evaluate_split(dmp, readers[cfg.data.valid_split], ctx, manifest)
         score = sum(valid[m] for m in monitor)
