@@ -1092,10 +1092,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             raw["train"]["data_parallel_adam_1w"] = _train(args, small, 1, "data_parallel", "adam",
                                                            "data_parallel_adam_1w")
         if want("reference"):
-            log(f"reference: ReferenceTF4CTR + ReferenceStep, 1 process x {cores()} threads, batch {args.batch}")
+            ref_threads = args.threads or cores()
+            log(f"reference: ReferenceTF4CTR + ReferenceStep, 1 process x {ref_threads} threads, batch {args.batch}")
             spec = {"url": small, "batch": args.batch, "warmup": args.warmup, "steps": args.steps,
                     "windows": args.windows, "seed": SEED, "model": _model_cfg(), "loss": dict(LOSS)}
-            ref = spawn(_reference_worker, 1, spec, backend=None, threads=cores(), timeout=_timeout(args) * 3)[0]
+            ref = spawn(_reference_worker, 1, spec, backend=None, threads=ref_threads, timeout=_timeout(args) * 3)[0]
             cpu_s = sum(w[2] for w in ref["windows"])
             raw["reference"] = {**summarize_rates(window_rates([ref["windows"]])),
                                 "samples_per_cpu_s": sum(w[0] for w in ref["windows"]) / cpu_s if cpu_s else None,

@@ -78,3 +78,29 @@ def test_adam_cannot_be_fused_on_cpu(synthetic_url, tmp_path):
     with pytest.raises(RuntimeError, match="fused CPU kernels support only"):
         run_gloo(_train, 2, _overrides(synthetic_url, str(tmp_path / "r"), "sharding=table_wise",
                                        "embedding_optimizer=adam"), timeout=120)
+
+
+def _lr_after_plateau(rank: int, world_size: int):
+    import torch
+
+    from tf4ctr_dist.config import LossConfig, ModelConfig
+    from tf4ctr_dist.distributed.sharding import (
+        _leaf_optimizers, build_optimizer, resolve_placement, scale_lr, shard_model,
+    )
+    from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
+
+    fields = [("a", 10), ("b", 20)]
+    cfg = ModelConfig(easy_hidden_units=[8], hard_hidden_units=[8])
+    module = TF4CTRTrain(tf4ctr(fields, cfg, device="meta"), Objective(LossConfig()))
+    placement = resolve_placement("table_wise", "rowwise_adagrad", "cpu")
+    dmp, _ = shard_model(module, embedding_tables(fields, cfg), placement, device=torch.device("cpu"),
+                         embedding_lr=0.01, embedding_weight_decay=0.0, local_batch_size=8)
+    opt = build_optimizer(dmp, lr=1e-3, embedding_lr=0.01, emb_reg=0.0, emb_reg_mode="touched", clip_grad_norm=10)
+    scale_lr(opt, 0.1, 1e-6)
+    return sorted((type(leaf).__name__, round(g["lr"], 9)) for leaf in _leaf_optimizers(opt) for g in leaf.param_groups)
+
+
+def test_plateau_decay_reaches_fused_embedding_optimizers():
+    (groups,) = run_gloo(_lr_after_plateau, 1, timeout=120)
+    # Both fused table groups (easy, hard) and the dense Adam are scaled by 0.1.
+    assert groups == [("Adam", 1e-4), ("EmbeddingFusedOptimizer", 1e-3), ("EmbeddingFusedOptimizer", 1e-3)]

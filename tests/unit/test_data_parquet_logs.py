@@ -111,13 +111,14 @@ def test_cli_spec_file_with_yaml_dates(tmp_path: Path, capsys: pytest.CaptureFix
     spec.write_text(
         "label: click\ngroup: user_id\nmin_count: 1\nvocab_mode: hashed\nbuckets: 1000\n"
         "fields: [user_id, item, {name: hist, kind: sequence, max_len: 4}]\n"
-        "train_dates: [2026-11-24, 2026-11-25]\nvalid_dates: [2026-11-26]\n"
+        "train_dates: [2026-11-24..2026-11-24, 2026-11-25]\nvalid_dates: [2026-11-26]\n"
     )
     out = tmp_path / "ds"
     argv = ["prepare", "parquet-logs", "--input", str(logs), "--out", str(out), "--spec", str(spec)]
     assert main(argv + ["--set", "field_options={item: {vocab_mode: counted}}"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert sorted(m["splits"]) == ["train", "valid"]  # no test_dates: no test split
+    assert m["spec"]["train_dates"] == ["2026-11-24", "2026-11-25"] and m["splits"]["train"]["rows"] == 115
     assert [(f["name"], f["vocab_mode"]) for f in m["fields"]] == [("user_id", "hashed"), ("item", "counted"), ("hist", "hashed")]
     assert main(["check", str(out), "--quiet"]) == 0
     assert main(["prepare", "parquet-logs", "--input", str(logs), "--out", str(tmp_path / "x"), "--set", "label=click"]) == 2

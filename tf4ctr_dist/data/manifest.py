@@ -6,7 +6,9 @@ Parquet layout of every part, columns in this order:
   <field>    list<int64> per sequence field          (ids in [1, vocab_size); PAD removed, so
                                                       the list length is 0..max_len)
   _group     int64, stable 64-bit id of the raw group value (0 when the dataset has no group)
-Ids: 0 = PAD, 1..n = tokens, n+1 = vocab_size-1 = OOV.
+Ids, vocab_mode "counted": 0 = PAD, 1..n = tokens, n+1 = vocab_size-1 = OOV.
+Ids, vocab_mode "hashed": 0 = PAD, 1..vocab_size-1 = hash buckets (1 + hash(value) mod
+(vocab_size-1), see data_tools.vocab); no OOV row.
 The manifest is written last: a dataset without one is missing or not completely written.
 """
 
@@ -36,7 +38,7 @@ class FieldSpec:
 
     name: str
     kind: FieldKind
-    vocab_size: int  # rows incl. PAD (0) and OOV (vocab_size - 1)
+    vocab_size: int  # rows incl. PAD (0) and, when counted, OOV (vocab_size - 1)
     max_len: int | None = None  # sequence fields only
     vocab_mode: VocabMode = "counted"
 
