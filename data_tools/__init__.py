@@ -1,7 +1,11 @@
-"""Dataset preparation: converters (BARS CSV, Criteo), synthetic data, dataset checks.
+"""Dataset preparation: converters (Criteo, BARS CSV, MovieLens-1M, date-partitioned Parquet
+logs), synthetic data, dataset checks.
 
-Every tool writes the layout described in `tf4ctr_dist.data.manifest`: Parquet parts per split
-plus `manifest.json`, written last and atomically (staging prefix, then move into place).
+Converters share one pipeline (data_tools.pipeline): counted or hashed vocabularies fit on train
+(data_tools.vocab, data_tools.fields), run in this process or as Ray tasks (data_tools.engine)
+with byte-identical output. Every tool writes the layout described in
+`tf4ctr_dist.data.manifest`: Parquet parts per split plus `manifest.json`, written last and
+atomically (staging prefix, then move into place).
 """
 
 from tf4ctr_dist.data.errors import DataError

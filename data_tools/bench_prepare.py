@@ -97,7 +97,20 @@ def _run(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     proc.returncode = code
     if code != 0:
         raise SystemExit(f"failed ({code}): {' '.join(argv)}\n{output}")
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "output": output.strip().splitlines()[-1]}
+    return {
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),  # meaningful on a shared machine
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "output": output.strip().splitlines()[-1],
+    }
+
+
+def _report(what: str, run: dict[str, Any], rows: int) -> None:
+    print(
+        f"{what:>20}: {run['seconds']:8.1f}s wall ({rows / run['seconds']:,.0f} rows/s), "
+        f"{run['cpu_seconds']:.1f}s CPU, peak RSS {run['peak_rss_mib']:,.0f} MiB",
+        flush=True,
+    )
 
 
 def _shas(manifest_json: str) -> list[str]:
@@ -136,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         run = _run(base + ["--out", str(out), *extra])
         results["runs"][f"local-folder/{engine}"] = run
         shas[engine] = _shas((out / "manifest.json").read_text())
-        print(f"{engine:>5} -> folder: {run['seconds']:8.1f}s {args.rows / run['seconds']:>10,.0f} rows/s  peak RSS {run['peak_rss_mib']:,.0f} MiB", flush=True)
+        _report(f"{engine} -> folder", run, args.rows)
 
     if not args.no_s3:
         import logging
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION="us-east-1")
             run = _run(base + ["--out", "s3://bench/criteo", "--endpoint-url", endpoint], env=env)
             results["runs"]["s3-moto/local"] = run
-            print(f"local -> s3 (moto): {run['seconds']:8.1f}s {args.rows / run['seconds']:>10,.0f} rows/s  peak RSS {run['peak_rss_mib']:,.0f} MiB", flush=True)
+            _report("local -> s3 (moto)", run, args.rows)
             import s3fs
 
             fs = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": endpoint})

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         "parquet-logs: the folder of dt=YYYY-MM-DD partitions; synthetic: not used",
     )
     prep.add_argument("--out", required=True, metavar="URL", help="dataset root (local path, file://, s3://)")
-    prep.add_argument("--spec", metavar="SPEC.yaml", help="converter options (keys listed by --help-spec)")
+    prep.add_argument("--spec", metavar="SPEC.yaml", help="converter options (YAML mapping; an unknown key is an error listing the valid ones)")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one spec key (YAML value)")
     prep.add_argument(
         "--engine", default="local", choices=ENGINES,

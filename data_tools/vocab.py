@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 
 MISSING = ""  # an empty cell; never a counted token (-> OOV); hashed like any other value
 HASH_NAME = "siphash24-utf8 (pandas.util.hash_array); id = 1 + hash mod buckets"
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of partial counts held before spilling (VocabCounter)
+DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of partial counts held before spilling (VocabCounter)
 DEFAULT_PARTITIONS = 64
 
 COUNT_SCHEMA = pa.schema([("field", pa.int32()), ("token", pa.string()), ("count", pa.int64())])

@@ -87,7 +87,10 @@ def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tf4ctr_dist.distributed import plan_sim
     from tf4ctr_dist.distributed.sharding import ShardingError
 
-    logging.getLogger("torchrec").setLevel(logging.ERROR)  # "Topology constructed directly", dry-run notes
+    # TorchRec's notes for planning without hardware ("Topology constructed directly", dry-run dense
+    # size, "Sharding spec not found" for data-parallel tables on the root logger) are noise here.
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
     try:
         if args.manifest:
             fields = plan_sim.fields_from_manifest(args.manifest)

@@ -81,6 +81,7 @@ class ReferenceStep:
     emb_reg: float
     clip: float = 10.0
     lr: float = 1e-3
+    clip_embeddings: bool = True  # FuxiCTR clips the norm over every parameter, tables included
 
     def __post_init__(self) -> None:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
@@ -97,7 +98,12 @@ class ReferenceStep:
         if self.emb_reg > 0:
             loss = loss + 0.5 * self.emb_reg * self.model.embedding_penalty()
         loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        params = (
+            list(self.model.parameters())
+            if self.clip_embeddings
+            else [p for n, p in self.model.named_parameters() if "embedding" not in n]
+        )
+        nn.utils.clip_grad_norm_(params, self.clip)
         self.optimizer.step()
         return loss.detach()
 
@@ -122,11 +128,12 @@ def train_reference(
     emb_reg: float,
     seed: int,
     log: bool = True,
+    clip_embeddings: bool = True,
 ) -> list[dict]:
     """Train the reference on in-memory tensors; returns per-epoch valid metrics."""
     torch.manual_seed(seed)
     model = ReferenceTF4CTR(vocab_sizes, model_cfg)
-    step = ReferenceStep(model, loss_cfg, emb_reg)
+    step = ReferenceStep(model, loss_cfg, emb_reg, clip_embeddings=clip_embeddings)
     ids, labels = train
     history = []
     best, best_state, bad = -float("inf"), None, 0

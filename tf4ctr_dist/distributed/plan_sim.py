@@ -604,6 +604,12 @@ def _check_fit(
         raise PlanFitError(_fit_message(state, placement, cluster, capacity, usable, optimizer, None))
 
 
+def _reservation_words(cluster: ClusterSpec) -> str:
+    if cluster.on_gpu:
+        return f"reserved by TorchRec: {RESERVED_FRACTION:.0%} margin + dense model x6 + input buffers"
+    return "reserved by TorchRec for the dense model (x6)"
+
+
 def _fit_message(
     state: dict[str, int], placement: EmbeddingPlacement, cluster: ClusterSpec, capacity: int, usable: int,
     optimizer: str, planner_error: Optional[str],
@@ -618,7 +624,7 @@ def _fit_message(
         f"  needed: {total / GiB:,.1f} GiB of table state (fp32 weights + {optimizer} state) "
         + ("on EVERY rank (data_parallel replicates the tables)" if replicated else "in all"),
         f"  available: {usable / GiB:,.1f} GiB {kind} per rank for tables ({capacity / GiB:,.1f} GiB minus "
-        f"TorchRec's reservation: {RESERVED_FRACTION:.0%} + dense model + input buffers)"
+        f"{(capacity - usable) / GiB:,.1f} GiB {_reservation_words(cluster)})"
         + ("" if replicated else f" = {usable * W / GiB:,.1f} GiB over {W} ranks"),
         f"  largest table: {largest} {state[largest] / GiB:,.1f} GiB; sharding types allowed: "
         f"{', '.join(placement.sharding_types)}",
@@ -790,7 +796,7 @@ def format_report(report: PlanReport, per_rank: Optional[bool] = None, max_rank_
     usable = report.ranks[0].usable
     L.append(
         f"memory per rank: capacity {_b(report.ranks[0].capacity)} {mem_kind}, {_b(usable)} usable for tables "
-        f"after TorchRec's reservation ({RESERVED_FRACTION:.0%} + dense model + input buffers)"
+        f"({_b(report.ranks[0].capacity - usable)} {_reservation_words(c)})"
     )
     L.append(
         f"  table state = fp32 weights + {report.optimizer} state (from shard sizes); planner = TorchRec's "
