@@ -76,6 +76,9 @@ class TrainConfig:
     epochs: int = 100
     lr: float = 1e-3
     clip_grad_norm: float = 10.0
+    # Clip data-parallel tables together with the dense parameters, as the authors' code does
+    # (fused sharded tables are updated inside backward and never clipped).
+    clip_embeddings: bool = True
     emb_reg: float = 0.0
     emb_reg_mode: EMB_REG_MODE = "full"
     embedding_optimizer: EMB_OPTIMIZER = "adam"

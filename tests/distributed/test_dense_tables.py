@@ -3,9 +3,10 @@
 Data-parallel tables (the CPU route for the paper's Adam): two gloo ranks, each fed one half of
 a global batch, take optimizer steps through DistributedModelParallel + build_optimizer; the
 result must equal one process training the unsharded model (plain torchrec EBCs on cpu) on the
-whole batch with torch.optim.Adam, L2 on the embeddings only, dense-only gradient clipping:
+whole batch with torch.optim.Adam, the penalty's gradient added before a clip over all
+parameters (the authors' order):
 
-  * emb_reg_mode=full:    Adam's coupled weight decay on every row of every table (one step,
+  * emb_reg_mode=full:    0.1*E added to the gradient of every row of every table (one step,
     forward/backward/step by hand through the DMP);
   * emb_reg_mode=touched: 0.1*E_r added to the gradient of the rows looked up this step only
     (two steps through TrainPipelineSparseDist, as the worker loop trains, with an active clip).
@@ -113,19 +114,15 @@ def _looked_up_rows(data: dict, table: str) -> torch.Tensor:
 
 
 def _reference_train(init: dict, batches: list[dict], mode: str, clip: float) -> dict:
-    """Plain torch: whole global batch, Adam(dense lr LR wd 0; tables lr EMB_LR), dense-only clip.
-
-    mode=full: Adam weight_decay=EMB_REG on the table group; mode=touched: EMB_REG*E_r added to
-    the gradient of the looked-up rows. Returns the state dict and diagnostics.
+    """Plain torch on the whole global batch, in the authors' order: loss.backward(), add the
+    penalty's gradient (full: EMB_REG*E on every row; touched: on the looked-up rows only), clip
+    the norm over ALL parameters (tables included), then Adam (dense lr LR, tables EMB_LR).
+    Returns the state dict and diagnostics.
     """
     ref = _reference_model()
     ref.load_state_dict(init)
     emb, dense = _emb_dense(ref)
-    opt = torch.optim.Adam(
-        [{"params": dense, "lr": LR, "weight_decay": 0.0},
-         {"params": emb, "lr": EMB_LR, "weight_decay": EMB_REG if mode == "full" else 0.0}],
-        lr=LR,
-    )
+    opt = torch.optim.Adam([{"params": dense, "lr": LR}, {"params": emb, "lr": EMB_LR}], lr=LR)
     norms, losses = [], []
     tables = [n for n, _ in ref.named_parameters() if "embedding_bags" in n]
     for data in batches:
@@ -133,15 +130,17 @@ def _reference_train(init: dict, batches: list[dict], mode: str, clip: float) ->
         loss, _ = ref(_make_batch(data, 0, GLOBAL_BATCH))
         loss.backward()
         losses.append(float(loss.detach()))
-        norms.append(float(torch.nn.utils.clip_grad_norm_(dense, clip)))
         for name, p in zip(tables, emb):
             looked_up = _looked_up_rows(data, name.split(".")[-2])
             nonzero = p.grad.abs().sum(dim=1) != 0
             # The reference's "touched" (looked up) and the library's (non-zero gradient) agree here.
             assert torch.equal(nonzero, looked_up), name
-            if mode == "touched":
-                with torch.no_grad():
+            with torch.no_grad():
+                if mode == "full":
+                    p.grad += EMB_REG * p
+                else:
                     p.grad[looked_up] += EMB_REG * p[looked_up]
+        norms.append(float(torch.nn.utils.clip_grad_norm_(dense + emb, clip)))
         opt.step()
     return {"state": {k: v.detach().clone() for k, v in ref.state_dict().items()}, "norms": norms, "losses": losses}
 
@@ -322,15 +321,15 @@ def test_full_decay_moves_every_row_touched_only_looked_up_rows(runs):
         for result in runs["ranks"]:
             full, touched = result["full"]["state"][key], result["touched"]["state"][key]
             assert torch.equal(touched[~seen], init[key][~seen]), table
-            # Coupled L2 in Adam: the first step moves a never-seen row by ~lr against its sign.
+            # The penalty alone drives a never-seen row: Adam's first step moves it by ~lr against its sign.
             moved = full[~seen] - init[key][~seen]
             assert torch.allclose(moved, -EMB_LR * torch.sign(init[key][~seen]), atol=1e-4), table
             assert (touched[seen] - init[key][seen]).abs().min() > 0, table
 
 
-def test_touched_run_clipped_the_dense_gradients(runs):
+def test_touched_run_clipped_the_gradients(runs):
     """The clip value of the touched run is active, so its equality with the reference covers
-    dense-only clipping (clipping the tables too would rescale the dense step-2 update)."""
+    clipping over dense parameters and tables together (a dense-only clip would differ)."""
     ref = runs["refs"]["touched"]
     assert ref["norms"][0] > runs["clip"] * 1.5
 

@@ -203,30 +203,42 @@ def is_embedding_param(name: str) -> bool:
 
 
 class DenseStepHooks(OptimizerWrapper):
-    """Runs before every optimizer step: clip dense gradients, decay touched embedding rows.
+    """Before every optimizer step, in the authors' order: add the embedding penalty's gradient,
+    then clip the gradient norm, then step.
 
-    ``touched_decay`` adds lambda*E_r to the gradient of every row r that has a non-zero
-    gradient this step: the exact gradient of (lambda/2) * sum over touched rows of ||E_r||^2,
-    the scalable form of the paper's full-table penalty for data-parallel tables.
+    Penalty on data-parallel tables (fused tables get theirs from fbgemm, see ``fused_params``):
+      full:    lambda*E on every row, the gradient of (lambda/2)*||E||^2 over whole tables;
+      touched: lambda*E_r on the rows with a non-zero gradient this step, the gradient of
+               (lambda/2)*sum over looked-up rows of ||E_r||^2 (the form that scales).
+    Clipping covers the dense parameters and, with ``clip_embeddings``, the data-parallel
+    tables too: FuxiCTR clips the norm over every parameter, and because BatchNorm amplifies
+    the gradient of the 1e-4-scale initial embeddings, that clip is active early in training.
     """
 
-    def __init__(self, optimizer, dense_params: list, emb_params: list, clip: float, touched_decay: float):
+    def __init__(self, optimizer, dense_params: list, emb_params: list, clip: float, clip_embeddings: bool,
+                 full_decay: float, touched_decay: float):
         super().__init__(optimizer)
-        self._dense_params = dense_params
+        self._clip_params = dense_params + (emb_params if clip_embeddings else [])
         self._emb_params = emb_params
         self._clip = clip
+        self._full_decay = full_decay
         self._touched_decay = touched_decay
 
+    @torch.no_grad()
+    def _add_penalty_gradient(self) -> None:
+        for p in self._emb_params:
+            if p.grad is None:
+                continue
+            if self._full_decay > 0:
+                p.grad.add_(p, alpha=self._full_decay)
+            if self._touched_decay > 0:
+                touched = p.grad.abs().sum(dim=1) != 0  # (rows,)
+                p.grad[touched] += self._touched_decay * p[touched]
+
     def step(self, closure=None):  # type: ignore[override]
-        if self._clip > 0 and self._dense_params:
-            torch.nn.utils.clip_grad_norm_(self._dense_params, self._clip)
-        if self._touched_decay > 0:
-            with torch.no_grad():
-                for p in self._emb_params:
-                    if p.grad is None:
-                        continue
-                    touched = p.grad.abs().sum(dim=1) != 0  # (rows,)
-                    p.grad[touched] += self._touched_decay * p[touched]
+        self._add_penalty_gradient()
+        if self._clip > 0 and self._clip_params:
+            torch.nn.utils.clip_grad_norm_(self._clip_params, self._clip)
         return super().step(closure)
 
 
@@ -238,25 +250,23 @@ def build_optimizer(
     emb_reg: float,
     emb_reg_mode: str,
     clip_grad_norm: float,
+    clip_embeddings: bool = True,
 ) -> KeyedOptimizer:
     """Adam over every parameter not updated by a fused kernel, combined with the fused one.
 
-    Data-parallel (dense-kernel) tables are in Adam's second group. With emb_reg_mode=full they
-    get coupled L2 weight decay: Adam adds lambda*E to the gradient of ALL rows, the exact
-    gradient of (lambda/2)*||E||^2 (the authors' penalty). Fused tables get their decay from
-    fbgemm (see ``fused_params``), which only ever touches looked-up rows.
+    Data-parallel (dense-kernel) tables are Adam's second group (lr ``embedding_lr``); their
+    penalty and clipping are applied by ``DenseStepHooks`` before each step.
     """
     named = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     emb = {k: v for k, v in named.items() if is_embedding_param(k)}
     dense = {k: v for k, v in named.items() if not is_embedding_param(k)}
     emb_ids = {id(p) for p in emb.values()}
-    full_decay = emb_reg if emb_reg_mode == "full" else 0.0
 
     def make(params: list) -> torch.optim.Optimizer:
         # KeyedOptimizerWrapper hands over one flat list; split it back by identity.
         groups = [
-            {"params": [p for p in params if id(p) not in emb_ids], "lr": lr, "weight_decay": 0.0},
-            {"params": [p for p in params if id(p) in emb_ids], "lr": embedding_lr, "weight_decay": full_decay},
+            {"params": [p for p in params if id(p) not in emb_ids], "lr": lr},
+            {"params": [p for p in params if id(p) in emb_ids], "lr": embedding_lr},
         ]
         return torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
 
@@ -264,9 +274,15 @@ def build_optimizer(
     fused = dmp.fused_optimizer
     if fused.params:
         optimizers.insert(0, ("sparse", fused))
-    combined = CombinedOptimizer(optimizers)
-    touched = emb_reg if emb_reg_mode == "touched" else 0.0
-    return DenseStepHooks(combined, list(dense.values()), list(emb.values()), clip_grad_norm, touched)
+    return DenseStepHooks(
+        CombinedOptimizer(optimizers),
+        list(dense.values()),
+        list(emb.values()),
+        clip=clip_grad_norm,
+        clip_embeddings=clip_embeddings,
+        full_decay=emb_reg if emb_reg_mode == "full" else 0.0,
+        touched_decay=emb_reg if emb_reg_mode == "touched" else 0.0,
+    )
 
 
 def _leaf_optimizers(optimizer) -> list:

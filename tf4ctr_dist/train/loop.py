@@ -120,6 +120,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         emb_reg=cfg.train.emb_reg,
         emb_reg_mode=cfg.train.emb_reg_mode,
         clip_grad_norm=cfg.train.clip_grad_norm,
+        clip_embeddings=cfg.train.clip_embeddings,
     )
     plan_text = describe_plan(plan, tables, ctx.world_size)
     n_dense = sum(p.numel() for n, p in module.named_parameters() if "embedding_bags" not in n)
