@@ -19,7 +19,9 @@ from fsspec.utils import infer_compression
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.storage import Location, resolve
 
-BLOCK_SIZE = 8 << 20  # bytes per parsed CSV block: big enough to be fast, small enough to stream
+BLOCK_SIZE = 4 << 20  # bytes per parsed CSV block. Arrow's streaming reader keeps ~40 blocks in
+# flight (~40 x BLOCK_SIZE of RSS, measured with pyarrow 26): 4 MiB costs ~5% CPU against 8 MiB
+# and saves ~150 MiB.
 
 
 @dataclass

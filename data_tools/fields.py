@@ -108,9 +108,11 @@ def resolve_fields(
     _int(min_count, "min_count", 1)
     if buckets is not None:
         _int(buckets, "buckets", 1)
-    options = dict(field_options or {})
     if not isinstance(field_options or {}, Mapping):
         raise DataError(f"field_options should map field names to settings, got {field_options!r}")
+    options = dict(field_options or {})
+    if not isinstance(entries, (list, tuple)):
+        raise DataError(f"fields should be a list of column names or mappings, got {entries!r}")
     plans: list[FieldPlan] = []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):

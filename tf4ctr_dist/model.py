@@ -6,7 +6,7 @@ modules into constructors (no registries).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,14 +32,17 @@ EASY_PREFIX = "easy"
 HARD_PREFIX = "hard"
 
 
-def embedding_tables(fields: Sequence[tuple[str, int]], cfg: ModelConfig) -> list[EmbeddingBagConfig]:
-    """All tables the model will hold: the easy set, plus the hard set with SER."""
+def embedding_tables(
+    fields: Sequence[tuple[str, int]], cfg: ModelConfig, mean_pooled: Collection[str] = ()
+) -> list[EmbeddingBagConfig]:
+    """All tables the model will hold: the easy set, plus the hard set with SER.
+    ``mean_pooled`` names the sequence fields (see ``field_tables``)."""
     d = cfg.embedding_dim
     if cfg.ssem == "ser":
         if d % 2:
             raise ValueError(f"ssem=ser needs an even embedding_dim (easy tables use d/2), got {d}")
-        return field_tables(EASY_PREFIX, fields, d // 2) + field_tables(HARD_PREFIX, fields, d)
-    return field_tables(EASY_PREFIX, fields, d)
+        return field_tables(EASY_PREFIX, fields, d // 2, mean_pooled) + field_tables(HARD_PREFIX, fields, d, mean_pooled)
+    return field_tables(EASY_PREFIX, fields, d, mean_pooled)
 
 
 def build_fusion(kind: str, simple_dim: int, complex_dim: int) -> nn.Module:
@@ -67,14 +70,17 @@ def build_ssem(kind: str, in_dim: int, dropout: float) -> nn.Module:
 
 
 def tf4ctr(
-    fields: Sequence[tuple[str, int]], cfg: ModelConfig, device: torch.device | str = "cpu"
+    fields: Sequence[tuple[str, int]],
+    cfg: ModelConfig,
+    device: torch.device | str = "cpu",
+    mean_pooled: Collection[str] = (),
 ) -> TF4CTR:
     """TF4CTR for ``fields`` = [(name, vocab_size incl. PAD and OOV), ...] in manifest order.
 
     Build on ``device="meta"`` for DistributedModelParallel; tables are then materialised by
     the sharder on their owning rank.
     """
-    tables = embedding_tables(fields, cfg)
+    tables = embedding_tables(fields, cfg, mean_pooled)
     num_fields = len(fields)
     d = cfg.embedding_dim
     easy = [t for t in tables if t.name.startswith(EASY_PREFIX + "_")]

@@ -163,3 +163,9 @@ def test_rss_is_reported_in_bytes():
     r = bench.rss_bytes()
     assert r["rss_peak_bytes"] > 10 * 2**20
     assert r["rss_bytes"] is None or r["rss_bytes"] <= r["rss_peak_bytes"]
+
+
+def test_pipeline_stage_names_drop_the_batch_number():
+    assert bench.stage_name("## forward 12 ##") == "forward"
+    assert bench.stage_name("## copy_batch_to_gpu 3 ##") == "copy_batch_to_gpu"
+    assert bench.stage_name("## next_batch ##") == "next_batch"

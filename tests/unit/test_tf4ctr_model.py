@@ -39,17 +39,17 @@ def n_params(module: nn.Module) -> int:
 
 
 def build(fields, d, ssem, dfm, easy=(400, 400), hard=(400, 400, 400), dropout=0.2,
-          device="cpu"):
+          device="cpu", mean_pooled=()):
     """Assemble a TF4CTR model from option names (test-only helper)."""
     dev = torch.device(device)
     n = len(fields)
     with dev:
         if ssem == "ser":
-            emb = EmbeddingBagCollection(field_tables("easy", fields, d // 2), device=dev)
-            hard_emb = EmbeddingBagCollection(field_tables("hard", fields, d), device=dev)
+            emb = EmbeddingBagCollection(field_tables("easy", fields, d // 2, mean_pooled), device=dev)
+            hard_emb = EmbeddingBagCollection(field_tables("hard", fields, d, mean_pooled), device=dev)
             module, s_in = None, n * d // 2
         else:
-            emb = EmbeddingBagCollection(field_tables("emb", fields, d), device=dev)
+            emb = EmbeddingBagCollection(field_tables("emb", fields, d, mean_pooled), device=dev)
             hard_emb, s_in = None, n * d
             module = {"share": ShareSSEM, "gm": GateSSEM, "moe": MoESSEM}[ssem]
             module = module() if ssem == "share" else module(n * d, dropout)
@@ -111,7 +111,7 @@ def test_init_fn_leaves_row_zero_of_a_partial_shard():
 
 def test_embedding_blocks_in_field_order_and_mean_pooled():
     d = 4
-    model = build(SMALL_FIELDS, d, "share", "sum", easy=[8], hard=[8])
+    model = build(SMALL_FIELDS, d, "share", "sum", easy=[8], hard=[8], mean_pooled={"seq"})
     kt = model.embedding(small_batch()).values()  # (B, F*d)
     assert kt.shape == (3, 3 * d)
     w = {f: model.embedding.embedding_bags[f"emb_{f}"].weight for f, _ in SMALL_FIELDS}
@@ -120,6 +120,11 @@ def test_embedding_blocks_in_field_order_and_mean_pooled():
     torch.testing.assert_close(kt[0, 2 * d:], w["seq"][[4, 1, 2]].mean(0))
     torch.testing.assert_close(kt[2, 2 * d:], w["seq"][[4, 3]].mean(0))
     assert torch.count_nonzero(kt[1, 2 * d:]) == 0  # empty bag pools to zeros
+
+
+def test_single_id_fields_sum_pooled_sequences_mean_pooled():
+    tables = {t.name: t.pooling.name for t in field_tables("x", SMALL_FIELDS, 4, mean_pooled={"seq"})}
+    assert tables == {"x_a": "SUM", "x_b": "SUM", "x_seq": "MEAN"}
 
 
 @pytest.mark.parametrize("ssem", ["share", "ser", "gm", "moe"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -30,12 +30,15 @@ def init_embedding_rows(
 
 
 def field_tables(
-    prefix: str, fields: Sequence[tuple[str, int]], dim: int
+    prefix: str, fields: Sequence[tuple[str, int]], dim: int, mean_pooled: Collection[str] = ()
 ) -> list[EmbeddingBagConfig]:
-    """One MEAN-pooled table per field, in field order, named f"{prefix}_{field}".
+    """One table per field, in field order, named f"{prefix}_{field}".
 
     fields: (field name, vocabulary size incl. PAD 0 and OOV). The EBC built from these tables
     returns values() of shape (B, len(fields)*dim) with the field blocks in this order.
+    mean_pooled: the multi-valued (sequence) fields, mean-pooled over their ids. Every other
+    field holds at most one id per sample, where SUM gives the same vector as MEAN and fbgemm's
+    CPU kernel computes it several times faster.
     """
     # Sharded kernels (fbgemm TBE) may initialise uniformly from weight_init_min/max before
     # init_fn runs; +-sqrt(3)*std gives that uniform the same std.
@@ -46,7 +49,7 @@ def field_tables(
             embedding_dim=dim,
             name=f"{prefix}_{name}",
             feature_names=[name],
-            pooling=PoolingType.MEAN,
+            pooling=PoolingType.MEAN if name in mean_pooled else PoolingType.SUM,
             weight_init_min=-bound,
             weight_init_max=bound,
             init_fn=partial(init_embedding_rows, std=EMBEDDING_STD, num_embeddings=vocab_size),

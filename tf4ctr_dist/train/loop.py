@@ -86,7 +86,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     np.random.seed(cfg.train.seed)
     manifest = load_manifest(cfg.data.url)
     fields = [(f.name, f.vocab_size) for f in manifest.fields]
-    tables = embedding_tables(fields, cfg.model)
+    sequences = {f.name for f in manifest.fields if f.kind == "sequence"}
+    tables = embedding_tables(fields, cfg.model, sequences)
 
     if cfg.train.batch_size % ctx.world_size:
         raise ValueError(
@@ -103,7 +104,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             "sharded tables only update looked-up rows. Use emb_reg_mode=touched or sharding=data_parallel"
         )
 
-    module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta"), Objective(cfg.loss))
+    module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta", mean_pooled=sequences), Objective(cfg.loss))
     dmp, plan = shard_model(
         module,
         tables,
