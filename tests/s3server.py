@@ -12,11 +12,12 @@ Subprocesses (Ray workers, CLIs) can use `s3_server.env` or the AWS_* variables 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import pytest
+
+from tf4ctr_dist.distributed.spawn import free_port
 
 ACCESS_KEY = "tf4ctr-test-key-AKIA0000"
 SECRET_KEY = "tf4ctr-test-secret-do-not-leak-5f1c"  # distinctive, so tests can assert it never leaks
@@ -31,12 +32,6 @@ class S3Server:
 
     def url(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *[p.strip("/") for p in parts]])
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def storage_options_for(endpoint_url: str, *, connect_timeout: float = 5, attempts: int = 2) -> dict[str, Any]:

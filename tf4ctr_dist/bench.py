@@ -28,16 +28,15 @@ import itertools
 import json
 import os
 import platform
-import queue
 import re
 import resource
-import socket
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
+
+from tf4ctr_dist.distributed.spawn import free_port, spawn
 
 # ---- settings --------------------------------------------------------------------------------
 
@@ -417,94 +416,6 @@ def model_flops(model_cfg: dict, loss_cfg: dict, fields: int = FIELDS, batch: in
         fwd = count_flops(lambda: module(b))
     return {"train_per_sample": train / batch, "forward_per_sample": fwd / batch, "counted_batch": batch,
             "counter": "torch.utils.flop_counter.FlopCounterMode (matmuls only; BN/ReLU/loss/lookups not counted)"}
-
-
-# ---- processes ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _child(rank: int, world: int, port: int, backend: Optional[str], threads: int, fn: Callable, args: tuple, q) -> None:
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        if backend:
-            import torch.distributed as dist
-
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        try:
-            result = fn(rank, world, *args)
-        finally:
-            if backend:
-                import torch.distributed as dist
-
-                dist.destroy_process_group()
-        q.put((rank, True, result))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        q.put((rank, False, traceback.format_exc()))
-        raise SystemExit(1)
-
-
-def spawn(
-    fn: Callable, world: int, *args: Any, backend: Optional[str] = "gloo", threads: int = 1, timeout: float = 1800.0
-) -> list:
-    """fn(rank, world, *args) in `world` spawned processes (process group `backend`, or none),
-    each with `threads` intra-op threads (OMP_NUM_THREADS too). Returns per-rank results; raises
-    RuntimeError with the child's traceback if a rank fails, TimeoutError after `timeout` s."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    env_keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {k: os.environ.get(k) for k in env_keys}
-    os.environ.update({k: str(threads) for k in env_keys})
-    try:
-        procs = [ctx.Process(target=_child, args=(r, world, port, backend, threads, fn, args, q), daemon=True) for r in range(world)]
-        for p in procs:
-            p.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    results: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world:
-            try:
-                rank, ok, payload = q.get(timeout=0.5)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead:
-                    try:
-                        rank, ok, payload = q.get(timeout=3.0)
-                    except queue.Empty:
-                        raise RuntimeError(f"rank(s) {dead} died without a report (exit codes "
-                                           f"{[procs[r].exitcode for r in dead]}; out of memory?)") from None
-                elif time.monotonic() > deadline:
-                    raise TimeoutError(f"{getattr(fn, '__name__', fn)} exceeded {timeout:.0f}s") from None
-                else:
-                    continue
-            if not ok:
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            results[rank] = payload
-        for p in procs:
-            p.join(timeout=30)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return [results[r] for r in range(world)]
 
 
 def _epochs(reader) -> Iterator:
