@@ -37,7 +37,7 @@ class DataConfig:
     test_split: str = "test"
     shuffle: bool = True
     # Rows shuffled together in memory (whole row groups; each epoch also permutes row groups).
-    shuffle_buffer_rows: int = 1_000_000
+    shuffle_buffer_rows: int = 262_144
 
 
 @dataclass
