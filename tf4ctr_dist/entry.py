@@ -101,7 +101,9 @@ def criteo_full_parser() -> argparse.ArgumentParser:
         "synthetic Criteo-shaped dataset (fixed seed) and trains on it with 2 local workers.",
     )
     p.add_argument("--data", help="prepared Parquet dataset URL (local path, file:// or s3://)")
-    p.add_argument("--synthetic-rows", type=int, default=400_000, help="rows of the generated demo dataset")
+    p.add_argument("--synthetic-rows", type=int, default=1_000_000, help="rows of the generated demo dataset")
+    p.add_argument("--synthetic-scale-vocab", type=float, default=0.1,
+                   help="vocabulary scale of the demo dataset (1.0: ~930k rows per table set)")
     _common_args(p)
     return p
 
@@ -119,13 +121,13 @@ def criteo_full(argv: Optional[list[str]] = None) -> dict:
     if not data_url:
         from data_tools.synthetic import generate_synthetic
 
-        data_url = f".tf4ctr-cache/synthetic-criteo-{args.synthetic_rows}"
+        data_url = f".tf4ctr-cache/synthetic-criteo-{args.synthetic_rows}-v{args.synthetic_scale_vocab:g}"
         if _has_manifest(data_url):
             print(f"[tf4ctr] reusing synthetic dataset at {data_url}", flush=True)
         else:
             print(f"[tf4ctr] generating a synthetic Criteo-shaped dataset: {args.synthetic_rows:,} rows -> {data_url}",
                   flush=True)
-            generate_synthetic(data_url, rows=args.synthetic_rows, seed=2026)
+            generate_synthetic(data_url, rows=args.synthetic_rows, scale_vocab=args.synthetic_scale_vocab, seed=2026)
     cfg = cfg.with_overrides({"data.url": data_url})
     return _launch(cfg)
 
