@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tf4ctr_dist.data.errors import DataError
-from tf4ctr_dist.data.manifest import GROUP_COLUMN, SPLITS, FieldSpec, Manifest
+from tf4ctr_dist.data.manifest import SPLITS, FieldSpec, Manifest
 
 from .engine import Engine, LocalEngine
 from .fields import FieldPlan, lookup_lists

@@ -7,7 +7,6 @@ half-written file. Only one process (rank 0) writes; others get a disabled RunDi
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from typing import Any
 
