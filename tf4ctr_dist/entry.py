@@ -141,8 +141,10 @@ def absolute_url(url: str) -> str:
 
 def _launch(cfg: RunConfig) -> dict:
     from tf4ctr_dist.train.launch import run_training
+    from tf4ctr_dist.train.loop import check_run_config
 
     cfg = cfg.with_overrides({"data.url": absolute_url(cfg.data.url), "out": absolute_url(cfg.out)})
+    check_run_config(cfg, "cuda" if cfg.cluster.use_gpu else "cpu", cfg.cluster.workers)
     print(f"[tf4ctr] run folder: {cfg.out}", flush=True)
     result = run_training(cfg)
     _print_result(result)

@@ -66,3 +66,12 @@ def test_unknown_override_is_an_error(tmp_path):
     proc = _run(["jobs/criteo_full.py", "--data", str(tmp_path), "alpah=0.3"], timeout=60)
     assert proc.returncode == 2
     assert "alpah" in proc.stderr
+
+
+def test_impossible_placement_is_refused_before_any_worker_starts(tmp_path):
+    proc = _run(["jobs/criteo_full.py", "--data", str(tmp_path), "sharding=table_wise",
+                 "embedding_optimizer=adam"], timeout=120)
+    assert proc.returncode == 1
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("[tf4ctr] error:") and "fused CPU kernels support only" in error
+    assert "local Ray cluster" not in proc.stdout  # refused in the driver, no cluster started

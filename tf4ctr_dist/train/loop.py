@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tf4ctr_dist.config import RunConfig
+from tf4ctr_dist.config import ConfigError, RunConfig
 from tf4ctr_dist.data.manifest import Manifest, load_manifest
 from tf4ctr_dist.data.reader import ParquetSplitReader
 from tf4ctr_dist.distributed.state import average_batchnorm_stats, restore, snapshot
 from tf4ctr_dist.distributed.sharding import (
+    EmbeddingPlacement,
     build_optimizer,
     describe_plan,
     resolve_placement,
@@ -77,6 +78,21 @@ def _set_threads(cfg: RunConfig) -> None:
     torch.set_num_threads(threads)
 
 
+def check_run_config(cfg: RunConfig, device_type: str, world_size: int) -> EmbeddingPlacement:
+    """Refuse impossible settings before any worker starts; returns the table placement."""
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(
+            f"batch_size={cfg.train.batch_size} (global) must divide evenly across {world_size} workers"
+        )
+    placement = resolve_placement(cfg.train.sharding, cfg.train.embedding_optimizer, device_type)
+    if placement.fused and cfg.train.emb_reg > 0 and cfg.train.emb_reg_mode == "full":
+        raise ConfigError(
+            "emb_reg_mode=full (penalty over all rows every step) needs data-parallel tables; fused "
+            "sharded tables only update looked-up rows. Use emb_reg_mode=touched or sharding=data_parallel"
+        )
+    return placement
+
+
 def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train, evaluate and (rank 0) write RUN_DIR files; returns the result dict on every rank."""
     quiet_library_logs()
@@ -88,20 +104,11 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     sequences = {f.name for f in manifest.fields if f.kind == "sequence"}
     tables = embedding_tables(fields, cfg.model, sequences)
 
-    if cfg.train.batch_size % ctx.world_size:
-        raise ValueError(
-            f"batch_size={cfg.train.batch_size} (global) must divide evenly across {ctx.world_size} workers"
-        )
+    placement = check_run_config(cfg, ctx.device.type, ctx.world_size)
     local_batch = cfg.train.batch_size // ctx.world_size
     eval_local_batch = max(1, cfg.train.eval_batch_size // ctx.world_size)
     emb_lr = cfg.train.embedding_lr or cfg.train.lr
-    placement = resolve_placement(cfg.train.sharding, cfg.train.embedding_optimizer, ctx.device.type)
     fused_decay = cfg.train.emb_reg if placement.fused else 0.0
-    if placement.fused and cfg.train.emb_reg > 0 and cfg.train.emb_reg_mode == "full":
-        raise ValueError(
-            "emb_reg_mode=full (penalty over all rows every step) needs data-parallel tables; fused "
-            "sharded tables only update looked-up rows. Use emb_reg_mode=touched or sharding=data_parallel"
-        )
 
     module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta", mean_pooled=sequences), Objective(cfg.loss))
     dmp, plan = shard_model(
