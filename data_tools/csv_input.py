@@ -71,9 +71,14 @@ class TextInput:
                     raw.seek(start)
                     stream = _RangeReader(raw, (end if end is not None else self.size()) - start)
                 reader = pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
-                for batch in reader:
-                    yield offset, batch
-                    offset += batch.num_rows
+                try:
+                    for batch in reader:
+                        yield offset, batch
+                        offset += batch.num_rows
+                finally:
+                    # Stop pyarrow's read-ahead before the file closes: a reader left running on
+                    # a closed Python file aborts the interpreter at exit.
+                    reader.close()
         except DataError:
             raise
         except (pa.ArrowInvalid, csv.Error) as exc:

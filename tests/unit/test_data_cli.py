@@ -68,3 +68,25 @@ def test_unknown_engine_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         main(["prepare", "synthetic", "--out", str(tmp_path / "o"), "--engine", "spark", "--set", "rows=10"])
     assert info.value.code == 2
+
+
+def test_non_utf8_input_is_a_clean_error_in_a_subprocess(tmp_path: Path) -> None:
+    """Invalid UTF-8 names the file and line; the process exits 1 (pyarrow's read-ahead thread
+    used to outlive the closed file and abort the interpreter at exit, status 134)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    good = b"label,a,b\n1,x,y\n0,x,z\n"
+    (folder / "train.csv").write_bytes(b"label,a,b\n1,x,y\n0,\xff\xfe,z\n1,x,y\n")
+    (folder / "valid.csv").write_bytes(good)
+    (folder / "test.csv").write_bytes(good)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_tools", "prepare", "bars-csv", "--input", str(folder), "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "train.csv" in proc.stderr and "UTF8" in proc.stderr and "line 2" in proc.stderr
+    assert not (out / "manifest.json").exists()
