@@ -71,8 +71,8 @@ def test_unknown_engine_is_refused(tmp_path: Path) -> None:
 
 
 def test_non_utf8_input_is_a_clean_error_in_a_subprocess(tmp_path: Path) -> None:
-    """Invalid UTF-8 names the file and line; the process exits 1 (pyarrow's read-ahead thread
-    used to outlive the closed file and abort the interpreter at exit, status 134)."""
+    """Invalid UTF-8 names the file and line; the CLI exits 1 and a caught library error leaves
+    a process that exits cleanly (pyarrow's read-ahead is closed before its file)."""
     import subprocess
     import sys
 
@@ -83,10 +83,23 @@ def test_non_utf8_input_is_a_clean_error_in_a_subprocess(tmp_path: Path) -> None
     (folder / "valid.csv").write_bytes(good)
     (folder / "test.csv").write_bytes(good)
     out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
         [sys.executable, "-m", "data_tools", "prepare", "bars-csv", "--input", str(folder), "--out", str(out)],
-        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
+        cwd=repo, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "train.csv" in proc.stderr and "UTF8" in proc.stderr and "line 2" in proc.stderr
     assert not (out / "manifest.json").exists()
+    # The library call that catches the error must leave a process that exits cleanly.
+    script = (
+        "from data_tools.bars_csv import prepare_bars_csv\n"
+        "from tf4ctr_dist.data.errors import DataError\n"
+        f"f = {str(folder)!r}\n"
+        "try:\n"
+        "    prepare_bars_csv(f + '/train.csv', f + '/valid.csv', f + '/test.csv', f + '/../out2', min_count=1)\n"
+        "except DataError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "refused:" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
