@@ -7,7 +7,6 @@ criteo_full: a Criteo-shaped prepared dataset; with no --data it generates a syn
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -163,7 +162,3 @@ def run_cli(job, argv: Optional[list[str]] = None) -> None:
     except (DataError, ConfigError, ShardingError, FileNotFoundError) as e:
         print(f"[tf4ctr] error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-
-
-if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps({"usage": "use jobs/train_bars.py or jobs/criteo_full.py"}))

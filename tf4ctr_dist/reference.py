@@ -129,8 +129,9 @@ def train_reference(
     seed: int,
     log: bool = True,
     clip_embeddings: bool = True,
-) -> list[dict]:
-    """Train the reference on in-memory tensors; returns per-epoch valid metrics."""
+) -> tuple[ReferenceTF4CTR, list[dict]]:
+    """Train the reference on in-memory tensors with the published protocol; returns the model
+    with the best epoch's weights reloaded, and the per-epoch valid metrics."""
     torch.manual_seed(seed)
     model = ReferenceTF4CTR(vocab_sizes, model_cfg)
     step = ReferenceStep(model, loss_cfg, emb_reg, clip_embeddings=clip_embeddings)
@@ -161,5 +162,4 @@ def train_reference(
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    history.append({"model": model})  # type: ignore[dict-item]
-    return history
+    return model, history
