@@ -25,6 +25,8 @@ LOSS = Literal["tf", "bce", "focal", "rce"]
 EMB_OPTIMIZER = Literal["adam", "adagrad", "rowwise_adagrad", "sgd"]
 SHARDING = Literal["auto", "data_parallel", "table_wise", "column_wise", "row_wise"]
 EMB_REG_MODE = Literal["full", "touched"]
+DENSE_PRECISION = Literal["fp32", "bf16"]
+RESUME = Literal["auto", "never"]
 
 
 @dataclass
@@ -51,6 +53,9 @@ class ModelConfig:
     hard_hidden_units: list[int] = field(default_factory=lambda: [400, 400, 400])
     net_dropout: float = 0.2
     batch_norm: bool = True
+    # bf16: MLP_s / MLP_c matmuls, BatchNorm and ReLU/dropout in bfloat16 (AMX / tensor cores);
+    # fp32 parameters, optimizer state, embeddings, heads and loss. Changes numerics slightly.
+    dense_precision: DENSE_PRECISION = "fp32"
 
 
 @dataclass
@@ -105,12 +110,29 @@ class ClusterConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint) and resuming."""
+
+    enabled: bool = True
+    root: Optional[str] = None  # default OUT/checkpoints (local path or s3://)
+    every_steps: int = 0  # also every N training steps (0: only at the end of each epoch)
+    keep: int = 2  # most recent checkpoints kept, plus the best one
+    # auto: continue from the newest checkpoint under root when there is one; never: start over
+    resume: RESUME = "auto"
+    # A finished run (its OUT folder or checkpoint root): start from its best weights.
+    warm_start: Optional[str] = None
+    # Count how often every training sample is used per epoch (proves exactly-once after restarts).
+    count_samples: bool = False
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     out: str = "runs/latest"
     name: str = "tf4ctr"
 

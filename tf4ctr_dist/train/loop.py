@@ -6,10 +6,12 @@ process group must already exist. Only rank 0 writes run files.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -31,33 +33,11 @@ from tf4ctr_dist.distributed.sharding import (
 )
 from tf4ctr_dist.metrics import difficulty_buckets, evaluate, gather_across_ranks
 from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
-from tf4ctr_dist.train import runfiles
+from tf4ctr_dist.train import faults, runfiles
+from tf4ctr_dist.train.resume import Checkpointing, EarlyStopping, EpochSums, Progress, SampleCounter
 from tf4ctr_dist.train.logs import quiet_library_logs
 
 logger = logging.getLogger("tf4ctr_dist")
-
-
-@dataclass
-class EarlyStopping:
-    """The published protocol: mode max, improvement means > best + 1e-6; otherwise decay lr
-    and count; stop when the count reaches ``patience``."""
-
-    patience: int
-    best: float = -math.inf
-    best_epoch: int = -1
-    bad_epochs: int = 0
-
-    def update(self, score: float, epoch: int) -> bool:
-        """Returns True when ``score`` improved on the best so far."""
-        if score > self.best + 1e-6:
-            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_epochs >= self.patience
 
 
 @dataclass
@@ -90,11 +70,23 @@ def check_run_config(cfg: RunConfig, device_type: str, world_size: int) -> Embed
             "emb_reg_mode=full (penalty over all rows every step) needs data-parallel tables; fused "
             "sharded tables only update looked-up rows. Use emb_reg_mode=touched or sharding=data_parallel"
         )
+    dims = {cfg.model.embedding_dim} | ({cfg.model.embedding_dim // 2} if cfg.model.ssem == "ser" else set())
+    if placement.fused and any(d % 4 for d in dims):
+        raise ConfigError(
+            f"embedding_dim={cfg.model.embedding_dim}: fbgemm's fused tables need every table dim to be a multiple "
+            f"of 4 (with ssem=ser the easy tables have dim d/2), so use a multiple of 8, or sharding=data_parallel"
+        )
     return placement
 
 
 def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
-    """Train, evaluate and (rank 0) write RUN_DIR files; returns the result dict on every rank."""
+    """Train, evaluate and (rank 0) write RUN_DIR files; returns the result dict on every rank.
+
+    With checkpoints enabled (the default) the run resumes from the newest committed checkpoint
+    under ``checkpoint.root`` (a restarted worker group or a re-launched job with the same OUT
+    continues exactly where it stopped), and the best weights are reloaded from their checkpoint
+    at the end instead of being held in memory.
+    """
     quiet_library_logs()
     _set_threads(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -161,40 +153,63 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     run.write_text("plan.txt", plan_text + "\n" + placement.describe() + "\n")
 
     monitor = [m for m in cfg.train.monitor if m != "gAUC" or manifest.group]
-    stopper = EarlyStopping(cfg.train.patience)
-    best_state: Optional[dict] = None
-    history: list[dict] = []
-    lr = cfg.train.lr
     train_reader = readers[cfg.data.train_split]
-    for epoch in range(cfg.train.epochs):
+    counter = SampleCounter(manifest.splits[cfg.data.train_split].rows) if cfg.checkpoint.count_samples else None
+    ckpt = Checkpointing(cfg, ctx, dmp, optimizer, plan_text) if cfg.checkpoint.enabled else None
+    progress = Progress(lr=cfg.train.lr, stopper=EarlyStopping(cfg.train.patience))
+    carry = EpochSums()
+    if ckpt is not None:
+        resumed = ckpt.resume(progress, counter)
+        if resumed is not None:
+            carry = resumed
+            run.write_text("metrics.jsonl", "".join(json.dumps(runfiles.redact(r), default=str) + "\n" for r in progress.history))
+        elif cfg.checkpoint.warm_start:
+            ckpt.warm_start(cfg.checkpoint.warm_start)
+    best_state: Optional[dict] = None
+
+    while not progress.finished and progress.epoch < cfg.train.epochs:
+        epoch = progress.epoch
         t0 = time.perf_counter()
         dmp.train()
-        stats = _train_epoch(pipeline, train_reader, epoch, ctx, cfg.train.log_every)
+        stats = _train_epoch(pipeline, train_reader, epoch, ctx, cfg, carry, counter, ckpt, progress)
+        carry = EpochSums()
         pipeline.detach()
         average_batchnorm_stats(dmp)
         train_s = time.perf_counter() - t0
         valid = evaluate_split(dmp, readers[cfg.data.valid_split], ctx, manifest)
         score = sum(valid[m] for m in monitor)
-        improved = stopper.update(score, epoch)
+        improved = progress.stopper.update(score, epoch)
         record = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_samples": stats["samples"],
                   "train_seconds": round(train_s, 2), "samples_per_s": round(stats["samples"] / train_s, 1),
-                  "lr": lr, "valid": valid, "improved": improved}
-        history.append(record)
+                  "lr": progress.lr, "valid": valid, "improved": improved}
+        if counter is not None:
+            record["sample_use"] = counter.summary_and_reset()
+        progress.history.append(record)
         run.append_jsonl("metrics.jsonl", record)
         ctx.report({"epoch": epoch + 1, **{f"valid_{k}": v for k, v in valid.items() if not isinstance(v, dict)}})
         _log(ctx, f"epoch {epoch + 1}: train loss {stats['loss']:.5f} ({stats['samples'] / train_s:,.0f} samples/s) "
                   f"valid {_fmt(valid)}{'  *best*' if improved else ''}")
         if improved:
-            best_state = snapshot(dmp)
+            if ckpt is None:
+                best_state = snapshot(dmp)
         else:
-            lr = scale_lr(optimizer, cfg.train.lr_decay, cfg.train.min_lr)
-            _log(ctx, f"no improvement; lr -> {lr:g} ({stopper.bad_epochs}/{stopper.patience})")
-            if stopper.should_stop:
-                _log(ctx, f"early stop after epoch {epoch + 1}; best epoch {stopper.best_epoch + 1}")
-                break
-    if best_state is not None:
+            progress.lr_scale *= cfg.train.lr_decay
+            progress.lr = scale_lr(optimizer, cfg.train.lr_decay, cfg.train.min_lr)
+            _log(ctx, f"no improvement; lr -> {progress.lr:g} ({progress.stopper.bad_epochs}/{progress.stopper.patience})")
+            if progress.stopper.should_stop:
+                _log(ctx, f"early stop after epoch {epoch + 1}; best epoch {progress.stopper.best_epoch + 1}")
+                progress.finished = True
+        progress.epoch, progress.step = epoch + 1, 0
+        progress.finished = progress.finished or progress.epoch >= cfg.train.epochs
+        if ckpt is not None:
+            ckpt.save(progress, EpochSums(), counter, best=improved)
+
+    if ckpt is not None:
+        ckpt.load_best()
+    elif best_state is not None:
         restore(dmp, best_state)
-    result: dict[str, Any] = {"epochs": len(history), "best_epoch": stopper.best_epoch + 1}
+    stopper = progress.stopper
+    result: dict[str, Any] = {"epochs": len(progress.history), "best_epoch": stopper.best_epoch + 1}
     for name, split in (("valid", cfg.data.valid_split), ("test", cfg.data.test_split)):
         if split in readers:
             metrics = evaluate_split(dmp, readers[split], ctx, manifest, with_buckets=True)
@@ -202,7 +217,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             result[f"{name}_difficulty"] = metrics.get("difficulty")
     result["config"] = cfg.to_dict()
     result["embedding_placement"] = placement.describe()
-    result["history"] = history
+    result["history"] = progress.history
     run.write_json("result.json", result)
     _log(ctx, f"best epoch {result['best_epoch']}: valid {_fmt(result['valid'])}")
     if "test" in result:
@@ -214,28 +229,60 @@ def _fmt(m: dict) -> str:
     return " ".join(f"{k} {v:.6f}" for k, v in m.items() if isinstance(v, float))
 
 
-def _train_epoch(pipeline, reader: ParquetSplitReader, epoch: int, ctx: WorkerContext, log_every: int) -> dict:
+class _Tracked:
+    """Iterator over batches that remembers, in order, the sample ids of the batches the
+    pipeline has taken but not yet trained (it reads ahead), so each step can be attributed."""
+
+    def __init__(self, it: Iterator) -> None:
+        self.it = it
+        self.pending: deque = deque()
+
+    def __iter__(self) -> "_Tracked":
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.pending.append(batch.sample_ids[batch.valid > 0])
+        return batch
+
+
+def _train_epoch(pipeline, reader: ParquetSplitReader, epoch: int, ctx: WorkerContext, cfg: RunConfig,
+                 sums: "EpochSums", counter: Optional["SampleCounter"], ckpt: Optional["Checkpointing"],
+                 progress: "Progress") -> dict:
+    """Train batches progress.step.. of ``epoch``; ``sums`` carries the partial sums of a
+    resumed epoch. Checkpoints every ``checkpoint.every_steps`` batches."""
     total = reader.num_batches(epoch)
-    it: Iterator = reader.iter_epoch(epoch)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    samples = 0
-    step = 0
+    start = progress.step
+    tracked = _Tracked(reader.iter_epoch(epoch, start_batch=start))
+    every = cfg.checkpoint.every_steps if ckpt is not None else 0
+    step = start
     t0 = time.perf_counter()
+    done_here = 0
     while True:
         try:
-            loss, _, _, valid = pipeline.progress(it)
+            loss, _, _, valid = pipeline.progress(tracked)
         except StopIteration:
             break
         step += 1
-        loss_sum += loss.detach().double()
-        samples += int(valid.sum())
-        if log_every and step % log_every == 0:
-            rate = samples / (time.perf_counter() - t0)
-            _log(ctx, f"epoch {epoch + 1} step {step}/{total} loss {float(loss):.5f} ({rate:,.0f} samples/s/worker)")
+        done_here += 1
+        ids = tracked.pending.popleft()
+        if counter is not None:
+            counter.add(ids)
+        sums.loss += loss.detach().double()
+        sums.steps += 1
+        sums.samples += int(ids.numel())
+        faults.maybe_crash("step", epoch + 1, step, ctx.rank)
+        if cfg.train.log_every and step % cfg.train.log_every == 0:
+            rate = sums.samples / max(time.perf_counter() - t0, 1e-9) if done_here == sums.steps else 0
+            _log(ctx, f"epoch {epoch + 1} step {step}/{total} loss {float(loss):.5f}"
+                      + (f" ({rate:,.0f} samples/s/worker)" if rate else ""))
+        if every and step % every == 0 and step < total:
+            progress.step = step
+            ckpt.save(progress, sums, counter)
     # Every rank ran the same steps; report the mean loss and the global sample count.
-    agg = torch.tensor([float(loss_sum), float(step), float(samples)], dtype=torch.float64)
+    agg = torch.tensor([float(sums.loss), float(sums.steps), float(sums.samples)], dtype=torch.float64, device=ctx.device)
     if dist.is_initialized():
-        dist.all_reduce(agg)
+        dist.all_reduce(agg)  # on the default group: a CUDA tensor under nccl
     return {"loss": float(agg[0] / max(agg[1], 1)), "samples": int(agg[2])}
 
 
