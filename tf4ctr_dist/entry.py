@@ -131,6 +131,83 @@ def criteo_full(argv: Optional[list[str]] = None) -> dict:
     return _launch(cfg)
 
 
+def retrain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="retrain",
+        description="Warm-start from a finished run's best checkpoint and train on new date partitions only; "
+        "evaluates on the dataset's valid/test dates (the next partitions) and writes a new run.",
+    )
+    p.add_argument("--from", dest="source", required=True, help="the finished run's folder (its OUT; local or URL)")
+    p.add_argument("--data", help="a prepared dataset of the new partitions (hashed vocabularies: same table sizes)")
+    p.add_argument("--logs", help="or: date-partitioned raw logs (dt=YYYY-MM-DD/...), prepared into OUT/dataset")
+    p.add_argument("--spec", help="the parquet-logs dataset spec for --logs (YAML)")
+    p.add_argument("--train-dates", help="dates to train on, e.g. 2026-11-24..2026-11-25 (overrides the spec)")
+    p.add_argument("--valid-dates", help="validation date(s) (overrides the spec)")
+    p.add_argument("--test-dates", help="test date(s), typically the next partition (overrides the spec)")
+    p.add_argument("--workers", type=int, help="number of Ray Train workers (default: the source run's)")
+    p.add_argument("--out", help="the new run's folder; default runs/retrain-<time>")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("overrides", nargs="*", help="key=value settings on top of the source run's, e.g. epochs=2 lr=5e-4")
+    return p
+
+
+def _dates(text: Optional[str]) -> Optional[list[str]]:
+    return [d.strip() for d in text.split(",") if d.strip()] if text else None
+
+
+def retrain(argv: Optional[list[str]] = None) -> dict:
+    """The source run's configuration, its best weights, new data; see ``retrain_parser``."""
+    import json
+
+    import yaml
+
+    p = retrain_parser()
+    args = p.parse_args(argv)
+    if bool(args.data) == bool(args.logs):
+        p.error("give exactly one of --data (a prepared dataset) or --logs with --spec")
+    source = absolute_url(args.source)
+    config_path = source.rstrip("/") + "/config.json"
+    try:
+        with fsspec.open(config_path, "r") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--from {args.source}: no config.json there; is it a run folder?") from None
+    cfg = RunConfig.from_dict(raw)
+    extra: dict = {"name": "retrain", "checkpoint.warm_start": source, "checkpoint.root": None,
+                   "checkpoint.resume": "auto",
+                   "out": args.out or f"runs/retrain-{time.strftime('%Y%m%d-%H%M%S')}"}
+    if args.workers is not None:
+        extra["cluster.workers"] = args.workers
+    if args.ray_address:
+        extra["cluster.ray_address"] = args.ray_address
+    try:
+        cfg = cfg.with_overrides(extra).with_overrides(args.overrides)
+    except ConfigError as e:
+        p.error(str(e))
+    data_url = args.data
+    if args.logs:
+        if not args.spec:
+            p.error("--logs needs --spec (a parquet-logs dataset spec)")
+        from data_tools.parquet_logs import prepare_parquet_logs
+
+        with open(args.spec) as f:
+            spec = yaml.safe_load(f) or {}
+        for key, value in (("train_dates", args.train_dates), ("valid_dates", args.valid_dates),
+                           ("test_dates", args.test_dates)):
+            if value:
+                spec[key] = _dates(value)
+        data_url = cfg.out.rstrip("/") + "/dataset"
+        if _has_manifest(data_url):
+            print(f"[tf4ctr] reusing prepared dataset at {data_url}", flush=True)
+        else:
+            print(f"[tf4ctr] preparing {args.logs} (train {spec.get('train_dates')}, valid {spec.get('valid_dates')}, "
+                  f"test {spec.get('test_dates')}) -> {data_url}", flush=True)
+            prepare_parquet_logs(absolute_url(args.logs), data_url, **spec)
+    cfg = cfg.with_overrides({"data.url": data_url})
+    print(f"[tf4ctr] warm start from {source}", flush=True)
+    return _launch(cfg)
+
+
 def absolute_url(url: str) -> str:
     """Local paths become absolute: Ray workers do not share the driver's working directory."""
     if "://" in url and not url.startswith("file://"):

@@ -111,3 +111,19 @@ def test_changed_settings_are_refused(uninterrupted, data_url, tmp_path):
     shutil.copytree(out, copy)
     with pytest.raises(RuntimeError, match="other settings.*embedding_dim"):
         run_gloo(_train, 2, _overrides(data_url, str(copy), 2, "embedding_dim=16"), {}, timeout=300)
+
+
+def test_warm_start_takes_the_best_weights(uninterrupted, data_url, tmp_path):
+    out, clean = uninterrupted
+    # No training: the new run evaluates exactly the source run's best weights.
+    r0, _ = run_gloo(_train, 2, _overrides(data_url, str(tmp_path / "warm"), 2, "epochs=0",
+                                           f"checkpoint.warm_start={out}"), {}, timeout=300)
+    assert r0["test"] == clean["test"]
+    # Other table sizes cannot take these weights: the error names a table and both shapes.
+    from data_tools.synthetic import generate_synthetic
+
+    other = str(tmp_path / "other-data")
+    generate_synthetic(other, rows=3_000, fields=6, scale_vocab=2.0, seed=11, row_group_rows=1_000)
+    with pytest.raises(RuntimeError, match=r"does not fit this model.*easy_C1.weight: checkpoint \(60, 4\) vs model \(120, 4\)"):
+        run_gloo(_train, 2, [*_overrides(other, str(tmp_path / "bad"), 2, "epochs=0"),
+                             f"checkpoint.warm_start={out}/checkpoints"], {}, timeout=300)

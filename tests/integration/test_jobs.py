@@ -75,3 +75,38 @@ def test_impossible_placement_is_refused_before_any_worker_starts(tmp_path):
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("[tf4ctr] error:") and "fused CPU kernels support only" in error
     assert "local Ray cluster" not in proc.stdout  # refused in the driver, no cluster started
+
+
+def test_retrain_warm_starts_on_new_partitions(tmp_path):
+    import yaml
+
+    from data_tools.daily_logs import generate_daily_logs, spec_for
+    from data_tools.parquet_logs import prepare_parquet_logs
+
+    logs = tmp_path / "logs"
+    dates = generate_daily_logs(str(logs), days=4, rows_per_day=3000, fields=3, head=300, seed=1)
+    spec = spec_for(3, [dates[0]], [dates[1]], [dates[2]], buckets=2000)
+    prepare_parquet_logs(str(logs), str(tmp_path / "ds-old"), **spec)
+    small = ["batch_size=512", "eval_batch_size=2048", "epochs=2", "easy_hidden_units=[32]",
+             "hard_hidden_units=[32,32]", "embedding_dim=8", "log_every=0"]
+    first = _run(["jobs/criteo_full.py", "--config", "configs/demo.yaml", "--data", str(tmp_path / "ds-old"),
+                  "--out", str(tmp_path / "old"), *small])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    new = tmp_path / "new"
+    proc = _run(["jobs/retrain.py", "--from", str(tmp_path / "old"), "--logs", str(logs), "--spec", str(spec_path),
+                 "--train-dates", f"{dates[1]},{dates[2]}", "--valid-dates", dates[3], "--test-dates", dates[3],
+                 "--out", str(new), "epochs=1"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "warm start: weights from" in proc.stdout
+    result = json.loads((new / "result.json").read_text())
+    assert result["config"]["checkpoint"]["warm_start"] == str(tmp_path / "old")
+    assert result["epochs"] == 1 and result["test"]["AUC"] > 0.55
+    manifest = json.loads((new / "dataset" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] == 6000  # the two new days only
+    # A table size that differs from the source run's is refused with the reason.
+    bad = _run(["jobs/retrain.py", "--from", str(tmp_path / "old"), "--logs", str(logs), "--spec", str(spec_path),
+                "--train-dates", dates[1], "--test-dates", dates[3], "--out", str(tmp_path / "bad"),
+                "embedding_dim=16"])
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr

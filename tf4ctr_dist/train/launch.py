@@ -58,6 +58,28 @@ def _storage_path(out: str) -> str:
     return os.path.abspath(out.removeprefix("file://")) + "/ray"
 
 
+def _expected_error(exc: BaseException) -> BaseException | None:
+    """The first ConfigError / DataError / ShardingError behind a Ray Train failure (worker
+    failures are keyed by rank and may be wrapped in Ray's task errors)."""
+    from tf4ctr_dist.config import ConfigError
+    from tf4ctr_dist.data.errors import DataError
+    from tf4ctr_dist.distributed.sharding import ShardingError
+
+    seen: set[int] = set()
+    todo: list = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (ConfigError, DataError, ShardingError)):
+            return e
+        failures = getattr(e, "worker_failures", None) or {}
+        todo.extend(failures[k] for k in sorted(failures))
+        todo.extend([getattr(e, "cause", None), e.__cause__, getattr(e, "controller_failure", None)])
+    return None
+
+
 def run_training(cfg: RunConfig) -> dict[str, Any]:
     """Launch ``cfg.cluster.workers`` Ray Train workers and return RUN_DIR/result.json."""
     from ray.train import FailureConfig, ScalingConfig
@@ -80,6 +102,12 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 - re-raised below
+        ours = _expected_error(e)
+        if ours is not None:  # bad config or data found inside a worker: one clear message
+            raise ours from None
+        raise
     with fsspec.open(cfg.out.rstrip("/") + "/result.json", "r") as f:
         return json.load(f)
