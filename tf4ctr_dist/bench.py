@@ -48,7 +48,7 @@ CLIP = 10.0
 EMB_LR = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 0.05, "adam": 1e-3}  # demo/criteo presets
 SEED = 2026
 DEFAULT_CACHE = ".tf4ctr-cache"
-SECTIONS = ("train_1w", "train_2w", "dp_adam", "reference", "ingest", "s3", "rss")
+SECTIONS = ("train_1w", "train_bf16", "train_2w", "dp_adam", "reference", "ingest", "s3", "rss")
 
 TARGETS = {
     # key in the report: (comparison, threshold, what)
@@ -155,6 +155,8 @@ def derive(
     rss_large: Optional[float] = None,
     train_dp_adam: Optional[float] = None,
     gpu_best: Optional[float] = None,
+    train_bf16: Optional[float] = None,
+    matmul_bf16_flops: Optional[float] = None,
 ) -> dict[str, Optional[float]]:
     """The headline ratios from raw figures (samples/s, FLOPs, bytes). None where unmeasured."""
     dense_flops = lambda rate: None if rate is None or flops_per_sample is None else rate * flops_per_sample  # noqa: E731
@@ -172,6 +174,10 @@ def derive(
         "ingest_s3_vs_step": ratio(ingest_s3_1w, train_1w),
         "rss_10m_over_1m": ratio(rss_large, rss_small),
         "gpu_samples_per_s": gpu_best,
+        # model.dense_precision=bf16 (an option; the headline figures above are the fp32 default)
+        "ratio_vs_reference_bf16": ratio(train_bf16, reference),
+        "roofline_share_bf16_vs_fp32_mm": ratio(dense_flops(train_bf16), matmul_flops),
+        "roofline_share_bf16": ratio(dense_flops(train_bf16), matmul_bf16_flops),
     }
 
 
@@ -241,6 +247,8 @@ def build_report(raw: dict[str, Any], machine: dict[str, Any], config: dict[str,
         rss_small=_get(raw, "train.table_wise_1w.rss_peak_bytes"),
         rss_large=_get(raw, "train.table_wise_1w_large.rss_peak_bytes"),
         gpu_best=max(gpu_rates) if gpu_rates else None,
+        train_bf16=_get(raw, "train.table_wise_1w_bf16.samples_per_s"),
+        matmul_bf16_flops=_get(raw, "matmul_cpu.bf16_flops_per_s"),
     )
     return {**derived, "targets": check_targets(derived), "raw": raw, "machine": machine, "config": config}
 
@@ -251,6 +259,7 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     rows: list[tuple[str, Any, str]] = [("training (steady state, median of windows)", "", "")]
     for key, label in (
         ("table_wise_1w", "ours 1 worker  table_wise + fused rowwise_adagrad"),
+        ("table_wise_1w_bf16", "ours 1 worker  same, dense_precision=bf16"),
         ("table_wise_2w", "ours 2 workers table_wise + fused rowwise_adagrad"),
         ("data_parallel_adam_1w", "ours 1 worker  data_parallel + Adam (full L2)"),
     ):
@@ -260,11 +269,14 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     if g("reference") is not None:
         rows.append(("reference (nn.Embedding + dense Adam, 1 process)", g("reference.samples_per_s"), "samples/s"))
     rows.append(("ratio ours 1w / reference", report.get("ratio_vs_reference"), "x"))
+    if g("train.table_wise_1w_bf16") is not None:
+        rows.append(("ratio ours 1w bf16 / reference", report.get("ratio_vs_reference_bf16"), "x"))
     rows.append(("ratio ours 2w / reference", report.get("ratio_vs_reference_2w"), "x"))
     rows.append(("ratio ours dp-Adam 1w / reference", report.get("ratio_vs_reference_dp_adam"), "x"))
     rows.append(("scaling 2 workers / 1 worker", report.get("scaling_2w_over_1w"), "x"))
     rows.append(("per CPU-second (load-insensitive diagnostic)", "", ""))
-    for key, label in (("table_wise_1w", "ours 1w"), ("table_wise_2w", "ours 2w (all ranks)"),
+    for key, label in (("table_wise_1w", "ours 1w"), ("table_wise_1w_bf16", "ours 1w bf16"),
+                       ("table_wise_2w", "ours 2w (all ranks)"),
                        ("data_parallel_adam_1w", "ours dp-Adam 1w")):
         if g(f"train.{key}.samples_per_cpu_s") is not None:
             rows.append((f"{label} samples per CPU-second", g(f"train.{key}.samples_per_cpu_s"), "samples/CPU-s"))
@@ -278,6 +290,11 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     rows.append(("fp32 matmul 2048^2, all threads (best)", g("matmul_cpu.flops_per_s"), "FLOP/s"))
     rows.append(("fp32 matmul at the model's first-layer shape", g("matmul_cpu.model_shape_flops_per_s"), "FLOP/s"))
     rows.append(("roofline share ours 1w", report.get("roofline_share"), "%"))
+    if g("matmul_cpu.bf16_flops_per_s") is not None:
+        rows.append(("bf16 matmul 2048^2, all threads (best)", g("matmul_cpu.bf16_flops_per_s"), "FLOP/s"))
+    if g("train.table_wise_1w_bf16") is not None:
+        rows.append(("roofline share ours 1w bf16 (vs fp32 mm)", report.get("roofline_share_bf16_vs_fp32_mm"), "%"))
+        rows.append(("roofline share ours 1w bf16 (vs bf16 mm)", report.get("roofline_share_bf16"), "%"))
     rows.append(("roofline share ours 2w", report.get("roofline_share_2w"), "%"))
     rows.append(("roofline share reference", report.get("reference_roofline_share"), "%"))
     rows.append(("ingest (ParquetSplitReader alone, one epoch)", "", ""))
@@ -701,6 +718,132 @@ def _ingest_worker(rank: int, world: int, spec: dict) -> dict:
             "share_of": spec["reader_world"], **rss_bytes()}
 
 
+# ---- A/B: old vs new training step, alternating in one process ----------------------------------
+
+# name -> tf4ctr(...) keyword arguments and ModelConfig overrides
+AB_VARIANTS: dict[str, dict[str, Any]] = {
+    # nn.Sequential towers, torch dropout, always regrouping the pooled embeddings (before)
+    "plain": {"fused_dense": False, "model": {}, "reuse_ordered_embeddings": False},
+    "fused": {"fused_dense": True, "model": {}},  # fused ReLU+dropout, 16-bit masks (the default)
+    "fused_bf16": {"fused_dense": True, "model": {"dense_precision": "bf16"}},
+    # the fused path, but always regrouping the pooled embeddings (before the no-copy change)
+    "fused_regroup": {"fused_dense": True, "model": {}, "reuse_ordered_embeddings": False},
+}
+
+
+def _ab_worker(rank: int, world: int, spec: dict) -> dict:
+    """Build every variant of the real 1-worker path (own DMP, optimizer, pipeline, reader), then
+    time `per_round` steps of each in turn for `rounds` rounds (order rotated every round)."""
+    from tf4ctr_dist.train.logs import quiet_library_logs
+
+    quiet_library_logs()
+    import torch
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from tf4ctr_dist.config import LossConfig, ModelConfig
+    from tf4ctr_dist.data.manifest import load_manifest
+    from tf4ctr_dist.data.reader import ParquetSplitReader
+    from tf4ctr_dist.distributed.sharding import build_optimizer, resolve_placement, shard_model
+    from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
+
+    manifest = load_manifest(spec["url"])
+    fields = [(f.name, f.vocab_size) for f in manifest.fields]
+    device = torch.device("cpu")
+    placement = resolve_placement("table_wise", "rowwise_adagrad", "cpu")
+    emb_lr = EMB_LR["rowwise_adagrad"]
+    steppers: dict[str, Callable[[], Any]] = {}
+    for name in spec["variants"]:
+        v = AB_VARIANTS[name]
+        model_cfg = ModelConfig(**{**spec["model"], **v["model"]})
+        tables = embedding_tables(fields, model_cfg)
+        torch.manual_seed(spec["seed"])
+        model = tf4ctr(fields, model_cfg, device="meta", fused_dense=v["fused_dense"])
+        model.reuse_ordered_embeddings = v.get("reuse_ordered_embeddings", True)
+        module = TF4CTRTrain(model, Objective(LossConfig(**spec["loss"])))
+        dmp, _ = shard_model(module, tables, placement, device=device, embedding_lr=emb_lr,
+                             embedding_weight_decay=EMB_REG, local_batch_size=spec["batch"])
+        optimizer = build_optimizer(dmp, lr=LR, embedding_lr=emb_lr, emb_reg=EMB_REG,
+                                    emb_reg_mode="touched", clip_grad_norm=CLIP)
+        pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
+        reader = ParquetSplitReader(
+            spec["url"], "train", manifest=manifest, rank=0, world_size=1, local_batch_size=spec["batch"],
+            shuffle=True, seed=spec["seed"], shuffle_buffer_row_groups=1,
+            shuffle_buffer_rows=spec["shuffle_buffer_rows"], pad_tail=False,
+        )
+        dmp.train()
+        steppers[name] = (lambda p=pipeline, it=_epochs(reader): p.progress(it))
+    losses: dict[str, list[float]] = {n: [] for n in steppers}
+    for name, step in steppers.items():
+        for _ in range(spec["warmup"]):
+            step()
+        log(f"  ab: {name} warmed up")
+    rounds: dict[str, list[tuple[float, float]]] = {n: [] for n in steppers}
+    names = list(steppers)
+    for r in range(spec["rounds"]):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(spec["per_round"]):
+                out = steppers[name]()
+            rounds[name].append((time.perf_counter() - t0, time.process_time() - c0))
+            losses[name].append(float(out[0]))
+        log(f"  ab round {r + 1}/{spec['rounds']}: " + ", ".join(
+            f"{n} {spec['per_round'] * spec['batch'] / rounds[n][-1][0]:,.0f}/s" for n in names))
+    return {"rounds": rounds, "losses": losses, "threads": torch.get_num_threads()}
+
+
+def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
+    """A/B timing of training-step variants side by side (see AB_VARIANTS); prints ratios."""
+    p = argparse.ArgumentParser(prog="ab_step", description=run_ab.__doc__)
+    p.add_argument("--variants", default="plain,fused", help=f"comma list, the first is the baseline: {','.join(AB_VARIANTS)}")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--per-round", type=int, default=5, help="steps per variant per round")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    p.add_argument("--out", help="write the JSON here")
+    args = p.parse_args(argv)
+    from tf4ctr_dist.config import DataConfig
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(AB_VARIANTS)
+    if unknown:
+        p.error(f"unknown variant(s) {sorted(unknown)}")
+    spec = {"url": ensure_dataset(args.rows, args.cache_dir), "variants": variants, "batch": args.batch,
+            "warmup": args.warmup, "rounds": args.rounds, "per_round": args.per_round, "seed": SEED,
+            "model": _model_cfg(), "loss": dict(LOSS), "shuffle_buffer_rows": DataConfig().shuffle_buffer_rows}
+    threads = args.threads or cores()
+    machine = machine_info()
+    log(f"A/B {variants} on {threads} thread(s), batch {args.batch}, {args.rounds} rounds x {args.per_round} steps; "
+        f"load average {machine['loadavg_start'][0]:.2f}")
+    r = spawn(_ab_worker, 1, spec, backend="gloo", threads=threads, timeout=3600)[0]
+    base = variants[0]
+    summary: dict[str, Any] = {}
+    for name in variants:
+        wall = [spec["per_round"] * args.batch / w for w, _ in r["rounds"][name]]
+        cpu = [spec["per_round"] * args.batch / c for _, c in r["rounds"][name]]
+        ratios = [b[0] / w[0] for b, w in zip(r["rounds"][base], r["rounds"][name])]
+        cpu_ratios = [b[1] / w[1] for b, w in zip(r["rounds"][base], r["rounds"][name])]
+        summary[name] = {"samples_per_s": statistics.median(wall), "samples_per_cpu_s": statistics.median(cpu),
+                         "ratio_vs_base": statistics.median(ratios), "ratio_vs_base_min": min(ratios),
+                         "ratio_vs_base_max": max(ratios), "cpu_ratio_vs_base": statistics.median(cpu_ratios),
+                         "last_losses": r["losses"][name][-3:]}
+    rows = [(f"{n} samples/s (median of rounds)", s["samples_per_s"], "samples/s") for n, s in summary.items()]
+    rows += [(f"{n} / {base} (median of per-round ratios; min..max {s['ratio_vs_base_min']:.2f}..{s['ratio_vs_base_max']:.2f})",
+              s["ratio_vs_base"], "x") for n, s in summary.items() if n != base]
+    rows += [(f"{n} / {base} per CPU-second", s["cpu_ratio_vs_base"], "x") for n, s in summary.items() if n != base]
+    machine["loadavg_end"] = os.getloadavg()
+    print(format_table(rows))
+    print(f"(threads {r['threads']}; load average start {machine['loadavg_start'][0]:.2f}, end {machine['loadavg_end'][0]:.2f})")
+    report = {"summary": summary, "raw": r, "config": {**spec, "threads": threads, "argv": list(argv or [])}, "machine": machine}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
 def _gpu_matmul_worker(rank: int, world: int) -> dict:
     import torch
 
@@ -985,6 +1128,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         "rows_large": args.rows_large if want("rss") else None, "seed": SEED, "sections": [x for x in SECTIONS if want(x)],
         "threads_per_worker": {"1": args.threads or max(1, cores()), "2": args.threads or max(1, cores() // 2)},
         "dropout_batchnorm": "as ModelConfig (train mode: dropout 0.2, BatchNorm)",
+        "dense_path": "fused (MLPEncoder(fused=True): Linear -> BatchNorm -> fused ReLU+dropout, 16-bit masks)",
         "argv": list(argv) if argv is not None else sys.argv[1:],
     }
     raw: dict[str, Any] = {"train": {}, "ingest": {}}
@@ -1016,6 +1160,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                 log(f"  eval (DMP forward, batch {one['eval']['batch']}): {one['eval']['samples_per_s']:,.0f} samples/s")
             if one.get("profile"):
                 print(one["profile"]["table"], flush=True)
+        if want("train_bf16"):
+            raw["train"]["table_wise_1w_bf16"] = _train(
+                args, small, 1, "table_wise", "rowwise_adagrad", "table_wise_1w_bf16",
+                model={**_model_cfg(), "dense_precision": "bf16"})
         if want("train_2w"):
             raw["train"]["table_wise_2w"] = _train(args, small, 2, "table_wise", "rowwise_adagrad", "table_wise_2w")
         if want("dp_adam"):
@@ -1052,8 +1200,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             raw["train"]["table_wise_1w_large"] = _train(args, large, 1, "table_wise", "rowwise_adagrad",
                                                          "table_wise_1w_large")
         mm_end = measure_matmul(2048)
+        mm_bf16 = measure_matmul(2048, dtype="bfloat16")
         raw["matmul_cpu"] = {
             "flops_per_s": max(mm_start["flops_per_s"], mm_end["flops_per_s"]),
+            "bf16_flops_per_s": mm_bf16["flops_per_s"], "bf16": mm_bf16,
             "start": mm_start, "end": mm_end,
             "model_shape_flops_per_s": mm_model["flops_per_s"], "model_shape": mm_model,
         }

@@ -74,11 +74,13 @@ def tf4ctr(
     cfg: ModelConfig,
     device: torch.device | str = "cpu",
     mean_pooled: Collection[str] = (),
+    fused_dense: bool = True,
 ) -> TF4CTR:
     """TF4CTR for ``fields`` = [(name, vocab_size incl. PAD and OOV), ...] in manifest order.
 
     Build on ``device="meta"`` for DistributedModelParallel; tables are then materialised by
-    the sharder on their owning rank.
+    the sharder on their owning rank. ``fused_dense=False`` runs the encoders as plain
+    nn.Sequential stacks (the pre-fusion path, kept for A/B timing); it needs fp32.
     """
     tables = embedding_tables(fields, cfg, mean_pooled)
     num_fields = len(fields)
@@ -89,8 +91,12 @@ def tf4ctr(
     hard_embedding = EmbeddingBagCollection(tables=hard, device=torch.device(device)) if hard else None
     easy_in = num_fields * (d // 2 if hard else d)
     hard_in = num_fields * d
-    simple = MLPEncoder(easy_in, cfg.easy_hidden_units, cfg.net_dropout, cfg.batch_norm)
-    complex_ = MLPEncoder(hard_in, cfg.hard_hidden_units, cfg.net_dropout, cfg.batch_norm)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.dense_precision]
+    if dtype is not None and not fused_dense:
+        raise ValueError(f"dense_precision={cfg.dense_precision} needs fused_dense=True")
+    enc = dict(dropout=cfg.net_dropout, batch_norm=cfg.batch_norm, fused=fused_dense, compute_dtype=dtype)
+    simple = MLPEncoder(easy_in, cfg.easy_hidden_units, **enc)
+    complex_ = MLPEncoder(hard_in, cfg.hard_hidden_units, **enc)
     model = TF4CTR(
         embedding=embedding,
         hard_embedding=hard_embedding,

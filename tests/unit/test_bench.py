@@ -169,3 +169,17 @@ def test_pipeline_stage_names_drop_the_batch_number():
     assert bench.stage_name("## forward 12 ##") == "forward"
     assert bench.stage_name("## copy_batch_to_gpu 3 ##") == "copy_batch_to_gpu"
     assert bench.stage_name("## next_batch ##") == "next_batch"
+
+
+def test_bf16_option_figures_are_extra_keys_next_to_the_fp32_headline():
+    raw = _fake_raw()
+    raw["train"]["table_wise_1w_bf16"] = {"samples_per_s": 32_000.0, "spread": 0.1, "windows": [32_000.0]}
+    raw["matmul_cpu"]["bf16_flops_per_s"] = 8e11
+    report = bench.build_report(raw, {}, {})
+    assert report["ratio_vs_reference"] == pytest.approx(5.0)  # the fp32 default run
+    assert report["ratio_vs_reference_bf16"] == pytest.approx(8.0)
+    assert report["roofline_share_bf16_vs_fp32_mm"] == pytest.approx(32_000 * 5_131_200 / 2e11)
+    assert report["roofline_share_bf16"] == pytest.approx(32_000 * 5_131_200 / 8e11)
+    text = bench.format_table(bench.report_rows(report))
+    assert "ratio ours 1w bf16 / reference" in text and "(vs bf16 mm)" in text
+    assert "ours 1w bf16" not in bench.format_table(bench.report_rows(bench.build_report(_fake_raw(), {}, {})))

@@ -1,19 +1,101 @@
-"""Plain MLP encoder used for MLP_s and MLP_c (spec section 3)."""
+"""Plain MLP encoder used for MLP_s and MLP_c (spec section 3), and its fused CPU fast path."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tf4ctr_dist.modules.init import init_linear
+
+# Dropout keep masks on CPU are drawn 16 bits at a time: p is rounded to a multiple of 2**-16.
+_MASK_BITS = 16
+_MASK_LEVELS = 1 << _MASK_BITS
+
+
+def dropout_threshold(p: float) -> tuple[int, float]:
+    """(int16 threshold, scale) for a keep mask with P(drop) = round(p * 2**16) / 2**16.
+
+    A 16-bit lane v (uniform over int16) is kept iff v >= threshold; kept values are scaled by
+    1 / (1 - p_eff) so the expectation is exactly preserved for the rounded p_eff.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    drop_levels = round(p * _MASK_LEVELS)
+    p_eff = drop_levels / _MASK_LEVELS
+    return -(_MASK_LEVELS // 2) + drop_levels, 1.0 / (1.0 - p_eff)
+
+
+def dropout_keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool keep mask of `shape`, P(keep) = 1 - p (p rounded to 2**-16), from torch's generator.
+
+    torch's CPU `bernoulli_` draws one 32-bit number and a float conversion per element (the
+    profile's `aten::bernoulli_`, ~15 ns/element on one core); here one 64-bit draw gives four
+    16-bit lanes compared against a threshold (~3 ns/element). Same distribution up to the
+    2**-16 rounding of p, different random stream.
+    """
+    threshold, _ = dropout_threshold(p)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    return bits.view(torch.int16)[:n].view(tuple(shape)) >= threshold
+
+
+class _ReLUDropout(torch.autograd.Function):
+    """y = relu(x) * keep / (1 - p) with one saved tensor k = (x > 0) & keep, scaled.
+
+    Exact: given the same keep mask, outputs and input gradients equal
+    `F.dropout(F.relu(x))`'s (relu's subgradient at 0 is 0 in both).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        k = torch.logical_and(x > 0, keep)
+        kf = k.to(x.dtype).mul_(scale)
+        ctx.save_for_backward(kf)
+        return x * kf
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (kf,) = ctx.saved_tensors
+        return grad * kf, None, None
+
+
+def relu_dropout(x: torch.Tensor, p: float, training: bool, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ReLU then (in training, p > 0) inverted dropout; `keep` overrides the random mask (tests).
+
+    CPU: one fused autograd op with the cheap 16-bit keep mask. Other devices: F.relu + F.dropout
+    (their dropout kernels are already fused).
+    """
+    if not training or p <= 0.0:
+        return F.relu(x)
+    if keep is None and x.device.type != "cpu":
+        return F.dropout(F.relu(x), p, True)
+    _, scale = dropout_threshold(p)
+    if keep is None:
+        keep = dropout_keep_mask(x.shape, p, x.device)
+    return _ReLUDropout.apply(x, keep, scale)
+
+
+# A leaf for torch.fx (TorchRec's pipeline traces the model): autograd.Function.apply cannot
+# take Proxies.
+torch.fx.wrap("relu_dropout")
 
 
 class MLPEncoder(nn.Module):
     """Hidden layers Linear -> BatchNorm1d -> ReLU -> Dropout, no output layer.
 
     forward: x (B, in_dim) -> (B, out_dim), out_dim = hidden_units[-1] (in_dim if no layer).
+
+    fused=False: `self.net(x)`, the plain nn.Sequential (what the reference runs).
+    fused=True: the same modules and parameters (same state_dict), run as Linear -> BatchNorm ->
+    `relu_dropout` (one fused ReLU + dropout op with a cheaper mask on CPU).
+    compute_dtype (fused only): e.g. torch.bfloat16 runs the Linear layers, BatchNorm (fp32
+    statistics and affine parameters) and ReLU/dropout in that dtype; parameters and their
+    gradients stay fp32 and the output is cast back to the input dtype.
     """
 
     def __init__(
@@ -22,11 +104,17 @@ class MLPEncoder(nn.Module):
         hidden_units: Sequence[int],
         dropout: float,
         batch_norm: bool = True,
+        fused: bool = False,
+        compute_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        if compute_dtype is not None and not fused:
+            raise ValueError("compute_dtype needs fused=True")
         layers: list[nn.Module] = []
+        blocks: list[tuple[int, int]] = []  # (index of the Linear, index of its BatchNorm or -1)
         prev = in_dim
         for units in hidden_units:
+            blocks.append((len(layers), len(layers) + 1 if batch_norm else -1))
             layers.append(init_linear(nn.Linear(prev, units)))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(units))
@@ -37,6 +125,25 @@ class MLPEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
         self.in_dim = in_dim
         self.out_dim = prev
+        self.dropout = float(dropout)
+        self.fused = fused
+        self.compute_dtype = compute_dtype
+        self._blocks = blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if not self.fused:
+            return self.net(x)
+        out_dtype = x.dtype
+        dt = self.compute_dtype
+        if dt is not None:
+            x = x.to(dt)
+        for li, bi in self._blocks:
+            lin = self.net[li]
+            if dt is None:
+                x = lin(x)
+            else:
+                x = F.linear(x, lin.weight.to(dt), lin.bias.to(dt) if lin.bias is not None else None)
+            if bi >= 0:
+                x = self.net[bi](x)
+            x = relu_dropout(x, self.dropout, self.training)
+        return x.to(out_dtype) if dt is not None else x

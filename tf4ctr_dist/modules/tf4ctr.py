@@ -20,13 +20,21 @@ def _feature_order(ebc: Optional[EmbeddingBagCollection]) -> list[str]:
     return [f for cfg in ebc.embedding_bag_configs() for f in cfg.feature_names]
 
 
-def _in_order(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
+def _in_order(pooled: KeyedTensor, keys: list[str], reuse: bool = True) -> torch.Tensor:
     """values() of `pooled` with the key blocks in `keys` order: (B, sum of dims).
 
     A sharded EBC returns its keys grouped by sharding (e.g. table-wise: the tables of rank 0
-    first), not in table order; the encoders need the field blocks in a fixed order.
+    first), not in table order; the encoders need the field blocks in a fixed order. When the
+    keys already are in that order (one worker, an unsharded EBC) values() is that tensor and
+    the regroup (a full copy forward and backward) is skipped unless `reuse` is False.
     """
+    if reuse and pooled.keys() == keys:
+        return pooled.values()
     return KeyedTensor.regroup([pooled], [keys])[0]
+
+
+# A leaf for torch.fx (TorchRec's pipeline traces the model): it branches on the output's keys.
+torch.fx.wrap("_in_order")
 
 
 def _param_device(module: nn.Module) -> Optional[torch.device]:
@@ -82,6 +90,7 @@ class TF4CTR(nn.Module):
         self.fusion = fusion
         self._easy_keys = _feature_order(embedding)
         self._hard_keys = _feature_order(hard_embedding)
+        self.reuse_ordered_embeddings = True  # False: always regroup (the old path, for A/B timing)
 
     def dense_modules(self) -> list[nn.Module]:
         """Every part except the embedding tables."""
@@ -103,11 +112,12 @@ class TF4CTR(nn.Module):
         self, features: KeyedJaggedTensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.hard_embedding is None:
-            h = _in_order(self.embedding(features), self._easy_keys)  # (B, F*d)
+            h = _in_order(self.embedding(features), self._easy_keys, self.reuse_ordered_embeddings)  # (B, F*d)
             h_es, h_hs = self.ssem(h)
         else:
-            h_es = _in_order(self.embedding(features), self._easy_keys)  # (B, F*d/2)
-            h_hs = _in_order(self.hard_embedding(features), self._hard_keys)  # (B, F*d)
+            reuse = self.reuse_ordered_embeddings
+            h_es = _in_order(self.embedding(features), self._easy_keys, reuse)  # (B, F*d/2)
+            h_hs = _in_order(self.hard_embedding(features), self._hard_keys, reuse)  # (B, F*d)
         v_s = self.simple_encoder(h_es)  # (B, last_s)
         v_c = self.complex_encoder(h_hs)  # (B, last_c)
         z_s = self.simple_head(v_s)  # (B, 1)
