@@ -27,6 +27,7 @@ SHARDING = Literal["auto", "data_parallel", "table_wise", "column_wise", "row_wi
 EMB_REG_MODE = Literal["full", "touched"]
 DENSE_PRECISION = Literal["fp32", "bf16"]
 RESUME = Literal["auto", "never"]
+TABLE_PRECISION = Literal["fp32", "fp16"]
 
 
 @dataclass
@@ -96,6 +97,8 @@ class TrainConfig:
     seed: int = 2023
     log_every: int = 50
     intra_op_threads: int = 0  # 0: cores / workers
+    # Weights of fused (sharded) tables in half precision: half the memory and lookup traffic.
+    table_precision: TABLE_PRECISION = "fp32"
 
 
 @dataclass

@@ -44,8 +44,10 @@ def _overrides(url: str, out: str, *extra: str) -> list[str]:
          "emb_reg=1e-5", "emb_reg_mode=touched"],
         ["sharding=data_parallel", "embedding_optimizer=adam", "emb_reg=1e-3", "emb_reg_mode=full",
          "loss=rce"],
+        ["sharding=column_wise", "embedding_optimizer=rowwise_adagrad", "embedding_lr=0.05",
+         "table_precision=fp16", "checkpoint.enabled=false"],
     ],
-    ids=["table_wise-rowwise_adagrad", "data_parallel-adam-rce"],
+    ids=["table_wise-rowwise_adagrad", "data_parallel-adam-rce", "column_wise-fp16-no_checkpoints"],
 )
 def test_two_workers_train_twin_tables(synthetic_url, tmp_path, placement):
     out = tmp_path / "run"
@@ -69,6 +71,8 @@ def test_two_workers_train_twin_tables(synthetic_url, tmp_path, placement):
     assert "easy_C1" in plan and "hard_C1" in plan
     if "table_wise" in placement[0]:
         assert "ranks=[0]" in plan and "ranks=[1]" in plan
+    dtype = "float16" if "table_precision=fp16" in placement else "float32"
+    assert f"table weight dtype: {dtype}\n" in plan
     written = json.loads((out / "result.json").read_text())
     assert set(written) >= {"valid", "test", "epochs", "config"}
     assert written["test"]["AUC"] == pytest.approx(r0["test"]["AUC"])

@@ -9,6 +9,7 @@ optimizer); sharded (table/column-wise) tables train with a fused sparse optimiz
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
@@ -21,7 +22,8 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -161,15 +163,31 @@ def plan_sharding(
     pg: Optional[dist.ProcessGroup] = None,
 ) -> ShardingPlan:
     """Run the TorchRec planner (collectively when ``pg`` is given, so every rank agrees)."""
-    planner = build_planner(
-        tables,
-        placement,
-        Topology(world_size=world_size, compute_device=device_type, local_world_size=world_size),
-        local_batch_size,
-    )
+    planner = build_planner(tables, placement, training_topology(world_size, device_type), local_batch_size)
     if pg is not None:
         return planner.collective_plan(module, sharders, pg)
     return planner.plan(module, sharders)
+
+
+def set_table_precision(module: nn.Module, data_type: DataType) -> None:
+    """Store every table's weights as ``data_type`` (fp16: half the memory and lookup traffic;
+    fbgemm keeps the optimizer state in fp32). Call before planning: the planner sizes shards
+    from it and the sharded kernels take their weight precision from it."""
+    for ebc in module.modules():
+        if isinstance(ebc, EmbeddingBagCollection):
+            for table in ebc.embedding_bag_configs():
+                table.data_type = data_type
+
+
+def training_topology(world_size: int, device_type: str) -> Topology:
+    """The planner's view of this job: the real GPU memory (TorchRec assumes 32 GiB otherwise)
+    and workers per node from LOCAL_WORLD_SIZE (set by Ray Train / torchrun), which decides
+    which all-to-all traffic crosses nodes."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    kwargs: dict = {}
+    if device_type == "cuda" and torch.cuda.is_available():
+        kwargs["hbm_cap"] = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return Topology(world_size=world_size, compute_device=device_type, local_world_size=local, **kwargs)
 
 
 def shard_model(
@@ -182,10 +200,13 @@ def shard_model(
     embedding_weight_decay: float,
     local_batch_size: int,
     pg: Optional[dist.ProcessGroup] = None,
+    table_precision: str = "fp32",
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan and wrap ``module`` (built on ``meta``) in DistributedModelParallel."""
     pg = pg or dist.group.WORLD
     world_size = dist.get_world_size(pg)
+    if table_precision == "fp16":
+        set_table_precision(module, DataType.FP16)
     sharders = make_sharders(placement, embedding_lr, embedding_weight_decay)
     plan = plan_sharding(module, tables, placement, sharders, world_size, device.type, local_batch_size, pg)
     dmp = DistributedModelParallel(

@@ -70,6 +70,11 @@ def check_run_config(cfg: RunConfig, device_type: str, world_size: int) -> Embed
             "emb_reg_mode=full (penalty over all rows every step) needs data-parallel tables; fused "
             "sharded tables only update looked-up rows. Use emb_reg_mode=touched or sharding=data_parallel"
         )
+    if cfg.train.table_precision != "fp32" and not placement.fused:
+        raise ConfigError(
+            f"table_precision={cfg.train.table_precision} applies to fused (sharded) tables; with "
+            f"sharding={cfg.train.sharding} the tables are dense torch parameters. Use table_precision=fp32"
+        )
     dims = {cfg.model.embedding_dim} | ({cfg.model.embedding_dim // 2} if cfg.model.ssem == "ser" else set())
     if placement.fused and any(d % 4 for d in dims):
         raise ConfigError(
@@ -111,6 +116,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         embedding_lr=emb_lr,
         embedding_weight_decay=fused_decay,
         local_batch_size=local_batch,
+        table_precision=cfg.train.table_precision,
     )
     optimizer = build_optimizer(
         dmp,
@@ -122,6 +128,9 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         clip_embeddings=cfg.train.clip_embeddings,
     )
     plan_text = describe_plan(plan, tables, ctx.world_size)
+    # As allocated by the sharded kernels (table_precision=fp16 must show here).
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for k, v in dmp.state_dict().items() if "embedding_bags" in k})
+    plan_text += f"\n  table weight dtype: {', '.join(dtypes)}"
     n_dense = sum(p.numel() for n, p in module.named_parameters() if "embedding_bags" not in n)
     n_emb = sum(t.num_embeddings * t.embedding_dim for t in tables)
     _log(ctx, f"{ctx.world_size} worker(s) on {ctx.device.type}; {placement.describe()}")
