@@ -792,6 +792,10 @@ def _ab_worker(rank: int, world: int, spec: dict) -> dict:
     return {"rounds": rounds, "losses": losses, "threads": torch.get_num_threads()}
 
 
+def _op_ab_worker(rank: int, world: int) -> dict:
+    return run_op_ab()
+
+
 def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
     """A/B timing of training-step variants side by side (see AB_VARIANTS); prints ratios."""
     p = argparse.ArgumentParser(prog="ab_step", description=run_ab.__doc__)
@@ -804,7 +808,15 @@ def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)
     p.add_argument("--out", help="write the JSON here")
+    p.add_argument("--relu-dropout", action="store_true",
+                   help="only the op-level A/B of relu_dropout (first fused version vs current)")
     args = p.parse_args(argv)
+    if args.relu_dropout:
+        r = spawn(_op_ab_worker, 1, backend=None, threads=1, timeout=1800)[0]
+        print(json.dumps(r, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(r, indent=2))
+        return r
     from tf4ctr_dist.config import DataConfig
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -826,7 +838,10 @@ def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
         cpu = [spec["per_round"] * args.batch / c for _, c in r["rounds"][name]]
         ratios = [b[0] / w[0] for b, w in zip(r["rounds"][base], r["rounds"][name])]
         cpu_ratios = [b[1] / w[1] for b, w in zip(r["rounds"][base], r["rounds"][name])]
+        prev = variants[max(0, variants.index(name) - 1)]
         summary[name] = {"samples_per_s": statistics.median(wall), "samples_per_cpu_s": statistics.median(cpu),
+                         "ratio_vs_previous": statistics.median(
+                             a[0] / b[0] for a, b in zip(r["rounds"][prev], r["rounds"][name])), "previous": prev,
                          "ratio_vs_base": statistics.median(ratios), "ratio_vs_base_min": min(ratios),
                          "ratio_vs_base_max": max(ratios), "cpu_ratio_vs_base": statistics.median(cpu_ratios),
                          "last_losses": r["losses"][name][-3:]}
@@ -834,6 +849,8 @@ def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
     rows += [(f"{n} / {base} (median of per-round ratios; min..max {s['ratio_vs_base_min']:.2f}..{s['ratio_vs_base_max']:.2f})",
               s["ratio_vs_base"], "x") for n, s in summary.items() if n != base]
     rows += [(f"{n} / {base} per CPU-second", s["cpu_ratio_vs_base"], "x") for n, s in summary.items() if n != base]
+    rows += [(f"{n} / {s['previous']} (median of per-round ratios)", s["ratio_vs_previous"], "x")
+             for n, s in list(summary.items())[2:]]
     machine["loadavg_end"] = os.getloadavg()
     print(format_table(rows))
     print(f"(threads {r['threads']}; load average start {machine['loadavg_start'][0]:.2f}, end {machine['loadavg_end'][0]:.2f})")
@@ -842,6 +859,53 @@ def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+
+def run_op_ab(rounds: int = 30, shape: tuple[int, int] = (4096, 400), p: float = 0.2) -> dict[str, Any]:
+    """relu_dropout forward+backward, the first fused version (float compare, bool -> float mask)
+    vs the current one (sign-bit compare, uint8 -> float mask), alternating, 1 thread, per dtype."""
+    import torch
+
+    from tf4ctr_dist.modules import mlp
+
+    class V1(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, keep, scale):  # type: ignore[override]
+            kf = torch.logical_and(x > 0, keep).to(x.dtype).mul_(scale)
+            ctx.save_for_backward(kf)
+            return x * kf
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[override]
+            (kf,) = ctx.saved_tensors
+            return grad * kf, None, None
+
+    torch.set_num_threads(1)
+    _, scale = mlp.dropout_threshold(p)
+    out: dict[str, Any] = {"shape": list(shape), "p": p, "rounds": rounds}
+    for dtype in (torch.float32, torch.bfloat16):
+        x0 = torch.randn(*shape).to(dtype)
+        g = torch.randn(*shape).to(dtype)
+
+        def run(fn) -> float:
+            x = x0.clone().requires_grad_()
+            keep = mlp.dropout_keep_mask(shape, p)
+            c0 = time.thread_time()
+            fn(x, keep, scale).backward(g)
+            return time.thread_time() - c0
+
+        old = lambda x, k, s: V1.apply(x, k, s)  # noqa: E731
+        new = lambda x, k, s: mlp._ReLUDropout.apply(x, k, s)  # noqa: E731
+        for _ in range(3):
+            run(old), run(new)
+        pairs = [(run(old), run(new)) if r % 2 == 0 else tuple(reversed((run(new), run(old)))) for r in range(rounds)]
+        out[str(dtype).replace("torch.", "")] = {
+            "old_ms": statistics.median(a for a, _ in pairs) * 1e3,
+            "new_ms": statistics.median(b for _, b in pairs) * 1e3,
+            "ratio_old_over_new": statistics.median(a / b for a, b in pairs),
+        }
+    return out
 
 
 def _gpu_matmul_worker(rank: int, world: int) -> dict:

@@ -264,3 +264,27 @@ def test_pooled_embeddings_in_table_order_are_used_without_a_copy():
     torch.testing.assert_close(_in_order(kt, ["a", "b"], reuse=False), values)
     swapped = _in_order(kt, ["b", "a"])
     torch.testing.assert_close(swapped, torch.cat([values[:, 2:], values[:, :2]], dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])
+def test_positive_by_bits_equals_float_compare(dtype):
+    from tf4ctr_dist.modules.mlp import _positive
+
+    x = torch.randn(1000).to(dtype)
+    x[:6] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("inf"), -float("inf")]).to(dtype)
+    assert torch.equal(_positive(x), x > 0)
+    assert torch.equal(_positive(x.view(10, 100).t()), x.view(10, 100).t() > 0)  # non-contiguous
+
+
+def test_relu_dropout_bf16_equals_the_float_formula():
+    torch.manual_seed(0)
+    x = torch.randn(256, 40).to(torch.bfloat16)
+    keep = torch.rand(256, 40) > 0.2
+    _, scale = dropout_threshold(0.2)
+    a = x.clone().requires_grad_()
+    y = relu_dropout(a, 0.2, True, keep=keep)
+    kf = ((x > 0) & keep).to(torch.bfloat16) * torch.tensor(scale).to(torch.bfloat16)  # scale in bf16
+    torch.testing.assert_close(y, F.relu(x) * kf, rtol=0, atol=0)
+    torch.testing.assert_close(y.float(), F.relu(x.float()) * keep * scale, rtol=2**-8, atol=0)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(a.grad, kf, rtol=0, atol=0)
