@@ -46,6 +46,15 @@ def test_train_bars_end_to_end_from_csv(tmp_path):
     assert "test" in proc.stdout and "AUC=" in proc.stdout
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == result["epochs"]
+    # The same command again finds the finished run's checkpoints: no training, same result.
+    again = _run(["jobs/train_bars.py", "--train", train, "--valid", valid, "--test", test,
+                  "--group-col", "user", "--workers", "2", "--seed", "7", "--out", str(out),
+                  "batch_size=256", "eval_batch_size=1024", "epochs=3", "easy_hidden_units=[32]",
+                  "hard_hidden_units=[32,32]", "emb_reg=0.01", "log_every=0"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "finished run" in again.stdout
+    assert "epoch 1:" not in again.stdout
+    assert json.loads((out / "result.json").read_text())["test"] == result["test"]
 
 
 def test_train_bars_refuses_a_missing_column_and_writes_nothing(tmp_path):
@@ -84,7 +93,7 @@ def test_retrain_warm_starts_on_new_partitions(tmp_path):
     from data_tools.parquet_logs import prepare_parquet_logs
 
     logs = tmp_path / "logs"
-    dates = generate_daily_logs(str(logs), days=4, rows_per_day=3000, fields=3, head=300, seed=1)
+    dates = generate_daily_logs(str(logs), days=5, rows_per_day=3000, fields=3, head=300, seed=1)
     spec = spec_for(3, [dates[0]], [dates[1]], [dates[2]], buckets=2000)
     prepare_parquet_logs(str(logs), str(tmp_path / "ds-old"), **spec)
     small = ["batch_size=512", "eval_batch_size=2048", "epochs=2", "easy_hidden_units=[32]",
@@ -96,7 +105,7 @@ def test_retrain_warm_starts_on_new_partitions(tmp_path):
     spec_path.write_text(yaml.safe_dump(spec))
     new = tmp_path / "new"
     proc = _run(["jobs/retrain.py", "--from", str(tmp_path / "old"), "--logs", str(logs), "--spec", str(spec_path),
-                 "--train-dates", f"{dates[1]},{dates[2]}", "--valid-dates", dates[3], "--test-dates", dates[3],
+                 "--train-dates", f"{dates[1]},{dates[2]}", "--valid-dates", dates[3], "--test-dates", dates[4],
                  "--out", str(new), "epochs=1"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "warm start: weights from" in proc.stdout
@@ -107,6 +116,9 @@ def test_retrain_warm_starts_on_new_partitions(tmp_path):
     assert manifest["splits"]["train"]["rows"] == 6000  # the two new days only
     # A table size that differs from the source run's is refused with the reason.
     bad = _run(["jobs/retrain.py", "--from", str(tmp_path / "old"), "--logs", str(logs), "--spec", str(spec_path),
-                "--train-dates", dates[1], "--test-dates", dates[3], "--out", str(tmp_path / "bad"),
+                "--train-dates", dates[1], "--valid-dates", dates[3], "--test-dates", dates[4], "--out", str(tmp_path / "bad"),
                 "embedding_dim=16"])
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    # Ray echoes the worker's traceback; the job's own last line is the clear reason.
+    assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
+    ours = [line for line in bad.stderr.splitlines() if line.startswith("[tf4ctr] error:")]
+    assert len(ours) == 1 and "checkpoint.warm_start:" in ours[0] and "does not fit this model" in ours[0], bad.stderr[-3000:]
