@@ -11,21 +11,32 @@ does not depend on the engine, on the number of shards or on which worker ran wh
 LocalEngine: one process; shards are as coarse as possible (a whole text file is one stream)
     and results stream batch by batch, so memory stays bounded by batch sizes and the counting
     budget.
-RayEngine: Ray tasks (not Ray Data: its block sizes and ordering are its own, and byte-identical
-    output needs exact control over row order). Shards are ~`shard_bytes` of input; at most
-    `max_in_flight` tasks run or wait to be collected, and results are taken in shard order, so
-    the driver holds a bounded number of shard results.
+RayEngine: the per-shard work (counting, transforming, generating) runs on Ray Data:
+    `map_tables` builds a dataset of shard indexes, one block each, `map_batches` runs the shard
+    function on it (its output: one Arrow table, e.g. id rows tagged with their split), and the
+    driver iterates the result blocks with `preserve_order`, so it sees every shard's rows in
+    shard order whatever ran where or finished first; Ray Data's streaming executor bounds the
+    blocks in flight (backpressure), and finished out-of-order blocks wait in the object store,
+    not in the driver. Ray Data may cut a large output into several blocks; their order is
+    kept, and the writer depends only on the row sequence. Small planning steps that return
+    plain values (the row count of each byte range of a text file) stay Ray tasks (`map`), with
+    at most `max_in_flight` in flight and results taken in order.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
+import pyarrow as pa
+
 from tf4ctr_dist.data.errors import DataError
 
 ENGINES = ("local", "ray")
+SPLIT_COLUMN = "__split"  # split index of each row in a shard's output table (never written)
+ERROR_COLUMN = "__data_error"  # a shard's DataError message, as map_tables' UDF returns it
 DEFAULT_SHARD_BYTES = 64 << 20
 
 
@@ -38,6 +49,10 @@ class LocalEngine:
         """fn(*shared, item) for every item, in order."""
         for item in items:
             yield fn(*shared, item)
+
+    def map_tables(self, fn: Callable[..., pa.Table], items: Iterable[Any], *shared: Any) -> Iterator[pa.Table]:
+        """fn(*shared, item) -> a table, for every item, in order."""
+        return self.map(fn, items, *shared)
 
     def close(self) -> None:
         pass
@@ -93,14 +108,47 @@ class RayEngine:
             for ref in pending:  # an error (or an abandoned generator): stop the rest
                 ray.cancel(ref, force=False)
 
+    def map_tables(self, fn: Callable[..., pa.Table], items: Iterable[Any], *shared: Any) -> Iterator[pa.Table]:
+        """fn(*shared, item) -> a table, for every item, on Ray Data; the tables in item order
+        (a table may arrive cut into several consecutive ones)."""
+        ray = self._ray
+        import ray.data
+
+        items = list(items)
+        if not items:
+            return
+        refs = [ray.put(items), *(ray.put(value) for value in shared)]  # shipped once, not once per shard
+        ctx = ray.data.DataContext.get_current()
+        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+        ctx.execution_options.preserve_order = True  # blocks come back in shard order
+        ctx.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines in the CLI's output
+        try:
+            ds = ray.data.range(len(items), override_num_blocks=len(items)).map_batches(
+                _run_shard, fn_args=(fn, refs), batch_size=1, batch_format="pyarrow", num_cpus=1,
+            )
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+                if ERROR_COLUMN in block.column_names:
+                    raise DataError(block.column(ERROR_COLUMN)[0].as_py())
+                yield block
+        except DataError:
+            raise
+        except Exception as exc:
+            error = _data_error(exc)
+            if error is not None:
+                raise error from None
+            raise
+        finally:
+            ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+
     def _get(self, ref: Any) -> Any:
         ray = self._ray
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, DataError):
-                raise DataError(str(cause)) from None  # the converter's message, without Ray's traceback
+            error = _data_error(exc)
+            if error is not None:
+                raise error from None
             raise
 
     def close(self) -> None:
@@ -116,6 +164,37 @@ class RayEngine:
 
 
 Engine = LocalEngine | RayEngine
+
+
+def _run_shard(batch: pa.Table, fn: Callable[..., pa.Table], refs: list[Any]) -> pa.Table:
+    """Ray Data UDF: the one shard index in `batch` -> fn(*shared, items[index]).
+    `refs` (items, *shared) is a list, so Ray passes the references rather than resolving them."""
+    import ray
+
+    (index,) = batch.column("id").to_pylist()
+    items, *shared = ray.get(refs)
+    try:
+        return fn(*shared, items[index])
+    except DataError as exc:
+        # Returned, not raised: Ray Data keeps only the text of a UDF's exception, under its
+        # own traceback, and the converter's message (file, line, column) is the point.
+        return pa.table({ERROR_COLUMN: [str(exc)]})
+
+
+def _data_error(exc: BaseException) -> DataError | None:
+    """The converter's DataError inside a Ray task's error, as a fresh DataError with its
+    message alone (no Ray traceback); None when there is none."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            return DataError(str(e))
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
 
 
 def make_engine(name: str = "local", *, address: str | None = None, shard_mb: float | None = None) -> Engine:

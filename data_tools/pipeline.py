@@ -1,5 +1,6 @@
-"""The preparation every converter shares: (1) count train tokens of the counted fields, (2) map
-every row to ids and route it to its split, (3) write parts and the manifest atomically.
+"""The preparation every converter shares: (1) count train tokens of the counted fields and save
+their vocabularies, (2) map every row to ids and route it to its split, (3) write parts and the
+manifest atomically.
 
 A converter is a `Source`: its field plans, an ordered list of shards, and `read(shard)` yielding
 `Chunk`s of raw tokens (labels validated, splits assigned). Pass 1 runs only when some field is
@@ -10,6 +11,7 @@ dataset whose fields are all hashed reads its input once. Both passes go through
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -20,12 +22,19 @@ import pyarrow.compute as pc
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import SPLITS, FieldSpec, Manifest
 
-from .engine import Engine, LocalEngine
+from .engine import SPLIT_COLUMN, Engine, LocalEngine
 from .fields import FieldPlan, lookup_lists
-from .vocab import DEFAULT_MEMORY_BUDGET, HashedVocabulary, Vocabulary, VocabCounter, aggregate_counts, count_values
-from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART, DatasetWriter
+from .vocab import COUNT_SCHEMA, DEFAULT_MEMORY_BUDGET, HashedVocabulary, Vocabulary, VocabCounter, aggregate_counts, count_values
+from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART, VOCAB_DIR, DatasetWriter
 
 TRAIN = 0
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def vocab_file_name(index: int, name: str) -> str:
+    """vocab/<field>.parquet, or vocab/field-<index>.parquet when the name is no safe file name."""
+    stem = name if _SAFE_NAME.fullmatch(name) and len(name) <= 100 else f"field-{index:03d}"
+    return f"{VOCAB_DIR}/{stem}.parquet"
 
 
 @dataclass
@@ -104,15 +113,17 @@ def count_chunks(source: Source, shard: Any, names: Sequence[str]) -> Iterator[t
         yield pa.concat_tables(partials), rows
 
 
-def count_shard(source: Source, names: Sequence[str], shard: Any) -> tuple[pa.Table, int]:
-    """count_chunks of a whole shard, aggregated (what a Ray task returns)."""
+def count_shard(source: Source, names: Sequence[str], shard: Any) -> pa.Table:
+    """count_chunks of a whole shard, aggregated, as one table (what a Ray Data block holds):
+    the counts, then one row (field -1, token "", count = the shard's train rows)."""
     partials, rows = [], 0
     for partial, n in count_chunks(source, shard, names):
         partials.append(partial)
         rows += n
         if len(partials) >= 32:
             partials = [aggregate_counts(partials)]
-    return aggregate_counts(partials), rows
+    rows_row = pa.table([pa.array([-1], pa.int32()), pa.array([""]), pa.array([rows], pa.int64())], schema=COUNT_SCHEMA)
+    return pa.concat_tables([aggregate_counts(partials), rows_row])
 
 
 def _schema(source: Source) -> pa.Schema:
@@ -149,16 +160,29 @@ def transform_chunks(
         yield out
 
 
-def transform_shard(
-    source: Source, vocabs: Mapping[str, Vocabulary | HashedVocabulary], shard: Any
-) -> list[pa.Table | None]:
-    """transform_chunks of a whole shard, concatenated per split (what a Ray task returns)."""
-    parts: list[list[pa.Table]] = [[] for _ in SPLITS]
+def transform_shard(source: Source, vocabs: Mapping[str, Vocabulary | HashedVocabulary], shard: Any) -> pa.Table:
+    """transform_chunks of a whole shard as one table (what a Ray Data block holds): the id
+    rows in shard order, each tagged with its split index in a leading SPLIT_COLUMN."""
+    tagged = []
     for tables in transform_chunks(source, vocabs, shard):
         for i, table in enumerate(tables):
             if table is not None and table.num_rows:
-                parts[i].append(table)
-    return [pa.concat_tables(p) if p else None for p in parts]
+                tagged.append(table.add_column(0, SPLIT_COLUMN, pa.array(np.full(table.num_rows, i, dtype=np.int8))))
+    if not tagged:
+        schema = _schema(source)
+        return schema.insert(0, pa.field(SPLIT_COLUMN, pa.int8())).empty_table()
+    return pa.concat_tables(tagged)
+
+
+def untag_splits(table: pa.Table) -> list[pa.Table | None]:
+    """A transform_shard table -> one table (or None) per split index, rows in order."""
+    split = table.column(SPLIT_COLUMN).to_numpy()
+    rows = table.drop_columns([SPLIT_COLUMN])
+    out: list[pa.Table | None] = [None] * len(SPLITS)
+    for i in np.unique(split).tolist():
+        mask = split == i
+        out[i] = rows if mask.all() else rows.filter(pa.array(mask))
+    return out
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -178,7 +202,7 @@ def prepare(
     """Run both passes of `source` on `engine` (default: this process) and commit the dataset.
 
     row_group_rows None: adaptive (from the train rows). vocab_memory_mb: counting budget
-    (default 512 MiB; see data_tools.vocab.VocabCounter).
+    (default 256 MiB; see data_tools.vocab.VocabCounter).
     """
     engine = engine or LocalEngine()
     if row_group_rows is not None and (not isinstance(row_group_rows, int) or row_group_rows < 1):
@@ -211,10 +235,17 @@ def prepare(
                             counter.add(partial)
                             train_rows += n
                 else:
-                    for partial, n in engine.map(count_shard, train_shards, source, names):
-                        counter.add(partial)
-                        train_rows += n
+                    for table in engine.map_tables(count_shard, train_shards, source, names):
+                        rows_rows = pc.equal(table.column("field"), -1)
+                        train_rows += int(pc.sum(table.filter(rows_rows).column("count")).as_py() or 0)
+                        counter.add(table.filter(pc.invert(rows_rows)))
                 vocabs.update(zip(names, counter.vocabularies([f.min_count for f in counted])))
+        # Saved with the dataset (staged like the parts): raw value -> id for serving, and counts.
+        vocab_files = {
+            f.name: writer.write_file(vocab_file_name(i, f.name), vocabs[f.name].table())  # type: ignore[union-attr]
+            for i, f in enumerate(source.fields)
+            if f.counted
+        }
         for f in source.fields:
             if not f.counted:
                 assert f.buckets is not None
@@ -236,10 +267,12 @@ def prepare(
                 for tables in transform_chunks(source, vocabs, shard):
                     write(tables)
         else:
-            for tables in engine.map(transform_shard, shards, source, vocabs):
-                write(tables)
+            for table in engine.map_tables(transform_shard, shards, source, vocabs):
+                write(untag_splits(table))
         spec = source.spec()
         spec["row_group_rows"] = writer.row_group_rows
         spec["vocab"] = {f.name: f.describe() for f in source.fields}
+        for name, info in vocab_files.items():
+            spec["vocab"][name]["file"] = info
         specs = [f.field_spec(vocabs[f.name]) for f in source.fields]
         return writer.commit(spec, created_by=source.created_by, fields=specs)

@@ -23,7 +23,7 @@ import pyarrow as pa
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import GROUP_COLUMN, SPLITS, FieldSpec, Manifest
 
-from .engine import Engine, LocalEngine
+from .engine import SPLIT_COLUMN, Engine, LocalEngine
 from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART, DatasetWriter
 
 # Embedding rows per field (incl. PAD and OOV) at scale_vocab=1: 13 small bucketised numeric
@@ -204,9 +204,11 @@ def generate_synthetic(
             chunks = [(k, min(row_group_rows, counts[name] - start)) for k, start in enumerate(range(0, counts[name], row_group_rows))]
             shards += [(split_index, tuple(chunks[i : i + per_shard])) for i in range(0, len(chunks), per_shard)]
         outs = [writer.split(name) for name in SPLITS]
-        for (split_index, _), tables in zip(shards, engine.map(_shard, shards, teacher, names, seed)):
-            for table in tables:
-                outs[split_index].write(table)
+        for table in engine.map_tables(_shard, shards, teacher, names, seed):
+            # a shard's rows carry its split index (Ray Data may cut a shard's table in two)
+            tags, body = table.column(SPLIT_COLUMN).to_numpy(), table.drop_columns([SPLIT_COLUMN])
+            for i in np.unique(tags).tolist():
+                outs[i].write(body if (tags == i).all() else body.filter(pa.array(tags == i)))
         spec = {
             "format": "synthetic",
             "rows": rows,
@@ -222,9 +224,11 @@ def generate_synthetic(
         return writer.commit(spec, created_by="data_tools.synthetic")
 
 
-def _shard(teacher: _Teacher, names: list[str], seed: int, shard: tuple[int, tuple[tuple[int, int], ...]]) -> list[pa.Table]:
+def _shard(teacher: _Teacher, names: list[str], seed: int, shard: tuple[int, tuple[tuple[int, int], ...]]) -> pa.Table:
+    """The shard's chunks as one table, tagged with its split index (SPLIT_COLUMN, first)."""
     split_index, chunks = shard
-    return [_chunk(teacher, names, np.random.default_rng([seed, split_index, k]), n) for k, n in chunks]
+    table = pa.concat_tables([_chunk(teacher, names, np.random.default_rng([seed, split_index, k]), n) for k, n in chunks])
+    return table.add_column(0, SPLIT_COLUMN, pa.array(np.full(table.num_rows, split_index, dtype=np.int8)))
 
 
 def _chunk(teacher: _Teacher, names: list[str], rng: np.random.Generator, rows: int) -> pa.Table:

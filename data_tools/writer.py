@@ -27,6 +27,7 @@ from tf4ctr_dist.data.storage import Location, resolve
 DEFAULT_ROW_GROUP_ROWS = 65_536
 DEFAULT_ROW_GROUPS_PER_PART = 32  # ~2M rows per file: few files, still many row groups to shard
 STAGING_PREFIX = ".staging-"
+VOCAB_DIR = "vocab"  # vocab/<field>.parquet: the counted vocabularies (see DatasetWriter.write_file)
 
 
 class _HashingFile:
@@ -180,6 +181,7 @@ class DatasetWriter:
             raise self.loc.error(f"cannot access output URL {self.loc.url}", exc) from None
         self.staging = f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
         self._splits: dict[str, SplitWriter] = {}
+        self._files: list[str] = []  # other files (vocabularies), moved into place at commit
         self._committed = False
         # Probe: a bad bucket or read-only location fails now, not after an hour of converting.
         try:
@@ -195,7 +197,7 @@ class DatasetWriter:
             if fs.isfile(loc.path()):
                 raise DataError(f"output URL {loc.url} is an existing file; expected a directory/prefix")
             has_manifest = fs.exists(loc.path(MANIFEST_NAME))
-            leftovers = [s for s in ("train", "valid", "test") if fs.exists(loc.path(s))]
+            leftovers = [s for s in ("train", "valid", "test", VOCAB_DIR) if fs.exists(loc.path(s))]
         except DataError:
             raise
         except Exception as exc:
@@ -221,6 +223,22 @@ class DatasetWriter:
         if name not in self._splits:
             self._splits[name] = SplitWriter(self, name)
         return self._splits[name]
+
+    def write_file(self, rel: str, table: pa.Table, row_group_rows: int = 1 << 20) -> dict[str, Any]:
+        """Write `table` as the Parquet file `rel` (staged like the parts, moved at commit);
+        returns {path, rows, sha256} for the manifest."""
+        if rel in self._files or rel.split("/")[0] in ("train", "valid", "test", MANIFEST_NAME):
+            raise ValueError(f"{rel!r} is already written or is reserved")
+        target = self.staging_path(rel)
+        try:
+            self.loc.makedirs(posixpath.dirname(target))
+            with self.loc.fs.open(target, "wb") as raw:
+                out = _HashingFile(raw)
+                pq.write_table(table, out, row_group_size=row_group_rows, compression="snappy")
+        except Exception as exc:
+            raise self.loc.error(f"cannot write {self.loc.url_of(self.staging, rel)}", exc) from None
+        self._files.append(rel)
+        return {"path": rel, "rows": table.num_rows, "sha256": out.hexdigest()}
 
     def commit(self, spec: Mapping[str, Any], created_by: str, fields: list[FieldSpec] | None = None) -> Manifest:
         """Close all splits, move parts into place, then write the manifest (last).
@@ -250,13 +268,16 @@ class DatasetWriter:
             # Invalidate the old dataset first: without a manifest it reads as "not completely written".
             if fs.exists(loc.path(MANIFEST_NAME)):
                 fs.rm(loc.path(MANIFEST_NAME))
-            for name in sorted(set(splits) | set(self._old.splits if self._old else {}) | {"train", "valid", "test"}):
+            for name in sorted(set(splits) | set(self._old.splits if self._old else {}) | {"train", "valid", "test", VOCAB_DIR}):
                 if self.overwrite and fs.exists(loc.path(name)):
                     fs.rm(loc.path(name), recursive=True)
             for info in splits.values():
                 for part in info.parts:
                     loc.makedirs(posixpath.dirname(loc.path(part.path)))
                     fs.mv(self.staging_path(part.path), loc.path(part.path))
+            for rel in self._files:
+                loc.makedirs(posixpath.dirname(loc.path(rel)))
+                fs.mv(self.staging_path(rel), loc.path(rel))
             fs.mv(self.staging_path(MANIFEST_NAME), loc.path(MANIFEST_NAME))
         except Exception as exc:
             self._remove_staging()

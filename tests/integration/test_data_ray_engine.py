@@ -1,10 +1,11 @@
-"""--engine ray gives byte-identical datasets to --engine local (same parts, same sha256, same
-manifest), for inputs cut into many shards; errors from tasks keep their messages."""
+"""--engine ray (Ray Data) gives byte-identical datasets to --engine local (same parts and
+vocabulary files, same sha256, same manifest), for inputs cut into many shards; errors from
+shards keep their messages."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -20,6 +21,7 @@ from tests.unit.test_data_parquet_logs import SPEC, default_logs
 from tf4ctr_dist.data.errors import DataError
 
 ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,15 @@ def same_dataset(a: Path, b: Path) -> None:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
-def test_criteo_local_vs_ray_cli(ray_cluster: None, tmp_path: Path) -> None:
+def test_criteo_local_vs_ray_cli(ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []  # the per-shard work goes through Ray Data
+    real_map_batches = ray.data.Dataset.map_batches
+
+    def spy(self: ray.data.Dataset, fn: Any, **kwargs: Any) -> ray.data.Dataset:
+        ran.append(kwargs["fn_args"][0].__name__)
+        return real_map_batches(self, fn, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", spy)
     raw = tmp_path / "day.tsv"
     write_criteo_tsv(raw, 4000, seed=5, chunk_rows=1000)
     opts = dict(min_count=2, row_group_rows=300, row_groups_per_part=3, field_options={"C3": {"vocab_mode": "hashed", "buckets": 99}})
@@ -49,6 +59,7 @@ def test_criteo_local_vs_ray_cli(ray_cluster: None, tmp_path: Path) -> None:
             "--set", "field_options={C3: {vocab_mode: hashed, buckets: 99}}"]
     assert main(argv) == 0
     assert ray.is_initialized()  # the CLI's engine joined this cluster and left it running
+    assert ran == ["count_shard", "transform_shard"]
     same_dataset(tmp_path / "local", tmp_path / "ray")
 
 

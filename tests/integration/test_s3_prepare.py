@@ -33,7 +33,15 @@ def test_parquet_logs_on_s3(s3_server: S3Server, tmp_path: Path) -> None:
     m = prepare_parquet_logs(logs, out, storage_options=opts, **SPEC)
     assert {s: i.rows for s, i in m.splits.items()} == {s: i.rows for s, i in local.splits.items()}
     assert [p.sha256 for i in m.splits.values() for p in i.parts] == [p.sha256 for i in local.splits.values() for p in i.parts]
-    assert check_dataset(out, opts).ok
+    # counted vocabularies are saved next to the parts, byte-identical to the local run's
+    saved = {k: v["file"] for k, v in m.spec["vocab"].items() if "file" in v}
+    assert saved and saved == {k: v["file"] for k, v in local.spec["vocab"].items() if "file" in v}
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**opts)
+    assert all(fs.exists(f"{out[len('s3://'):]}/{f['path']}") for f in saved.values())
+    report = check_dataset(out, opts)
+    assert report.ok and not report.warnings, report.problems + report.warnings
     with pytest.raises(DataError, match=f"no partition dt=2030-01-01 under s3://{s3_server.bucket}/raw/logs") as info:
         prepare_parquet_logs(logs, s3_server.url("datasets", "x"), storage_options=opts, **{**SPEC, "test_dates": ["2030-01-01"]})
     assert SECRET_KEY not in str(info.value) and DATES[0] in str(info.value)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from data_tools.bars_csv import prepare_bars_csv
+from data_tools.check import check_dataset
 from tests.data_helpers import no_manifest_no_staging, tiny_bars, write_csv
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import GROUP_COLUMN, load_manifest
@@ -72,7 +74,55 @@ def test_manifest_layout_counts_and_checksums(tmp_path: Path) -> None:
         assert hashlib.sha256(data).hexdigest() == p.sha256
         assert [pq.ParquetFile(out / p.path).metadata.row_group(i).num_rows for i in range(len(p.row_groups))] == p.row_groups
     assert m.spec["format"] == "bars-csv" and m.spec["min_count"] == 2
-    assert sorted(x.name for x in out.iterdir()) == ["manifest.json", "test", "train", "valid"]
+    assert sorted(x.name for x in out.iterdir()) == ["manifest.json", "test", "train", "valid", "vocab"]
+
+
+def test_vocabularies_saved_listed_and_checked(tmp_path: Path) -> None:
+    train, valid, test = tiny_bars(tmp_path / "in")
+    out = tmp_path / "ds"
+    m = prepare_bars_csv(
+        train, valid, test, str(out), group_col="u", field_options={"b": {"vocab_mode": "hashed", "buckets": 8}}
+    )
+    files = {name: v.get("file") for name, v in m.spec["vocab"].items()}
+    assert files["b"] is None  # hashed: nothing to save
+    assert files["a"]["path"] == "vocab/a.parquet" and files["u"]["path"] == "vocab/u.parquet"
+    assert sorted(p.name for p in (out / "vocab").iterdir()) == ["a.parquet", "u.parquet"]
+    a = pq.read_table(out / "vocab" / "a.parquet")
+    # train only: a0..a2 20 times each; "rare" (1x < min_count 2) and "" are not tokens
+    assert a.to_pydict() == {"token": ["a0", "a1", "a2"], "id": [1, 2, 3], "count": [20, 20, 20]}
+    assert a.num_rows == files["a"]["rows"] == m.fields[0].vocab_size - 2
+    assert hashlib.sha256((out / "vocab" / "a.parquet").read_bytes()).hexdigest() == files["a"]["sha256"]
+    # the saved vocabulary is the mapping the parts use
+    t = _split_table(out, m, "train")
+    raw = [line.split(",")[1] for line in Path(train).read_text().splitlines()[1:]]
+    lookup = dict(zip(a.column("token").to_pylist(), a.column("id").to_pylist()))
+    assert t.column("a").to_pylist() == [lookup.get(v, 4) for v in raw]
+
+    report = check_dataset(str(out))
+    assert report.ok and not report.warnings, report.problems + report.warnings
+    vocab_file = out / "vocab" / "u.parquet"
+    good = vocab_file.read_bytes()
+    pq.write_table(pa.table({"token": ["u0", "u2", "u1"], "id": [1, 2, 3], "count": [5, 5, 5]}), vocab_file)
+    problems = check_dataset(str(out)).problems
+    assert any("vocab/u.parquet: sha256" in p for p in problems), problems
+    assert any("vocab/u.parquet row group 0: tokens not strictly increasing" in p for p in problems), problems
+    vocab_file.unlink()
+    problems = check_dataset(str(out)).problems
+    assert any("vocab/u.parquet: vocabulary file of field 'u' missing" in p for p in problems), problems
+    vocab_file.write_bytes(good)
+    assert check_dataset(str(out)).ok
+    # overwrite with all-hashed fields: the old vocabularies go with the old dataset
+    prepare_bars_csv(train, valid, test, str(out), overwrite=True, vocab_mode="hashed", buckets=16)
+    assert not (out / "vocab").exists() and check_dataset(str(out)).ok
+
+
+def test_failed_run_leaves_no_vocabularies(tmp_path: Path) -> None:
+    train, valid, test = tiny_bars(tmp_path / "in")
+    Path(test).write_text(Path(test).read_text() + "7,a0,b0,u0\n")  # bad label after the vocab pass
+    out = tmp_path / "ds"
+    with pytest.raises(DataError, match="expected 0 or 1"):
+        prepare_bars_csv(train, valid, test, str(out))
+    assert not out.exists()
 
 
 def test_refuses_existing_dataset_unless_overwrite(tmp_path: Path) -> None:

@@ -16,9 +16,11 @@ import pytest
 
 from data_tools.bench_prepare import write_criteo_tsv
 from data_tools.criteo import prepare_criteo
+from data_tools import csv_input
 from data_tools.csv_input import count_rows, open_text_input
 from data_tools.fields import clean_lists, resolve_fields
-from data_tools.vocab import VocabCounter, count_values, hash_ids, stable_hash
+from data_tools import vocab as vocab_module
+from data_tools.vocab import Vocabulary, VocabCounter, count_values, hash_ids, stable_hash, token_hash
 from tf4ctr_dist.data.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,17 +81,67 @@ def test_spilling_counter_equals_in_memory(tmp_path: Path) -> None:
         assert any(spill_dir.iterdir())
     assert not any(spill_dir.iterdir()), "spill files removed on close"
     assert [v.tokens for v in got] == [v.tokens for v in expected]
+    assert [v.counts.tolist() for v in got] == [v.counts.tolist() for v in expected]
     assert "" not in expected[1].tokens and len(expected[1].tokens) == 50
     assert expected[0].tokens == sorted(expected[0].tokens)
+    # counts are the exact totals over all partials
+    truth: dict[str, int] = {}
+    for p in partials:
+        for f, t, c in zip(*(p.column(k).to_pylist() for k in ("field", "token", "count"))):
+            if f == 0:
+                truth[t] = truth.get(t, 0) + c
+    assert dict(zip(got[0].tokens, got[0].counts.tolist())) == {t: c for t, c in truth.items() if c >= 2}
 
 
-def test_criteo_with_tiny_counting_budget_is_identical(tmp_path: Path) -> None:
+def test_criteo_with_tiny_counting_budget_is_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = tmp_path / "c.tsv"
     write_criteo_tsv(raw, 3000, seed=1, chunk_rows=1000)
+    spills: list[int] = []
+    real_spill = VocabCounter._spill
+
+    def counting_spill(self: VocabCounter, table: pa.Table) -> None:
+        spills.append(table.num_rows)
+        real_spill(self, table)
+
+    monkeypatch.setattr(VocabCounter, "_spill", counting_spill)
+    monkeypatch.setattr(csv_input, "BLOCK_SIZE", 32 << 10)  # ~25 chunks, so ~25 partial count tables
     a = prepare_criteo(str(raw), str(tmp_path / "a"), min_count=2, row_group_rows=500)
+    assert spills == []
     b = prepare_criteo(str(raw), str(tmp_path / "b"), min_count=2, row_group_rows=500, vocab_memory_mb=0.01)
+    assert len(spills) > 10, "the tiny budget must force spilling, or this test compares nothing"
     assert a == b
     assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text()
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.parquet"))
+    assert len(files) == 39 + 3 and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_token_hash_is_layout_independent() -> None:
+    values = ["", "a", "hello", "é", "x" * 300, "a"]
+    h = token_hash(pa.array(values))
+    assert h[1] == h[5] and len(set(h[:5].tolist())) == 5
+    assert token_hash(pa.chunked_array([values[:2], values[2:]])).tolist() == h.tolist()
+    assert token_hash(pa.array(["zz", *values]).slice(1)).tolist() == h.tolist()
+    assert token_hash(pa.array(values, pa.large_string())).tolist() == h.tolist()
+    assert token_hash(pa.array([None, "a"])).tolist() == [h[0], h[1]]  # null = missing = ""
+    many = token_hash(pa.array([f"{i:08x}" for i in range(300_000)]))  # > one vectorised slice
+    assert len(np.unique(many)) == len(many)
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_vocabulary_lookup_is_exact(collide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if collide:  # every token the same hash: lookups must still compare the tokens themselves
+        monkeypatch.setattr(vocab_module, "token_hash", lambda s: np.full(len(s), 7, dtype=np.uint64))
+    tokens = sorted(f"t{i}" for i in range(300))
+    vocab = Vocabulary(tokens, np.arange(300) + 5)
+    assert vocab.size == 302 and vocab.oov == 301
+    query = pa.array(["t0", "t299", "nope", None, "", "t17", "t17", "T17", "t1"])
+    expected = [1, tokens.index("t299") + 1, 301, 301, 301, tokens.index("t17") + 1, tokens.index("t17") + 1, 301, tokens.index("t1") + 1]
+    assert vocab.lookup(query).tolist() == expected
+    assert vocab.lookup(pa.array(tokens)).tolist() == list(range(1, 301))
+    table = vocab.table()
+    assert table.column("token").to_pylist() == tokens and table.column("id").to_pylist() == list(range(1, 301))
+    assert table.column("count").to_pylist()[:2] == [5, 6]
+    assert Vocabulary([]).lookup(query).tolist() == [1] * len(expected)  # empty: all OOV (= 1)
 
 
 def test_clean_lists() -> None:
