@@ -78,25 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _use_jemalloc() -> None:
-    """Arrow's jemalloc pool returns freed memory to the OS sooner than its default mimalloc: the
-    counting pass frees large tables over and over, and its peak RSS was 5-20% lower with it
-    (see BENCHMARKS.md). ARROW_DEFAULT_MEMORY_POOL, when set, still decides."""
-    import os
-
-    import pyarrow as pa
-
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        return
-    try:
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
-    except NotImplementedError:  # a pyarrow build without jemalloc
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _use_jemalloc()
     options = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
     try:
         if args.command == "prepare":
