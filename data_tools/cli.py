@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "--input", action="append", default=[], metavar="PATH_OR_URL",
         help="bars-csv: a folder holding train/valid/test.csv, or three files in that order; "
-        "criteo: the one raw file; movielens: the ML-1M folder (ratings/users/movies.dat); "
+        "criteo: the raw file, or a folder or glob of day files; movielens: the ML-1M folder (ratings/users/movies.dat); "
         "parquet-logs: the folder of dt=YYYY-MM-DD partitions; synthetic: not used",
     )
     prep.add_argument("--out", required=True, metavar="URL", help="dataset root (local path, file://, s3://)")
@@ -161,7 +161,7 @@ def _prepare(args: argparse.Namespace, options: dict | None) -> int:
     elif args.format == "criteo":
         from .criteo import prepare_criteo
 
-        path = _one_input("criteo", args.input, "the raw file")
+        path = _one_input("criteo", args.input, "the raw file, or a folder or glob of files")
         run = lambda engine: prepare_criteo(path, args.out, **spec, **common, engine=engine)  # noqa: E731
     elif args.format == "movielens":
         from .movielens import prepare_movielens

@@ -1,10 +1,13 @@
 """Criteo (Kaggle display advertising) -> prepared Parquet dataset, BARS Criteo x4 protocol.
 
 Input: the release file (tab-separated, no header: label, I1..I13, C1..C26) or the same columns
-as CSV with a header (e.g. DeepCTR's criteo_sample.txt); detected from the first line.
+as CSV with a header (e.g. DeepCTR's criteo_sample.txt); detected from the first line of each
+file. Several files (the 1TB release's day_0 .. day_23): a folder (its files, hidden and
+`_`-prefixed names skipped) or a glob, read in natural name order (day_2 before day_10).
 Numeric fields are bucketised (missing -> 0; v > 2 -> floor(ln(v)^2); else int(v), truncating
 toward zero) and then treated as categorical like C1..C26. Rows are split train/valid/test 8:1:1
-by a seeded hash of the row number (deterministic, independent of chunking); vocabularies are fit
+by a seeded hash of the row number (deterministic, independent of chunking; row r of the k-th
+file counts as row k * 2^40 + r, so one file splits as it always did); vocabularies are fit
 on the train rows only (min_count 10), or hashed (vocab_mode / field_options, see
 data_tools.fields). With the Ray engine the file is cut into byte ranges at line ends; a fast
 parallel line count gives every range its first row number, so the split of a row never depends
@@ -13,6 +16,8 @@ on the sharding.
 
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -21,7 +26,7 @@ import pyarrow.compute as pc
 
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import Manifest
-from tf4ctr_dist.data.storage import display_url
+from tf4ctr_dist.data.storage import display_url, resolve
 
 from .csv_input import TextInput, TextShard, check_shard_rows, open_text_input, parse_labels, plan_text_shards
 from .engine import Engine
@@ -37,6 +42,30 @@ COLUMNS = [LABEL, *FIELDS]
 NUMERIC_BUCKETING = "missing -> 0; v > 2 -> floor(ln(v)^2); else int(v)"
 
 bucketize = bucketize_criteo
+FILE_ROWS = 1 << 40  # row-number stride between input files (for the split hash)
+
+
+def _natural_key(path: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", posixpath.basename(path))]
+
+
+def expand_inputs(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The input files of `url`: itself (a file), a folder's files, or a glob's matches, in
+    natural name order. DataError when a folder or glob holds no file."""
+    loc = resolve(url, storage_options)
+    try:
+        if any(ch in loc.root for ch in "*?["):
+            paths = [p for p in loc.fs.glob(loc.root) if loc.fs.isfile(p)]
+        elif loc.fs.isdir(loc.root):
+            paths = [p for p in loc.fs.ls(loc.root, detail=False) if loc.fs.isfile(p)]
+        else:
+            return [url]
+    except Exception as exc:
+        raise loc.error(f"cannot list input {loc.url}", exc) from None
+    paths = sorted((p for p in paths if not posixpath.basename(p).startswith((".", "_"))), key=_natural_key)
+    if not paths:
+        raise DataError(f"input {loc.url}: no files (an empty folder, or a glob that matches none)")
+    return [p if loc.is_local else loc.fs.unstrip_protocol(p) for p in paths]
 
 
 def split_of_rows(first_row: int, n: int, seed: int, fractions: tuple[float, float, float]) -> np.ndarray:
@@ -92,16 +121,21 @@ class CriteoSource(Source):
     ) -> None:
         self.min_count = min_count
         self.input_url = input_url
-        self.inp = open_text_input(input_url, storage_options, delimiter=None, header=None, columns=COLUMNS)
-        self.inp.require(COLUMNS)
+        self.inputs = [
+            open_text_input(url, storage_options, delimiter=None, header=None, columns=COLUMNS)
+            for url in expand_inputs(input_url, storage_options)
+        ]
+        for inp in self.inputs:
+            inp.require(COLUMNS)
+        self.inp = self.inputs[0]
         self.fields = fields
         self.seed, self.fractions = seed, fractions
 
     def shards(self, engine: Engine) -> list[TextShard]:
-        return plan_text_shards(self.inp, 0, (0, 1, 2), engine)
+        return [s for k, inp in enumerate(self.inputs) for s in plan_text_shards(inp, k, (0, 1, 2), engine)]
 
     def read(self, shard: TextShard, names: Sequence[str]) -> Iterator[Chunk]:
-        inp, rows = self.inp, 0
+        inp, rows, base = self.inputs[shard.source], 0, shard.source * FILE_ROWS
         for offset, batch in inp.batches(COLUMNS, start=shard.start, end=shard.end, first_row=shard.first_row):
             labels = parse_labels(inp, batch.column(LABEL), offset, LABEL)
             tokens = {}
@@ -111,13 +145,14 @@ class CriteoSource(Source):
                 else:
                     tokens[name] = batch.column(name)
             rows += batch.num_rows
-            yield Chunk(labels, tokens, split_of_rows(offset, batch.num_rows, self.seed, self.fractions))
+            yield Chunk(labels, tokens, split_of_rows(base + offset, batch.num_rows, self.seed, self.fractions))
         check_shard_rows(inp, shard, rows)
 
     def spec(self) -> dict[str, Any]:
         return {
             "format": "criteo",
             "input": display_url(self.input_url),
+            **({"files": [inp.url for inp in self.inputs]} if len(self.inputs) > 1 else {}),
             "header": self.inp.header,
             "delimiter": self.inp.delimiter,
             "min_count": self.min_count,
@@ -145,7 +180,8 @@ def prepare_criteo(
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
 ) -> Manifest:
-    """Convert one Criteo file (TSV without header, or CSV/TSV with header; .gz etc. inferred)."""
+    """Convert a Criteo file (TSV without header, or CSV/TSV with header; .gz etc. inferred), or
+    the files of a folder or glob (see expand_inputs)."""
     if not isinstance(min_count, int) or min_count < 1:
         raise DataError(f"min_count must be >= 1, got {min_count}")
     fractions = check_split(split)

@@ -104,3 +104,38 @@ def test_wrong_column_count(tmp_path: Path) -> None:
     path.write_text("0\t1\t2\n")
     with pytest.raises(DataError, match=r"short\.tsv: line 1 has 3 columns; expected 40"):
         prepare_criteo(str(path), str(tmp_path / "ds"))
+
+
+def test_folder_and_glob_of_day_files(tmp_path: Path) -> None:
+    from data_tools.bench_prepare import write_criteo_tsv
+    from data_tools.criteo import FILE_ROWS, split_of_row_numbers
+
+    days = tmp_path / "days"
+    days.mkdir()
+    sizes = {"day_0": 700, "day_2": 300, "day_10": 500}  # natural order: 0, 2, 10 (not 0, 10, 2)
+    for seed, (name, rows) in enumerate(sizes.items()):
+        write_criteo_tsv(days / name, rows, seed=seed, chunk_rows=250)
+    (days / "_SUCCESS").write_text("")  # marker files are skipped
+    single = prepare_criteo(str(days / "day_0"), str(tmp_path / "one"), min_count=2, row_group_rows=128)
+    many = prepare_criteo(str(days), str(tmp_path / "many"), min_count=2, row_group_rows=128)
+    glob = prepare_criteo(str(days / "day_*"), str(tmp_path / "glob"), min_count=2, row_group_rows=128)
+    assert many.spec["files"] == [str(days / n) for n in ("day_0", "day_2", "day_10")]
+    assert [p.sha256 for i in glob.splits.values() for p in i.parts] == [p.sha256 for i in many.splits.values() for p in i.parts]
+    assert sum(i.rows for i in many.splits.values()) == 1500
+    # row r of file k is row k * 2^40 + r for the split hash: file 0 splits as on its own
+    expected = np.concatenate([
+        split_of_row_numbers(np.arange(n, dtype=np.uint64) + np.uint64(k * FILE_ROWS), 2018, (0.8, 0.1, 0.1))
+        for k, n in enumerate([700, 300, 500])
+    ])
+    assert {s: i.rows for s, i in many.splits.items()} == {s: int((expected == k).sum()) for k, s in enumerate(("train", "valid", "test"))}
+    assert {s: i.rows for s, i in single.splits.items()} == {s: int((expected[:700] == k).sum()) for k, s in enumerate(("train", "valid", "test"))}
+    # the folder's train rows are day_0's train rows, then day_2's, then day_10's
+    one_train = _all(tmp_path / "one", single, "train")
+    many_train = _all(tmp_path / "many", many, "train")
+    assert many_train.column("label").to_pylist()[: one_train.num_rows] == one_train.column("label").to_pylist()
+    # a bad file among them is named
+    (days / "day_3").write_text("0\t1\t2\n")
+    with pytest.raises(DataError, match=r"day_3: line 1 has 3 columns; expected 40"):
+        prepare_criteo(str(days), str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"no files"):
+        prepare_criteo(str(tmp_path / "days" / "nothing_*"), str(tmp_path / "none"))
