@@ -92,3 +92,14 @@ def test_task_errors_keep_file_and_line(ray_cluster: None, tmp_path: Path) -> No
     assert str(info.value).startswith(f"{raw}: line 1235: column 'label' = '7'; expected 0 or 1")
     assert "Traceback" not in str(info.value)
     assert not (tmp_path / "ds").exists()
+
+
+def test_criteo_folder_of_files_local_vs_ray(ray_cluster: None, tmp_path: Path) -> None:
+    days = tmp_path / "days"
+    days.mkdir()
+    for k, rows in enumerate([1200, 700]):
+        write_criteo_tsv(days / f"day_{k}", rows, seed=10 + k, chunk_rows=400)
+    opts = dict(min_count=2, row_group_rows=200, row_groups_per_part=2)
+    prepare_criteo(str(days), str(tmp_path / "local"), **opts)
+    prepare_criteo(str(days), str(tmp_path / "ray"), engine=RayEngine(shard_bytes=60_000), **opts)  # ~3 shards per file
+    same_dataset(tmp_path / "local", tmp_path / "ray")
