@@ -202,7 +202,7 @@ def prepare(
     """Run both passes of `source` on `engine` (default: this process) and commit the dataset.
 
     row_group_rows None: adaptive (from the train rows). vocab_memory_mb: counting budget
-    (default 256 MiB; see data_tools.vocab.VocabCounter).
+    (default 64 MiB; see data_tools.vocab.VocabCounter).
     """
     engine = engine or LocalEngine()
     if row_group_rows is not None and (not isinstance(row_group_rows, int) or row_group_rows < 1):

@@ -26,7 +26,7 @@ last run) each partition is merged on its own from its batch of every run (read 
 not memory-mapped: mapped pages count in the process's RSS), filtered by min_count, and only
 the kept tokens and their counts stay in memory.
 Peak memory of counting is about the budget (the pending quarter, the group-by's working set,
-the spill's sorted copy; measured: Arrow's pool peaked at 342 MiB with the default 256 MiB on a
+the spill's sorted copy; measured: Arrow's pool peaked at 342 MiB with a 256 MiB budget on a
 5M-row Criteo-shaped input) and, while merging, one partition (~distinct tokens x 24 bytes /
 partitions). Nothing on the way holds one Python object per token: token_hash works on Arrow's
 buffers with numpy (measured: the earlier spill, through stable_hash's Python strings, held
@@ -37,7 +37,9 @@ a third read of train for Criteo), the spill volume is proportional to distinct 
 run is already aggregated), and the same partial-count tables are what the Ray engine's shard
 tasks return and the driver merges (see data_tools.engine).
 The kept vocabulary itself must fit in memory (`Vocabulary`: ~30 bytes + the token per entry):
-use min_count or hashed mode for fields with hundreds of millions of ids.
+use min_count or hashed mode for fields with hundreds of millions of ids. The merge keeps one
+open file per spill run (a smaller budget spills more often): raise vocab_memory_mb for inputs
+of billions of rows.
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ import pyarrow.compute as pc
 
 MISSING = ""  # an empty cell; never a counted token (-> OOV); hashed like any other value
 HASH_NAME = "siphash24-utf8 (pandas.util.hash_array); id = 1 + hash mod buckets"
-DEFAULT_MEMORY_BUDGET = 256 << 20  # bytes the counting may use (VocabCounter)
+# Bytes the counting may use (VocabCounter). 64 MiB: measured no slower than 256 MiB on 10M
+# Criteo-shaped rows (58k vs 60k rows/s) with a lower peak (648 vs 727-760 MiB), and 1M rows
+# already spill, so the peak is the same regime at every input size (565 MiB at 1M).
+DEFAULT_MEMORY_BUDGET = 64 << 20
 DEFAULT_PARTITIONS = 64
 
 COUNT_SCHEMA = pa.schema([("field", pa.int32()), ("token", pa.string()), ("count", pa.int64())])
