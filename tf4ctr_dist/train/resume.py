@@ -159,6 +159,8 @@ class Checkpointing:
         )
         rank_state = {
             "rng": torch.get_rng_state(),
+            # Dropout on GPU draws from the device's generator.
+            "cuda_rng": torch.cuda.get_rng_state(self.ctx.device) if self.ctx.device.type == "cuda" else None,
             "loss": float(sums.loss),
             "steps": sums.steps,
             "samples": sums.samples,
@@ -247,6 +249,8 @@ class Checkpointing:
         if same_world:
             rank_state = self.store.rank_state(entry)
             torch.set_rng_state(rank_state["rng"])
+            if rank_state.get("cuda_rng") is not None and self.ctx.device.type == "cuda":
+                torch.cuda.set_rng_state(rank_state["cuda_rng"], self.ctx.device)
             sums = EpochSums(torch.tensor(rank_state["loss"], dtype=torch.float64), rank_state["steps"], rank_state["samples"])
             if counter is not None and rank_state["counts"] is not None:
                 counter.counts.copy_(rank_state["counts"])
@@ -256,7 +260,7 @@ class Checkpointing:
             how = "same workers"
         else:
             how = f"resharded from {entry.world_size} to {self.ctx.world_size} workers; dropout RNG re-seeded"
-            torch.manual_seed(self.cfg.train.seed + 1009 * entry.epoch + self.ctx.rank)
+            torch.manual_seed(self.cfg.train.seed + 1009 * entry.epoch + self.ctx.rank)  # CUDA too
         where = "finished run" if progress.finished else f"epoch {progress.epoch + 1}, after batch {progress.step}"
         self._log(f"resumed from {self.root}/{entry.name} ({where}; {how})")
         return sums
