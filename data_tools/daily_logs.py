@@ -25,12 +25,7 @@ import pyarrow.parquet as pq
 
 from tf4ctr_dist.data.storage import resolve
 
-
-def _ranks(u: np.ndarray, n: int, a: float) -> np.ndarray:
-    """0-based power-law ranks in [0, n) by inverse CDF of density x^-a on [1, n+1)."""
-    top = float(n + 1)
-    x = top**u if abs(a - 1.0) < 1e-9 else (1.0 - u * (1.0 - top ** (1.0 - a))) ** (1.0 / (1.0 - a))
-    return np.minimum(x.astype(np.int64), n) - 1
+from .synthetic import bias_for_rate, power_law_ranks
 
 
 def generate_daily_logs(
@@ -67,18 +62,18 @@ def generate_daily_logs(
     for d in range(days):
         day_rng = np.random.default_rng([seed, d])
         cols, logit = {}, np.zeros(rows_per_day)
-        user = _ranks(day_rng.random(rows_per_day), users, 1.05)
+        user = power_law_ranks(day_rng.random(rows_per_day), users, 1.05)
         logit += user_weight[user]
         for i, (n, s) in enumerate(zip(sizes, step)):
             if d > 0 and s:  # fresh ids take over random ranks
                 slots = day_rng.choice(n, size=s, replace=False)
                 in_use[i][slots] = n + (d - 1) * s + np.arange(s)
-            idx = in_use[i][_ranks(day_rng.random(rows_per_day), n, power_law)]
+            idx = in_use[i][power_law_ranks(day_rng.random(rows_per_day), n, power_law)]
             logit += weights[i][idx]
             cols[f"f{i + 1}"] = raw_ids[i][idx].astype(str)
         logit = (logit - logit.mean()) / max(logit.std(), 1e-9) * 1.5
         if bias is None:  # fixed from day 0, so later days' click rates drift with their ids
-            bias = _bias_for(logit, positive_rate)
+            bias = bias_for_rate(logit, positive_rate)
         click = (day_rng.random(rows_per_day) < 1 / (1 + np.exp(-(logit + bias)))).astype(np.int8)
         table = pa.table({"click": click, "user_id": user.astype(np.int64), **cols})
         date = (first + dt.timedelta(days=d)).isoformat()
@@ -92,14 +87,6 @@ def generate_daily_logs(
         dates.append(date)
         print(f"[daily_logs] {loc.url_of(f'dt={date}')}: {rows_per_day:,} rows, click rate {click.mean():.3f}", flush=True)
     return dates
-
-
-def _bias_for(z: np.ndarray, rate: float) -> float:
-    lo, hi = -20.0, 20.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-(z + mid)))) < rate else (lo, mid)
-    return (lo + hi) / 2
 
 
 def spec_for(fields: int, train_dates: list[str], valid_dates: list[str], test_dates: list[str],

@@ -51,6 +51,30 @@ def default_vocab_sizes(fields: int, scale_vocab: float = 1.0) -> list[int]:
     return [max(3, int(round(v * scale_vocab))) for v in sizes]
 
 
+def power_law_ranks(u: np.ndarray, n: int, a: float) -> np.ndarray:
+    """0-based ranks in [0, n) from uniforms ``u``: floor of x ~ density x^-a on [1, n+1), by
+    inverse CDF. Closed form instead of a search over an n-entry table: ~10x faster at Criteo
+    vocab sizes."""
+    top = float(n + 1)
+    if abs(a - 1.0) < 1e-9:
+        x = top**u
+    else:
+        x = (1.0 - u * (1.0 - top ** (1.0 - a))) ** (1.0 / (1.0 - a))
+    return np.minimum(x.astype(np.int64), n) - 1
+
+
+def bias_for_rate(z: np.ndarray, positive_rate: float) -> float:
+    """The bias b with mean(sigmoid(z + b)) = positive_rate (bisection: monotone in b)."""
+    lo, hi = -20.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if np.mean(1 / (1 + np.exp(-(z + mid)))) < positive_rate:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 @dataclass
 class _Field:
     ids: np.ndarray  # rank - 1 -> id in 1..V-1 (a permutation)
@@ -79,17 +103,7 @@ class _Teacher:
         self.center, self.scale, self.bias = 0.0, 1.0, 0.0
 
     def sample_ids(self, rng: np.random.Generator, rows: int) -> list[np.ndarray]:
-        return [f.ids[self._ranks(rng.random(rows), len(f.ids))] for f in self.fields]
-
-    def _ranks(self, u: np.ndarray, n: int) -> np.ndarray:
-        """0-based ranks in [0, n): floor of x ~ density x^-a on [1, n+1), by inverse CDF.
-        Closed form instead of a search over an n-entry table: ~10x faster at Criteo vocab sizes."""
-        a, top = self.power_law, float(n + 1)
-        if abs(a - 1.0) < 1e-9:
-            x = top**u
-        else:
-            x = (1.0 - u * (1.0 - top ** (1.0 - a))) ** (1.0 / (1.0 - a))
-        return np.minimum(x.astype(np.int64), n) - 1
+        return [f.ids[power_law_ranks(rng.random(rows), len(f.ids), self.power_law)] for f in self.fields]
 
     def raw_logit(self, ids: list[np.ndarray]) -> np.ndarray:
         logit = np.zeros(len(ids[0]), dtype=np.float64)
@@ -110,14 +124,7 @@ class _Teacher:
         self.center = float(raw.mean())
         self.scale = TEACHER_LOGIT_STD / max(float(raw.std()), 1e-12)
         z = (raw - self.center) * self.scale
-        lo, hi = -20.0, 20.0
-        for _ in range(60):  # bisection: mean sigmoid is monotone in the bias
-            mid = (lo + hi) / 2
-            if np.mean(1 / (1 + np.exp(-(z + mid)))) < positive_rate:
-                lo = mid
-            else:
-                hi = mid
-        self.bias = (lo + hi) / 2
+        self.bias = bias_for_rate(z, positive_rate)
         p = 1 / (1 + np.exp(-(z + self.bias)))
         labels = rng.random(len(p)) < p
         return {"positive_rate": float(labels.mean()), "bayes_auc": _auc(labels, p)}

@@ -89,7 +89,7 @@ def _lr_after_plateau(rank: int, world_size: int):
 
     from tf4ctr_dist.config import LossConfig, ModelConfig
     from tf4ctr_dist.distributed.sharding import (
-        _leaf_optimizers, build_optimizer, resolve_placement, scale_lr, shard_model,
+        leaf_optimizers, build_optimizer, resolve_placement, scale_lr, shard_model,
     )
     from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
 
@@ -101,7 +101,7 @@ def _lr_after_plateau(rank: int, world_size: int):
                          embedding_lr=0.01, embedding_weight_decay=0.0, local_batch_size=8)
     opt = build_optimizer(dmp, lr=1e-3, embedding_lr=0.01, emb_reg=0.0, emb_reg_mode="touched", clip_grad_norm=10)
     scale_lr(opt, 0.1, 1e-6)
-    return sorted((type(leaf).__name__, round(g["lr"], 9)) for leaf in _leaf_optimizers(opt) for g in leaf.param_groups)
+    return sorted((type(leaf).__name__, round(g["lr"], 9)) for leaf in leaf_optimizers(opt) for g in leaf.param_groups)
 
 
 def test_plateau_decay_reaches_fused_embedding_optimizers():

@@ -306,14 +306,14 @@ def build_optimizer(
     )
 
 
-def _leaf_optimizers(optimizer) -> list:
+def leaf_optimizers(optimizer) -> list:
     """The optimizers that really own param groups, below TorchRec's combining wrappers (whose
     param_groups are fresh lists, so writing to them would not reach fused tables)."""
     if hasattr(optimizer, "optimizers"):  # CombinedOptimizer
-        return [leaf for _, sub in optimizer.optimizers for leaf in _leaf_optimizers(sub)]
+        return [leaf for _, sub in optimizer.optimizers for leaf in leaf_optimizers(sub)]
     inner = getattr(optimizer, "_optimizer", None)  # OptimizerWrapper / KeyedOptimizerWrapper
     if inner is not None:
-        return _leaf_optimizers(inner)
+        return leaf_optimizers(inner)
     return [optimizer]
 
 
@@ -321,7 +321,7 @@ def scale_lr(optimizer: KeyedOptimizer, factor: float, min_lr: float) -> float:
     """Multiply every group's lr (dense and fused) by ``factor``, floored at ``min_lr``; returns
     the largest new lr."""
     new = min_lr
-    for leaf in _leaf_optimizers(optimizer):
+    for leaf in leaf_optimizers(optimizer):
         for group in leaf.param_groups:
             group["lr"] = max(group["lr"] * factor, min_lr)
             new = max(new, group["lr"])

@@ -6,9 +6,7 @@ process group must already exist. Only rank 0 writes run files.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -171,7 +169,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         resumed = ckpt.resume(progress, counter)
         if resumed is not None:
             carry = resumed
-            run.write_text("metrics.jsonl", "".join(json.dumps(runfiles.redact(r), default=str) + "\n" for r in progress.history))
+            run.write_jsonl("metrics.jsonl", progress.history)  # drops lines of epochs being redone
         elif cfg.checkpoint.warm_start:
             ckpt.warm_start(cfg.checkpoint.warm_start)
     best_state: Optional[dict] = None
@@ -266,25 +264,24 @@ def _train_epoch(pipeline, reader: ParquetSplitReader, epoch: int, ctx: WorkerCo
     every = cfg.checkpoint.every_steps if ckpt is not None else 0
     step = start
     t0 = time.perf_counter()
-    done_here = 0
+    samples_here = 0  # since this process started the epoch (sums may carry a resumed part)
     while True:
         try:
             loss, _, _, valid = pipeline.progress(tracked)
         except StopIteration:
             break
         step += 1
-        done_here += 1
         ids = tracked.pending.popleft()
         if counter is not None:
             counter.add(ids)
         sums.loss += loss.detach().double()
         sums.steps += 1
         sums.samples += int(ids.numel())
+        samples_here += int(ids.numel())
         faults.maybe_crash("step", epoch + 1, step, ctx.rank)
         if cfg.train.log_every and step % cfg.train.log_every == 0:
-            rate = sums.samples / max(time.perf_counter() - t0, 1e-9) if done_here == sums.steps else 0
-            _log(ctx, f"epoch {epoch + 1} step {step}/{total} loss {float(loss):.5f}"
-                      + (f" ({rate:,.0f} samples/s/worker)" if rate else ""))
+            rate = samples_here / max(time.perf_counter() - t0, 1e-9)
+            _log(ctx, f"epoch {epoch + 1} step {step}/{total} loss {float(loss):.5f} ({rate:,.0f} samples/s/worker)")
         if every and step % every == 0 and step < total:
             progress.step = step
             ckpt.save(progress, sums, counter)

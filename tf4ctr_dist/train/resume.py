@@ -26,7 +26,7 @@ from tf4ctr_dist.distributed.checkpoint import (
     checkpoint_root,
     materialize_optimizer_state,
 )
-from tf4ctr_dist.distributed.sharding import _leaf_optimizers, scale_lr
+from tf4ctr_dist.distributed.sharding import leaf_optimizers, scale_lr
 from tf4ctr_dist.model import Objective
 from tf4ctr_dist.train import faults
 
@@ -142,7 +142,7 @@ class Checkpointing:
         state: dict[str, Any] = {"model": self.dmp.state_dict()}
         if with_optimizer:
             if not self._optimizer_ready:
-                materialize_optimizer_state(_leaf_optimizers(self.optimizer))
+                materialize_optimizer_state(leaf_optimizers(self.optimizer))
                 self._optimizer_ready = True
             state["optim"] = self.optimizer.state_dict()
         return state
@@ -279,11 +279,9 @@ class Checkpointing:
         """Initialise every weight (tables, towers, BatchNorm statistics) from the best checkpoint
         of a finished run; the optimizer starts fresh. ``source`` is the run's OUT or its
         checkpoint root."""
-        probe = CheckpointStore(source, self.ctx.rank, self.ctx.world_size, pg=self.store.pg)
-        fs, root = probe.fs, probe.root
-        has_index = self.ctx.rank != 0 or fs.exists(f"{root}/{INDEX}")
-        store = probe if probe._broadcast(has_index) else CheckpointStore(
-            checkpoint_root(source, None), self.ctx.rank, self.ctx.world_size, pg=self.store.pg)
+        store = CheckpointStore(source, self.ctx.rank, self.ctx.world_size, pg=self.store.pg)
+        if store.latest() is None:  # a run's OUT rather than its checkpoint root
+            store = CheckpointStore(checkpoint_root(source, None), self.ctx.rank, self.ctx.world_size, pg=self.store.pg)
         entry = store.best() or store.latest()
         if entry is None:
             raise ConfigError(f"checkpoint.warm_start={source!r}: no committed checkpoint there (no {INDEX})")

@@ -50,6 +50,9 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> None:
         self.write_text(name, json.dumps(redact(obj), indent=2, sort_keys=False, default=str) + "\n")
 
+    def write_jsonl(self, name: str, records: list) -> None:
+        self.write_text(name, "".join(json.dumps(redact(r), default=str) + "\n" for r in records))
+
     def append_jsonl(self, name: str, obj: Any) -> None:
         """Rewrites the whole file (object stores cannot append); files here stay small."""
         if not self.enabled:
