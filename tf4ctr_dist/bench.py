@@ -722,12 +722,26 @@ def _ingest_worker(rank: int, world: int, spec: dict) -> dict:
 
 # name -> tf4ctr(...) keyword arguments and ModelConfig overrides
 AB_VARIANTS: dict[str, dict[str, Any]] = {
+    # Each variant: fused_dense (MLPEncoder fused path), model (ModelConfig overrides), and the
+    # switches below; a switch left out takes the value it had before it was added, so the old
+    # names still measure the old paths.
+    #   reuse_ordered_embeddings (default True), mask_words ("torch" | "sfc64", default "torch"),
+    #   fused_adam (default False), concurrent_table_backward (default False).
     # nn.Sequential towers, torch dropout, always regrouping the pooled embeddings (before)
     "plain": {"fused_dense": False, "model": {}, "reuse_ordered_embeddings": False},
-    "fused": {"fused_dense": True, "model": {}},  # fused ReLU+dropout, 16-bit masks (the default)
-    "fused_bf16": {"fused_dense": True, "model": {"dense_precision": "bf16"}},
     # the fused path, but always regrouping the pooled embeddings (before the no-copy change)
     "fused_regroup": {"fused_dense": True, "model": {}, "reuse_ordered_embeddings": False},
+    "fused": {"fused_dense": True, "model": {}},  # fused ReLU+dropout, 16-bit masks from torch's generator
+    "fused_bf16": {"fused_dense": True, "model": {"dense_precision": "bf16"}},
+    # + keep-mask words from numpy's SFC64 seeded by torch
+    "masks": {"fused_dense": True, "model": {}, "mask_words": "sfc64"},
+    # + torch's fused Adam for the dense parameters
+    "masks_adam": {"fused_dense": True, "model": {}, "mask_words": "sfc64", "fused_adam": True},
+    # + the two table sets' backward on two threads: today's default on one CPU worker
+    "masks_adam_concurrent": {"fused_dense": True, "model": {}, "mask_words": "sfc64", "fused_adam": True,
+                              "concurrent_table_backward": True},
+    "bf16_masks_adam_concurrent": {"fused_dense": True, "model": {"dense_precision": "bf16"}, "mask_words": "sfc64",
+                                   "fused_adam": True, "concurrent_table_backward": True},
 }
 
 
@@ -745,6 +759,7 @@ def _ab_worker(rank: int, world: int, spec: dict) -> dict:
     from tf4ctr_dist.data.reader import ParquetSplitReader
     from tf4ctr_dist.distributed.sharding import build_optimizer, resolve_placement, shard_model
     from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
+    from tf4ctr_dist.modules import mlp
 
     manifest = load_manifest(spec["url"])
     fields = [(f.name, f.vocab_size) for f in manifest.fields]
@@ -761,9 +776,11 @@ def _ab_worker(rank: int, world: int, spec: dict) -> dict:
         model.reuse_ordered_embeddings = v.get("reuse_ordered_embeddings", True)
         module = TF4CTRTrain(model, Objective(LossConfig(**spec["loss"])))
         dmp, _ = shard_model(module, tables, placement, device=device, embedding_lr=emb_lr,
-                             embedding_weight_decay=EMB_REG, local_batch_size=spec["batch"])
+                             embedding_weight_decay=EMB_REG, local_batch_size=spec["batch"],
+                             concurrent_table_backward=v.get("concurrent_table_backward", False))
         optimizer = build_optimizer(dmp, lr=LR, embedding_lr=emb_lr, emb_reg=EMB_REG,
-                                    emb_reg_mode="touched", clip_grad_norm=CLIP)
+                                    emb_reg_mode="touched", clip_grad_norm=CLIP,
+                                    fused_adam=v.get("fused_adam", False))
         pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
         reader = ParquetSplitReader(
             spec["url"], "train", manifest=manifest, rank=0, world_size=1, local_batch_size=spec["batch"],
@@ -771,7 +788,12 @@ def _ab_worker(rank: int, world: int, spec: dict) -> dict:
             shuffle_buffer_rows=spec["shuffle_buffer_rows"], pad_tail=False,
         )
         dmp.train()
-        steppers[name] = (lambda p=pipeline, it=_epochs(reader): p.progress(it))
+
+        def stepper(p=pipeline, it=_epochs(reader), words=v.get("mask_words", "torch")):
+            mlp.KEEP_MASK_WORDS = words  # a module switch: set before every step of this variant
+            return p.progress(it)
+
+        steppers[name] = stepper
     losses: dict[str, list[float]] = {n: [] for n in steppers}
     for name, step in steppers.items():
         for _ in range(spec["warmup"]):
@@ -789,7 +811,8 @@ def _ab_worker(rank: int, world: int, spec: dict) -> dict:
             losses[name].append(float(out[0]))
         log(f"  ab round {r + 1}/{spec['rounds']}: " + ", ".join(
             f"{n} {spec['per_round'] * spec['batch'] / rounds[n][-1][0]:,.0f}/s" for n in names))
-    return {"rounds": rounds, "losses": losses, "threads": torch.get_num_threads()}
+    profiles = {n: _profile(steppers[n], spec["profile_steps"], device) for n in names} if spec.get("profile_steps") else {}
+    return {"rounds": rounds, "losses": losses, "threads": torch.get_num_threads(), "profiles": profiles}
 
 
 def _op_ab_worker(rank: int, world: int) -> dict:
@@ -808,6 +831,8 @@ def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)
     p.add_argument("--out", help="write the JSON here")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after the rounds, torch.profiler over STEPS steps of each variant (top ops printed)")
     p.add_argument("--relu-dropout", action="store_true",
                    help="only the op-level A/B of relu_dropout (first fused version vs current)")
     args = p.parse_args(argv)
@@ -825,7 +850,8 @@ def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
         p.error(f"unknown variant(s) {sorted(unknown)}")
     spec = {"url": ensure_dataset(args.rows, args.cache_dir), "variants": variants, "batch": args.batch,
             "warmup": args.warmup, "rounds": args.rounds, "per_round": args.per_round, "seed": SEED,
-            "model": _model_cfg(), "loss": dict(LOSS), "shuffle_buffer_rows": DataConfig().shuffle_buffer_rows}
+            "model": _model_cfg(), "loss": dict(LOSS), "shuffle_buffer_rows": DataConfig().shuffle_buffer_rows,
+            "profile_steps": args.profile}
     threads = args.threads or cores()
     machine = machine_info()
     log(f"A/B {variants} on {threads} thread(s), batch {args.batch}, {args.rounds} rounds x {args.per_round} steps; "
@@ -852,6 +878,11 @@ def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
     rows += [(f"{n} / {s['previous']} (median of per-round ratios)", s["ratio_vs_previous"], "x")
              for n, s in list(summary.items())[2:]]
     machine["loadavg_end"] = os.getloadavg()
+    for name, prof in r["profiles"].items():
+        print(f"\n-- profile of {name}: {prof['wall_ms_per_step']:.1f} ms per step (wall, profiled)")
+        for op in prof["top_ops"][:15]:
+            print(f"  {op['self_cpu_share'] * 100:5.1f}%  {op['self_cpu_ms_per_step']:7.2f} ms  "
+                  f"{op['calls_per_step']:5.0f} calls  {op['name'][:70]}")
     print(format_table(rows))
     print(f"(threads {r['threads']}; load average start {machine['loadavg_start'][0]:.2f}, end {machine['loadavg_end'][0]:.2f})")
     report = {"summary": summary, "raw": r, "config": {**spec, "threads": threads, "argv": list(argv or [])}, "machine": machine}

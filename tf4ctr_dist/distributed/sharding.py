@@ -27,6 +27,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from tf4ctr_dist.modules.tf4ctr import TF4CTR
+
 logger = logging.getLogger(__name__)
 
 
@@ -201,10 +203,25 @@ def shard_model(
     local_batch_size: int,
     pg: Optional[dist.ProcessGroup] = None,
     table_precision: str = "fp32",
+    concurrent_table_backward: Optional[bool] = None,
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Plan and wrap ``module`` (built on ``meta``) in DistributedModelParallel."""
+    """Plan and wrap ``module`` (built on ``meta``) in DistributedModelParallel.
+
+    concurrent_table_backward: whether the TF4CTR models in ``module`` run their two table sets'
+    backward passes on two threads (`backward_concurrently`). None: where it helps and is safe,
+    i.e. one CPU worker with fused tables and at least two intra-op threads (fbgemm's CPU table
+    kernels are single-threaded; with several ranks each table set's backward would run an
+    all-to-all, and two threads could order those differently on different ranks).
+    """
     pg = pg or dist.group.WORLD
     world_size = dist.get_world_size(pg)
+    if concurrent_table_backward is None:
+        concurrent_table_backward = (
+            world_size == 1 and device.type == "cpu" and placement.fused and torch.get_num_threads() > 1
+        )
+    for m in module.modules():
+        if isinstance(m, TF4CTR):
+            m.concurrent_table_backward = concurrent_table_backward
     if table_precision == "fp16":
         set_table_precision(module, DataType.FP16)
     sharders = make_sharders(placement, embedding_lr, embedding_weight_decay)
@@ -272,11 +289,15 @@ def build_optimizer(
     emb_reg_mode: str,
     clip_grad_norm: float,
     clip_embeddings: bool = True,
+    fused_adam: bool = True,
 ) -> KeyedOptimizer:
     """Adam over every parameter not updated by a fused kernel, combined with the fused one.
 
     Data-parallel (dense-kernel) tables are Adam's second group (lr ``embedding_lr``); their
-    penalty and clipping are applied by ``DenseStepHooks`` before each step.
+    penalty and clipping are applied by ``DenseStepHooks`` before each step. ``fused_adam``:
+    torch's one-kernel Adam (CPU and CUDA; 0.8 ms instead of 3.1 ms per step for the 0.86M dense
+    parameters of the benchmark model on 2 cores, results equal to the loop to 1 ulp); False: the
+    per-parameter loop.
     """
     named = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     emb = {k: v for k, v in named.items() if is_embedding_param(k)}
@@ -289,7 +310,7 @@ def build_optimizer(
             {"params": [p for p in params if id(p) not in emb_ids], "lr": lr},
             {"params": [p for p in params if id(p) in emb_ids], "lr": embedding_lr},
         ]
-        return torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+        return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, fused=fused_adam or None)
 
     optimizers: list = [("dense", KeyedOptimizerWrapper({**dense, **emb}, make))]
     fused = dmp.fused_optimizer

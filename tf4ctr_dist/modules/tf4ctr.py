@@ -9,6 +9,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from tf4ctr_dist.modules.concurrent import backward_concurrently
 from tf4ctr_dist.modules.init import init_linear, reset_dense
 from tf4ctr_dist.modules.ssem import ShareSSEM
 
@@ -33,8 +34,9 @@ def _in_order(pooled: KeyedTensor, keys: list[str], reuse: bool = True) -> torch
     return KeyedTensor.regroup([pooled], [keys])[0]
 
 
-# A leaf for torch.fx (TorchRec's pipeline traces the model): it branches on the output's keys.
+# Leaves for torch.fx (TorchRec's pipeline traces the model): they branch on their inputs.
 torch.fx.wrap("_in_order")
+torch.fx.wrap("backward_concurrently")
 
 
 def _param_device(module: nn.Module) -> Optional[torch.device]:
@@ -91,6 +93,9 @@ class TF4CTR(nn.Module):
         self._easy_keys = _feature_order(embedding)
         self._hard_keys = _feature_order(hard_embedding)
         self.reuse_ordered_embeddings = True  # False: always regroup (the old path, for A/B timing)
+        # True: the two table sets' backward passes run on two threads (`backward_concurrently`);
+        # set by the distributed layer where that is safe (one CPU worker, fused tables).
+        self.concurrent_table_backward = False
 
     def dense_modules(self) -> list[nn.Module]:
         """Every part except the embedding tables."""
@@ -118,6 +123,8 @@ class TF4CTR(nn.Module):
             reuse = self.reuse_ordered_embeddings
             h_es = _in_order(self.embedding(features), self._easy_keys, reuse)  # (B, F*d/2)
             h_hs = _in_order(self.hard_embedding(features), self._hard_keys, reuse)  # (B, F*d)
+            if self.concurrent_table_backward:
+                h_es, h_hs = backward_concurrently(h_es, h_hs)
         v_s = self.simple_encoder(h_es)  # (B, last_s)
         v_c = self.complex_encoder(h_hs)  # (B, last_c)
         z_s = self.simple_head(v_s)  # (B, 1)
