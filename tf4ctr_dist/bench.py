@@ -551,6 +551,7 @@ def _train_worker(rank: int, world: int, spec: dict) -> dict:
         "setup_s": setup_s,
         "loop_s": loop_s,
         "threads": torch.get_num_threads(),
+        "concurrent_table_backward": module.model.concurrent_table_backward,
         "final_loss": float(last["out"][0].float().cpu()),
         **rss_bytes(),
     }
