@@ -48,11 +48,15 @@ CLIP = 10.0
 EMB_LR = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 0.05, "adam": 1e-3}  # demo/criteo presets
 SEED = 2026
 DEFAULT_CACHE = ".tf4ctr-cache"
-SECTIONS = ("train_1w", "train_bf16", "train_2w", "dp_adam", "reference", "ingest", "s3", "rss")
+SECTIONS = ("train_1w", "train_bf16", "train_2w", "dp_adam", "reference", "interleaved", "ingest", "s3", "rss")
+# The interleaved section: these A/B variants in one process, round by round (see run_ab).
+INTERLEAVED_VARIANTS = ("reference", "default", "default_bf16")
 
 TARGETS = {
     # key in the report: (comparison, threshold, what)
     "ratio_vs_reference": (">=", 3.0, "ours (1 worker, batch 4096) / reference samples/s"),
+    "ratio_vs_reference_interleaved": (">=", 3.0, "the same, measured round by round in one process"),
+    "ratio_vs_reference_bf16_interleaved": (">=", 3.0, "the same with dense_precision=bf16, round by round"),
     "roofline_share": (">=", 0.40, "achieved dense FLOP/s / measured fp32 matmul FLOP/s (1 worker)"),
     "ingest_vs_step": (">=", 10.0, "Parquet->Batch samples/s / training samples/s per worker"),
     "rss_10m_over_1m": ("<", 1.2, "peak worker RSS, large / small dataset"),
@@ -157,6 +161,7 @@ def derive(
     gpu_best: Optional[float] = None,
     train_bf16: Optional[float] = None,
     matmul_bf16_flops: Optional[float] = None,
+    interleaved: Optional[dict[str, Any]] = None,
 ) -> dict[str, Optional[float]]:
     """The headline ratios from raw figures (samples/s, FLOPs, bytes). None where unmeasured."""
     dense_flops = lambda rate: None if rate is None or flops_per_sample is None else rate * flops_per_sample  # noqa: E731
@@ -178,6 +183,10 @@ def derive(
         "ratio_vs_reference_bf16": ratio(train_bf16, reference),
         "roofline_share_bf16_vs_fp32_mm": ratio(dense_flops(train_bf16), matmul_flops),
         "roofline_share_bf16": ratio(dense_flops(train_bf16), matmul_bf16_flops),
+        # the same ratios measured round by round in one process (section "interleaved")
+        "ratio_vs_reference_interleaved": _get(interleaved or {}, "default.ratio_vs_base"),
+        "ratio_vs_reference_bf16_interleaved": _get(interleaved or {}, "default_bf16.ratio_vs_base"),
+        "roofline_share_interleaved": ratio(dense_flops(_get(interleaved or {}, "default.samples_per_s")), matmul_flops),
     }
 
 
@@ -249,6 +258,7 @@ def build_report(raw: dict[str, Any], machine: dict[str, Any], config: dict[str,
         gpu_best=max(gpu_rates) if gpu_rates else None,
         train_bf16=_get(raw, "train.table_wise_1w_bf16.samples_per_s"),
         matmul_bf16_flops=_get(raw, "matmul_cpu.bf16_flops_per_s"),
+        interleaved=_get(raw, "interleaved.variants"),
     )
     return {**derived, "targets": check_targets(derived), "raw": raw, "machine": machine, "config": config}
 
@@ -274,6 +284,12 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     rows.append(("ratio ours 2w / reference", report.get("ratio_vs_reference_2w"), "x"))
     rows.append(("ratio ours dp-Adam 1w / reference", report.get("ratio_vs_reference_dp_adam"), "x"))
     rows.append(("scaling 2 workers / 1 worker", report.get("scaling_2w_over_1w"), "x"))
+    if g("interleaved") is not None:
+        rows.append(("interleaved in one process (median of per-round ratios)", "", ""))
+        for name, label in (("reference", "reference"), ("default", "ours 1w"), ("default_bf16", "ours 1w bf16")):
+            rows.append((f"{label} samples/s, interleaved", g(f"interleaved.variants.{name}.samples_per_s"), "samples/s"))
+        rows.append(("ratio ours 1w / reference, interleaved", report.get("ratio_vs_reference_interleaved"), "x"))
+        rows.append(("ratio ours 1w bf16 / reference, interleaved", report.get("ratio_vs_reference_bf16_interleaved"), "x"))
     rows.append(("per CPU-second (load-insensitive diagnostic)", "", ""))
     for key, label in (("table_wise_1w", "ours 1w"), ("table_wise_1w_bf16", "ours 1w bf16"),
                        ("table_wise_2w", "ours 2w (all ranks)"),
@@ -290,6 +306,8 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     rows.append(("fp32 matmul 2048^2, all threads (best)", g("matmul_cpu.flops_per_s"), "FLOP/s"))
     rows.append(("fp32 matmul at the model's first-layer shape", g("matmul_cpu.model_shape_flops_per_s"), "FLOP/s"))
     rows.append(("roofline share ours 1w", report.get("roofline_share"), "%"))
+    if report.get("roofline_share_interleaved") is not None:
+        rows.append(("roofline share ours 1w, interleaved rate", report.get("roofline_share_interleaved"), "%"))
     if g("matmul_cpu.bf16_flops_per_s") is not None:
         rows.append(("bf16 matmul 2048^2, all threads (best)", g("matmul_cpu.bf16_flops_per_s"), "FLOP/s"))
     if g("train.table_wise_1w_bf16") is not None:
@@ -743,7 +761,36 @@ AB_VARIANTS: dict[str, dict[str, Any]] = {
                               "concurrent_table_backward": True},
     "bf16_masks_adam_concurrent": {"fused_dense": True, "model": {"dense_precision": "bf16"}, "mask_words": "sfc64",
                                    "fused_adam": True, "concurrent_table_backward": True},
+    # the reference (ReferenceTF4CTR + ReferenceStep on in-memory batches), for ratios measured
+    # round by round against it instead of in separate processes minutes apart
+    "reference": {"reference": True},
 }
+AB_VARIANTS["default"] = AB_VARIANTS["masks_adam_concurrent"]  # what training runs today
+AB_VARIANTS["default_bf16"] = AB_VARIANTS["bf16_masks_adam_concurrent"]  # same with dense_precision=bf16
+
+
+def _reference_stepper(spec: dict, manifest) -> Callable[[], Any]:
+    """One ReferenceStep per call over rows held in memory (as `_reference_worker` trains)."""
+    import torch
+
+    from tf4ctr_dist.config import LossConfig, ModelConfig
+    from tf4ctr_dist.reference import ReferenceStep, ReferenceTF4CTR
+
+    batch = spec["batch"]
+    steps = spec["warmup"] + spec["rounds"] * spec["per_round"] + spec.get("profile_steps", 0)
+    ids, labels = _load_rows(spec["url"], manifest, min(manifest.split("train").rows, batch * steps), batch, spec["seed"])
+    torch.manual_seed(spec["seed"])
+    model = ReferenceTF4CTR([f.vocab_size for f in manifest.fields], ModelConfig(**spec["model"]))
+    model.train()
+    ref_step = ReferenceStep(model, LossConfig(**spec["loss"]), emb_reg=EMB_REG, clip=CLIP, lr=LR)
+    pos = {"i": 0}
+
+    def step() -> tuple:
+        i = pos["i"] if pos["i"] + batch <= len(ids) else 0
+        pos["i"] = i + batch
+        return (ref_step(ids[i : i + batch], labels[i : i + batch]).detach(),)
+
+    return step
 
 
 def _ab_worker(rank: int, world: int, spec: dict) -> dict:
@@ -770,6 +817,9 @@ def _ab_worker(rank: int, world: int, spec: dict) -> dict:
     steppers: dict[str, Callable[[], Any]] = {}
     for name in spec["variants"]:
         v = AB_VARIANTS[name]
+        if v.get("reference"):
+            steppers[name] = _reference_stepper(spec, manifest)
+            continue
         model_cfg = ModelConfig(**{**spec["model"], **v["model"]})
         tables = embedding_tables(fields, model_cfg)
         torch.manual_seed(spec["seed"])
@@ -820,6 +870,26 @@ def _op_ab_worker(rank: int, world: int) -> dict:
     return run_op_ab()
 
 
+def summarize_ab(r: dict, variants: Sequence[str], per_round: int, batch: int) -> dict[str, dict[str, Any]]:
+    """Per variant: median samples/s (wall and per CPU-second) over rounds and the medians of the
+    per-round ratios against the first variant and against the one listed before it."""
+    base = variants[0]
+    summary: dict[str, dict[str, Any]] = {}
+    for name in variants:
+        wall = [per_round * batch / w for w, _ in r["rounds"][name]]
+        cpu = [per_round * batch / c for _, c in r["rounds"][name]]
+        ratios = [b[0] / w[0] for b, w in zip(r["rounds"][base], r["rounds"][name])]
+        cpu_ratios = [b[1] / w[1] for b, w in zip(r["rounds"][base], r["rounds"][name])]
+        prev = variants[max(0, variants.index(name) - 1)]
+        summary[name] = {"samples_per_s": statistics.median(wall), "samples_per_cpu_s": statistics.median(cpu),
+                         "ratio_vs_previous": statistics.median(
+                             a[0] / b[0] for a, b in zip(r["rounds"][prev], r["rounds"][name])), "previous": prev,
+                         "ratio_vs_base": statistics.median(ratios), "ratio_vs_base_min": min(ratios),
+                         "ratio_vs_base_max": max(ratios), "cpu_ratio_vs_base": statistics.median(cpu_ratios),
+                         "last_losses": r["losses"][name][-3:]}
+    return summary
+
+
 def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
     """A/B timing of training-step variants side by side (see AB_VARIANTS); prints ratios."""
     p = argparse.ArgumentParser(prog="ab_step", description=run_ab.__doc__)
@@ -859,19 +929,7 @@ def run_ab(argv: Optional[Sequence[str]] = None) -> dict:
         f"load average {machine['loadavg_start'][0]:.2f}")
     r = spawn(_ab_worker, 1, spec, backend="gloo", threads=threads, timeout=3600)[0]
     base = variants[0]
-    summary: dict[str, Any] = {}
-    for name in variants:
-        wall = [spec["per_round"] * args.batch / w for w, _ in r["rounds"][name]]
-        cpu = [spec["per_round"] * args.batch / c for _, c in r["rounds"][name]]
-        ratios = [b[0] / w[0] for b, w in zip(r["rounds"][base], r["rounds"][name])]
-        cpu_ratios = [b[1] / w[1] for b, w in zip(r["rounds"][base], r["rounds"][name])]
-        prev = variants[max(0, variants.index(name) - 1)]
-        summary[name] = {"samples_per_s": statistics.median(wall), "samples_per_cpu_s": statistics.median(cpu),
-                         "ratio_vs_previous": statistics.median(
-                             a[0] / b[0] for a, b in zip(r["rounds"][prev], r["rounds"][name])), "previous": prev,
-                         "ratio_vs_base": statistics.median(ratios), "ratio_vs_base_min": min(ratios),
-                         "ratio_vs_base_max": max(ratios), "cpu_ratio_vs_base": statistics.median(cpu_ratios),
-                         "last_losses": r["losses"][name][-3:]}
+    summary = summarize_ab(r, variants, spec["per_round"], args.batch)
     rows = [(f"{n} samples/s (median of rounds)", s["samples_per_s"], "samples/s") for n, s in summary.items()]
     rows += [(f"{n} / {base} (median of per-round ratios; min..max {s['ratio_vs_base_min']:.2f}..{s['ratio_vs_base_max']:.2f})",
               s["ratio_vs_base"], "x") for n, s in summary.items() if n != base]
@@ -1097,6 +1155,7 @@ def _train_summary(results: list[dict]) -> dict[str, Any]:
         "workers": len(results),
         "local_batch": r0["local_batch"],
         "threads_per_worker": r0["threads"],
+        "concurrent_table_backward": r0.get("concurrent_table_backward"),
         "setup_s": max(r["setup_s"] for r in results),
         "final_loss": r0["final_loss"],
         "rss_peak_bytes": max(r["rss_peak_bytes"] for r in results),
@@ -1114,6 +1173,27 @@ def _train_summary(results: list[dict]) -> dict[str, Any]:
 
 def _timeout(args) -> float:
     return 900.0 + 20.0 * (args.warmup + args.steps)
+
+
+def _interleaved(args, url: str) -> dict:
+    """The reference and our 1-worker default (fp32 and bf16) in ONE process, `per_round` steps
+    of each in turn for `rounds` rounds: ratios that a slow drift of the machine cannot bias."""
+    from tf4ctr_dist.config import DataConfig
+
+    variants = list(INTERLEAVED_VARIANTS)
+    threads = args.threads or cores()
+    spec = {"url": url, "variants": variants, "batch": args.batch, "warmup": 3, "rounds": args.interleaved_rounds,
+            "per_round": 2, "seed": SEED, "model": _model_cfg(), "loss": dict(LOSS),
+            "shuffle_buffer_rows": DataConfig().shuffle_buffer_rows}
+    log(f"interleaved: {', '.join(variants)} in one process x {threads} threads, "
+        f"{spec['rounds']} rounds x {spec['per_round']} steps each")
+    r = spawn(_ab_worker, 1, spec, backend="gloo", threads=threads, timeout=_timeout(args) * 3)[0]
+    summary = summarize_ab(r, variants, spec["per_round"], args.batch)
+    for name, v in summary.items():
+        log(f"  {name}: {v['samples_per_s']:,.0f} samples/s, {v['ratio_vs_base']:.2f}x the reference "
+            f"(per-round {v['ratio_vs_base_min']:.2f}..{v['ratio_vs_base_max']:.2f})")
+    return {"variants": summary, "rounds": r["rounds"], "threads": r["threads"],
+            "spec": {k: spec[k] for k in ("warmup", "rounds", "per_round", "batch")}}
 
 
 def _train(args, url: str, workers: int, sharding: str, optimizer: str, label: str, **extra: Any) -> dict:
@@ -1178,6 +1258,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--ingest-max-batches", type=int, default=0, help="cap ingest batches (0: one epoch)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="torch.profiler over STEPS steps of the 1-worker run; top ops go to the report")
+    p.add_argument("--interleaved-rounds", type=int, default=10,
+                   help="rounds of the interleaved reference / default / default_bf16 comparison (2 steps each)")
     p.add_argument("--only", default="", help=f"comma list of CPU sections to run (default all): {','.join(SECTIONS)}")
     p.add_argument("--skip-s3", action="store_true", help="no local S3 server / S3 ingest")
     p.add_argument("--skip-rss", action="store_true", help="no large dataset / RSS comparison")
@@ -1276,6 +1358,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                 "samples_per_cpu_s": sum(w[0] for w in ref["windows"]) / cpu_s if cpu_s else None,
                                 **{k: v for k, v in ref.items() if k != "windows"}}
             log(f"  reference: {raw['reference']['samples_per_s']:,.0f} samples/s (windows {raw['reference']['windows']})")
+        if want("interleaved"):
+            raw["interleaved"] = _interleaved(args, small)
         if want("ingest"):
             log("ingest: ParquetSplitReader alone, one epoch of one worker's share")
             raw["ingest"]["local_1w"] = _ingest(args, small, 1, args.batch, "local_1w")

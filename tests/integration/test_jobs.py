@@ -122,3 +122,26 @@ def test_retrain_warm_starts_on_new_partitions(tmp_path):
     assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
     ours = [line for line in bad.stderr.splitlines() if line.startswith("[tf4ctr] error:")]
     assert len(ours) == 1 and "checkpoint.warm_start:" in ours[0] and "does not fit this model" in ours[0], bad.stderr[-3000:]
+
+
+def test_benchmark_job_runs_end_to_end_and_writes_the_report(tmp_path):
+    """jobs/benchmark.py on a tiny dataset: every training path it times (ours, the reference, the
+    interleaved one-process comparison) runs and lands in the JSON (figures are not checked:
+    speed is measured by the benchmark itself, not asserted)."""
+    out = tmp_path / "bench.json"
+    r = _run(["jobs/benchmark.py", "--rows-small", "20000", "--batch", "512", "--only",
+              "train_1w,reference,interleaved", "--steps", "4", "--windows", "2", "--warmup", "1",
+              "--interleaved-rounds", "2", "--skip-s3", "--skip-rss", "--eval-batches", "0",
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(out)], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ratio ours 1w / reference, interleaved" in r.stdout
+    report = json.loads(out.read_text())
+    for key in ("ratio_vs_reference", "ratio_vs_reference_interleaved", "ratio_vs_reference_bf16_interleaved",
+                "roofline_share", "ingest_vs_step", "rss_10m_over_1m", "targets", "machine", "config"):
+        assert key in report
+    assert report["ratio_vs_reference"] > 0 and report["ratio_vs_reference_interleaved"] > 0
+    rounds = report["raw"]["interleaved"]["rounds"]
+    assert set(rounds) == {"reference", "default", "default_bf16"} and all(len(v) == 2 for v in rounds.values())
+    one = report["raw"]["train"]["table_wise_1w"]
+    assert one["concurrent_table_backward"] == (one["threads_per_worker"] > 1)
+    assert report["ingest_vs_step"] is None  # ingest not run: reported as unmeasured, not as 0
