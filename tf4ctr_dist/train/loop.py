@@ -129,6 +129,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     # As allocated by the sharded kernels (table_precision=fp16 must show here).
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for k, v in dmp.state_dict().items() if "embedding_bags" in k})
     plan_text += f"\n  table weight dtype: {', '.join(dtypes)}"
+    if module.model.concurrent_table_backward:
+        plan_text += f"\n  table backward: the two table sets on two threads ({torch.get_num_threads()} intra-op threads)"
     n_dense = sum(p.numel() for n, p in module.named_parameters() if "embedding_bags" not in n)
     n_emb = sum(t.num_embeddings * t.embedding_dim for t in tables)
     _log(ctx, f"{ctx.world_size} worker(s) on {ctx.device.type}; {placement.describe()}")
