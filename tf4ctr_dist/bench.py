@@ -1306,7 +1306,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         "rows_large": args.rows_large if want("rss") else None, "seed": SEED, "sections": [x for x in SECTIONS if want(x)],
         "threads_per_worker": {"1": args.threads or max(1, cores()), "2": args.threads or max(1, cores() // 2)},
         "dropout_batchnorm": "as ModelConfig (train mode: dropout 0.2, BatchNorm)",
-        "dense_path": "fused (MLPEncoder(fused=True): Linear -> BatchNorm -> fused ReLU+dropout, 16-bit masks)",
+        "dense_path": "fused (MLPEncoder(fused=True): Linear -> BatchNorm -> fused ReLU+dropout, 16-bit masks "
+                      "from SFC64 words); dense Adam: torch fused; 1 CPU worker: the two table sets' backward "
+                      "on two threads (shard_model default)",
         "argv": list(argv) if argv is not None else sys.argv[1:],
     }
     raw: dict[str, Any] = {"train": {}, "ingest": {}}
