@@ -674,35 +674,21 @@ def _reference_worker(rank: int, world: int, spec: dict) -> dict:
     """The plain single-process baseline: per-field nn.Embedding, dense Adam, full-table L2."""
     import torch
 
-    from tf4ctr_dist.config import LossConfig, ModelConfig
     from tf4ctr_dist.data.manifest import load_manifest
-    from tf4ctr_dist.reference import ReferenceStep, ReferenceTF4CTR
 
-    torch.manual_seed(spec["seed"])
     manifest = load_manifest(spec["url"])
-    batch = spec["batch"]
-    need = min(manifest.split("train").rows, batch * (spec["warmup"] + spec["steps"]))
-    ids, labels = _load_rows(spec["url"], manifest, need, batch, spec["seed"])
-    vocab = [f.vocab_size for f in manifest.fields]
-    model = ReferenceTF4CTR(vocab, ModelConfig(**spec["model"]))
-    model.train()
-    ref_step = ReferenceStep(model, LossConfig(**spec["loss"]), emb_reg=EMB_REG, clip=CLIP, lr=LR)
-    n = len(ids)
-    pos = {"i": 0}
+    ref_step, rows_in_memory = _reference_stepper(spec, manifest, spec["warmup"] + spec["steps"])
     last: dict[str, Any] = {}
 
     def step() -> int:
-        i = pos["i"]
-        if i + batch > n:
-            i = 0
-        pos["i"] = i + batch
-        last["loss"] = ref_step(ids[i : i + batch], labels[i : i + batch])
-        return min(batch, n - i)
+        (last["loss"],) = ref_step()
+        return min(spec["batch"], rows_in_memory)
 
     n_windows, per_window = split_windows(spec["steps"], spec["windows"])
     windows = _timed_windows(step, spec["warmup"], n_windows, per_window, torch.device("cpu"), "reference")
-    return {"windows": windows, "threads": torch.get_num_threads(), "rows_in_memory": n,
-            "embedding_rows": sum(vocab), "final_loss": float(last["loss"]), **rss_bytes()}
+    return {"windows": windows, "threads": torch.get_num_threads(), "rows_in_memory": rows_in_memory,
+            "embedding_rows": sum(f.vocab_size for f in manifest.fields), "final_loss": float(last["loss"]),
+            **rss_bytes()}
 
 
 def _ingest_worker(rank: int, world: int, spec: dict) -> dict:
@@ -769,17 +755,17 @@ AB_VARIANTS["default"] = AB_VARIANTS["masks_adam_concurrent"]  # what training r
 AB_VARIANTS["default_bf16"] = AB_VARIANTS["bf16_masks_adam_concurrent"]  # same with dense_precision=bf16
 
 
-def _reference_stepper(spec: dict, manifest) -> Callable[[], Any]:
-    """One ReferenceStep per call over rows held in memory (as `_reference_worker` trains)."""
+def _reference_stepper(spec: dict, manifest, steps: int) -> tuple[Callable[[], tuple], int]:
+    """(step, rows held): ReferenceTF4CTR + ReferenceStep over the first rows of the shuffled train
+    stream, enough for `steps` batches, held in memory and cycled; step() -> (loss,)."""
     import torch
 
     from tf4ctr_dist.config import LossConfig, ModelConfig
     from tf4ctr_dist.reference import ReferenceStep, ReferenceTF4CTR
 
     batch = spec["batch"]
-    steps = spec["warmup"] + spec["rounds"] * spec["per_round"] + spec.get("profile_steps", 0)
-    ids, labels = _load_rows(spec["url"], manifest, min(manifest.split("train").rows, batch * steps), batch, spec["seed"])
     torch.manual_seed(spec["seed"])
+    ids, labels = _load_rows(spec["url"], manifest, min(manifest.split("train").rows, batch * steps), batch, spec["seed"])
     model = ReferenceTF4CTR([f.vocab_size for f in manifest.fields], ModelConfig(**spec["model"]))
     model.train()
     ref_step = ReferenceStep(model, LossConfig(**spec["loss"]), emb_reg=EMB_REG, clip=CLIP, lr=LR)
@@ -790,7 +776,7 @@ def _reference_stepper(spec: dict, manifest) -> Callable[[], Any]:
         pos["i"] = i + batch
         return (ref_step(ids[i : i + batch], labels[i : i + batch]).detach(),)
 
-    return step
+    return step, len(ids)
 
 
 def _ab_worker(rank: int, world: int, spec: dict) -> dict:
@@ -818,7 +804,8 @@ def _ab_worker(rank: int, world: int, spec: dict) -> dict:
     for name in spec["variants"]:
         v = AB_VARIANTS[name]
         if v.get("reference"):
-            steppers[name] = _reference_stepper(spec, manifest)
+            steps = spec["warmup"] + spec["rounds"] * spec["per_round"] + spec.get("profile_steps", 0)
+            steppers[name], _ = _reference_stepper(spec, manifest, steps)
             continue
         model_cfg = ModelConfig(**{**spec["model"], **v["model"]})
         tables = embedding_tables(fields, model_cfg)

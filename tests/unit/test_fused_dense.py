@@ -88,6 +88,16 @@ def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
+def _assert_same_gradients(plain, fused, xa, xb, ya, yb) -> None:
+    """Back-propagate one random gradient through both outputs; input and parameter gradients match."""
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+    for (n, ga), gb in zip(_grads(plain).items(), _grads(fused).values()):
+        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_fused_encoder_equals_plain_without_dropout(train):
     """BatchNorm in train mode (batch statistics, running stats updated) or eval mode."""
@@ -98,12 +108,7 @@ def test_fused_encoder_equals_plain_without_dropout(train):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = plain(xa), fused(xb)
     torch.testing.assert_close(yb, ya, rtol=1e-6, atol=1e-6)
-    g = torch.randn_like(ya)
-    ya.backward(g)
-    yb.backward(g)
-    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
-    for (n, ga), gb in zip(_grads(plain).items(), _grads(fused).values()):
-        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6, msg=n)
+    _assert_same_gradients(plain, fused, xa, xb, ya, yb)
     for (n, sa), sb in zip(plain.state_dict().items(), fused.state_dict().values()):
         torch.testing.assert_close(sb, sa, msg=n)  # BatchNorm running stats too
 
@@ -129,12 +134,7 @@ def test_fused_encoder_with_dropout_equals_the_plain_layers_with_the_same_masks(
         h = F.relu(plain.net[i + 1](plain.net[i](h))) * mask * scale
     ya = h
     torch.testing.assert_close(yb, ya, rtol=1e-6, atol=1e-6)
-    g = torch.randn_like(ya)
-    ya.backward(g)
-    yb.backward(g)
-    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
-    for (n, ga), gb in zip(_grads(plain).items(), _grads(fused).values()):
-        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6, msg=n)
+    _assert_same_gradients(plain, fused, xa, xb, ya, yb)
 
 
 def test_fused_encoder_fx_traces_as_a_leaf_call():

@@ -19,22 +19,18 @@ from typing import Optional
 import torch
 
 
-class _Sources:
-    """Holds the original tensors outside autograd's view (a plain object is not an input)."""
-
-    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
-        self.tensors: Optional[tuple[torch.Tensor, ...]] = tensors
-
-
 class _ConcurrentBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sources: _Sources, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, sources: tuple[torch.Tensor, ...], *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        # `sources` arrives as one tuple, which autograd does not treat as an input: their graphs
+        # stay out of this node's edges and are run by hand in backward.
         ctx.sources = sources
         return tuple(leaf.view_as(leaf) for leaf in leaves)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[None, ...]:  # type: ignore[override]
-        tensors, ctx.sources.tensors = ctx.sources.tensors, None
+        tensors: Optional[tuple[torch.Tensor, ...]] = ctx.sources
+        ctx.sources = None
         if tensors is None:
             raise RuntimeError("backward_concurrently: backward through the same graph a second time")
         errors: list[BaseException] = []
@@ -69,4 +65,4 @@ def backward_concurrently(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if not torch.is_grad_enabled() or not all(t.requires_grad for t in tensors):
         return tensors
     leaves = [t.detach().requires_grad_() for t in tensors]
-    return _ConcurrentBackward.apply(_Sources(tensors), *leaves)
+    return _ConcurrentBackward.apply(tuple(tensors), *leaves)
