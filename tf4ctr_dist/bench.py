@@ -731,7 +731,8 @@ AB_VARIANTS: dict[str, dict[str, Any]] = {
     # switches below; a switch left out takes the value it had before it was added, so the old
     # names still measure the old paths.
     #   reuse_ordered_embeddings (default True), mask_words ("torch" | "sfc64", default "torch"),
-    #   fused_adam (default False), concurrent_table_backward (default False).
+    #   fused_adam (default False), concurrent_table_backward (default False), bn_kernel (the
+    #   compiled BatchNorm/ReLU/dropout CPU kernel, default False).
     # nn.Sequential towers, torch dropout, always regrouping the pooled embeddings (before)
     "plain": {"fused_dense": False, "model": {}, "reuse_ordered_embeddings": False},
     # the fused path, but always regrouping the pooled embeddings (before the no-copy change)
@@ -742,16 +743,19 @@ AB_VARIANTS: dict[str, dict[str, Any]] = {
     "masks": {"fused_dense": True, "model": {}, "mask_words": "sfc64"},
     # + torch's fused Adam for the dense parameters
     "masks_adam": {"fused_dense": True, "model": {}, "mask_words": "sfc64", "fused_adam": True},
-    # + the two table sets' backward on two threads: today's default on one CPU worker
+    # + the two table sets' backward on two threads
     "masks_adam_concurrent": {"fused_dense": True, "model": {}, "mask_words": "sfc64", "fused_adam": True,
                               "concurrent_table_backward": True},
     "bf16_masks_adam_concurrent": {"fused_dense": True, "model": {"dense_precision": "bf16"}, "mask_words": "sfc64",
                                    "fused_adam": True, "concurrent_table_backward": True},
+    # + BatchNorm -> ReLU -> dropout as one compiled kernel (float32 only): today's default
+    "bn_kernel": {"fused_dense": True, "model": {}, "mask_words": "sfc64", "fused_adam": True,
+                  "concurrent_table_backward": True, "bn_kernel": True},
     # the reference (ReferenceTF4CTR + ReferenceStep on in-memory batches), for ratios measured
     # round by round against it instead of in separate processes minutes apart
     "reference": {"reference": True},
 }
-AB_VARIANTS["default"] = AB_VARIANTS["masks_adam_concurrent"]  # what training runs today
+AB_VARIANTS["default"] = AB_VARIANTS["bn_kernel"]  # what training runs today
 AB_VARIANTS["default_bf16"] = AB_VARIANTS["bf16_masks_adam_concurrent"]  # same with dense_precision=bf16
 
 
@@ -793,7 +797,7 @@ def _ab_worker(rank: int, world: int, spec: dict) -> dict:
     from tf4ctr_dist.data.reader import ParquetSplitReader
     from tf4ctr_dist.distributed.sharding import build_optimizer, resolve_placement, shard_model
     from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
-    from tf4ctr_dist.modules import mlp
+    from tf4ctr_dist.modules import cpu_kernels, mlp
 
     manifest = load_manifest(spec["url"])
     fields = [(f.name, f.vocab_size) for f in manifest.fields]
@@ -827,8 +831,9 @@ def _ab_worker(rank: int, world: int, spec: dict) -> dict:
         )
         dmp.train()
 
-        def stepper(p=pipeline, it=_epochs(reader), words=v.get("mask_words", "torch")):
-            mlp.KEEP_MASK_WORDS = words  # a module switch: set before every step of this variant
+        def stepper(p=pipeline, it=_epochs(reader), words=v.get("mask_words", "torch"), kernel=v.get("bn_kernel", False)):
+            mlp.KEEP_MASK_WORDS = words  # module switches: set before every step of this variant
+            cpu_kernels.ENABLED = kernel
             return p.progress(it)
 
         steppers[name] = stepper

@@ -16,9 +16,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tf4ctr_dist.config import LossConfig, ModelConfig
 from tf4ctr_dist.data.batch import Batch
 from tf4ctr_dist.model import Objective, TF4CTRTrain, tf4ctr
-from tf4ctr_dist.modules import MLPEncoder
+from tf4ctr_dist.modules import MLPEncoder, cpu_kernels
 from tf4ctr_dist.modules import mlp as mlp_mod
-from tf4ctr_dist.modules.mlp import dropout_keep_mask, dropout_threshold, relu_dropout
+from tf4ctr_dist.modules.mlp import linear_batch_norm_relu_dropout, dropout_keep_mask, dropout_threshold, relu_dropout
 
 
 def test_threshold_rounds_p_to_16_bits_and_keeps_the_expectation():
@@ -95,7 +95,9 @@ def _assert_same_gradients(plain, fused, xa, xb, ya, yb) -> None:
     yb.backward(g)
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
     for (n, ga), gb in zip(_grads(plain).items(), _grads(fused).values()):
-        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6, msg=n)
+        # atol 1e-5: a Linear bias feeding BatchNorm has a zero gradient in exact arithmetic, so
+        # both sides hold rounding noise of gradients ~10 in size there
+        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -114,6 +116,8 @@ def test_fused_encoder_equals_plain_without_dropout(train):
 
 
 def test_fused_encoder_with_dropout_equals_the_plain_layers_with_the_same_masks(monkeypatch):
+    """The eager fused path (kernel off; test_cpu_kernels covers the kernel's masks)."""
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     plain, fused = _encoders(0.25)
     masks: list[torch.Tensor] = []
     real = mlp_mod.dropout_keep_mask
@@ -140,7 +144,7 @@ def test_fused_encoder_with_dropout_equals_the_plain_layers_with_the_same_masks(
 def test_fused_encoder_fx_traces_as_a_leaf_call():
     _, fused = _encoders(0.2)
     gm = torch.fx.symbolic_trace(fused.eval())
-    assert any(n.op == "call_function" and n.target is relu_dropout for n in gm.graph.nodes)
+    assert any(n.op == "call_function" and n.target is linear_batch_norm_relu_dropout for n in gm.graph.nodes)
     x = torch.randn(8, 24)
     torch.testing.assert_close(gm(x), fused(x))
 

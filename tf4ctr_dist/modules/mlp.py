@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tf4ctr_dist.modules import cpu_kernels
 from tf4ctr_dist.modules.init import init_linear
 
 # Dropout keep masks on CPU are drawn 16 bits at a time: p is rounded to a multiple of 2**-16.
@@ -114,14 +115,53 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool, keep: Optional[torch
 torch.fx.wrap("relu_dropout")
 
 
+def linear_batch_norm_relu_dropout(
+    x: torch.Tensor, linear: nn.Linear, bn: nn.BatchNorm1d, p: float, training: bool
+) -> torch.Tensor:
+    """relu_dropout(bn(linear(x)), p, training): x (B, in) -> (B, out).
+
+    On CPU, float32, in training: the matmul, then one compiled kernel for the rest
+    (`cpu_kernels`): the same BatchNorm math and running-statistics update, dropout with P(drop) =
+    p rounded to 2**-16 as in `relu_dropout` (a different random stream), and the Linear's bias
+    handled inside BatchNorm, where it cancels: its gradient is exactly zero instead of rounding
+    noise. Elsewhere, or where the kernel cannot be built: the eager ops.
+    """
+    applies = (cpu_kernels.ENABLED and training and bn.training and x.device.type == "cpu" and x.dim() == 2
+               and x.dtype == linear.weight.dtype == bn.weight.dtype == torch.float32 and bn.affine
+               and bn.running_mean is not None)
+    ext = cpu_kernels.bn_relu_dropout_extension() if applies else None
+    if ext is None:
+        return relu_dropout(bn(linear(x)), p, training)
+    # nn.BatchNorm1d's bookkeeping (its forward does not run here)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    threshold, scale = dropout_threshold(p)
+    drop_levels = threshold + _MASK_LEVELS // 2  # the kernel reads lanes unsigned: keep iff lane >= it
+    h = torch.mm(x, linear.weight.t())  # (B, out), without the bias
+    shift = linear.bias if linear.bias is not None else h.new_zeros(h.shape[1])
+    return cpu_kernels.BatchNormReLUDropout.apply(
+        h, shift, bn.weight, bn.bias, bn.running_mean, bn.running_var, ext, float(momentum), float(bn.eps),
+        drop_levels, scale)
+
+
+# A leaf for torch.fx as well: the Linear and BatchNorm modules become get_attr arguments, and the
+# choice between kernel and eager ops is made at run time.
+torch.fx.wrap("linear_batch_norm_relu_dropout")
+
+
 class MLPEncoder(nn.Module):
     """Hidden layers Linear -> BatchNorm1d -> ReLU -> Dropout, no output layer.
 
     forward: x (B, in_dim) -> (B, out_dim), out_dim = hidden_units[-1] (in_dim if no layer).
 
     fused=False: `self.net(x)`, the plain nn.Sequential (what the reference runs).
-    fused=True: the same modules and parameters (same state_dict), run as Linear -> BatchNorm ->
-    `relu_dropout` (one fused ReLU + dropout op with a cheaper mask on CPU).
+    fused=True: the same modules and parameters (same state_dict), each block run as
+    `linear_batch_norm_relu_dropout` (on CPU in float32 training a matmul and one compiled kernel;
+    otherwise Linear, BatchNorm, then `relu_dropout`: one fused ReLU + dropout op with a cheaper
+    mask on CPU).
     compute_dtype (fused only): e.g. torch.bfloat16 runs the Linear layers, BatchNorm (fp32
     statistics and affine parameters) and ReLU/dropout in that dtype; parameters and their
     gradients stay fp32 and the output is cast back to the input dtype.
@@ -168,6 +208,9 @@ class MLPEncoder(nn.Module):
             x = x.to(dt)
         for li, bi in self._blocks:
             lin = self.net[li]
+            if dt is None and bi >= 0:
+                x = linear_batch_norm_relu_dropout(x, lin, self.net[bi], self.dropout, self.training)
+                continue
             if dt is None:
                 x = lin(x)
             else:

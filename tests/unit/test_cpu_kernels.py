@@ -1,0 +1,212 @@
+"""The compiled BatchNorm -> ReLU -> dropout CPU kernel behind `linear_batch_norm_relu_dropout`
+(modules/cpu_kernels.py, csrc/): the same values and gradients as a float64 eager Linear ->
+BatchNorm -> ReLU -> dropout, BatchNorm's running-statistics bookkeeping, dropout rate and seeding,
+and the fallback to eager ops."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tf4ctr_dist.modules import MLPEncoder, cpu_kernels
+from tf4ctr_dist.modules import mlp as mlp_mod
+from tf4ctr_dist.modules.mlp import dropout_threshold, linear_batch_norm_relu_dropout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel():
+    if cpu_kernels.bn_relu_dropout_extension() is None:  # a failed build must fail these tests
+        pytest.fail("the CPU kernel did not build on this machine (see the warning above)")
+
+
+class Block(nn.Module):
+    """Linear -> BatchNorm1d with parameters away from the identity, run by the function under test."""
+
+    def __init__(self, n_in: int, n: int, momentum: float | None = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = nn.Linear(n_in, n)
+        self.bn = nn.BatchNorm1d(n, momentum=momentum)
+        with torch.no_grad():
+            self.linear.bias.uniform_(-2, 2)  # moves the running mean
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.3, 0.3)
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return linear_batch_norm_relu_dropout(x, self.linear, self.bn, p, self.training)
+
+
+def _reference(x: torch.Tensor, block: Block, keep: torch.Tensor, scale: float):
+    """float64 eager Linear -> BatchNorm (train) -> ReLU -> mask * scale on a copy of block."""
+    ref = nn.Sequential(nn.Linear(block.linear.in_features, block.linear.out_features),
+                        nn.BatchNorm1d(block.bn.num_features, momentum=block.bn.momentum)).double()
+    ref.load_state_dict({k.replace("linear", "0").replace("bn", "1"): v.double() if v.is_floating_point() else v
+                         for k, v in block.state_dict().items()})
+    xr = x.detach().double().requires_grad_()
+    y = F.relu(ref(xr)) * keep.double() * scale
+    return xr, y, ref
+
+
+def _assert_grads_match(block: Block, ref: nn.Sequential) -> None:
+    lin, bn = ref[0], ref[1]
+    torch.testing.assert_close(block.linear.weight.grad, lin.weight.grad.float(), rtol=1e-4, atol=1e-4)
+    # zero in exact arithmetic (BatchNorm cancels the bias); the kernel returns exact zeros
+    assert torch.equal(block.linear.bias.grad, torch.zeros_like(block.linear.bias))
+    assert lin.bias.grad.abs().max().item() < 1e-9
+    torch.testing.assert_close(block.bn.weight.grad, bn.weight.grad.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(block.bn.bias.grad, bn.bias.grad.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows,cols", [(2, 1), (37, 5), (300, 33), (4096, 40)])
+def test_no_dropout_equals_float64_linear_batch_norm_relu(rows, cols):
+    """Values, all gradients and running statistics; batches below, at and above the 64-row
+    threshold for splitting rows over threads."""
+    block = Block(7, cols)
+    x = (torch.randn(rows, 7) * 3 + 1).requires_grad_()
+    xr, yr, ref = _reference(x, block, torch.ones(rows, cols, dtype=torch.bool), 1.0)
+    y = block(x, 0.0)
+    torch.testing.assert_close(y, yr.float(), rtol=1e-5, atol=1e-5)
+    g = torch.randn(rows, cols)
+    y.backward(g)
+    yr.backward(g.double())
+    torch.testing.assert_close(x.grad, xr.grad.float(), rtol=1e-4, atol=1e-5)
+    _assert_grads_match(block, ref)
+    torch.testing.assert_close(block.bn.running_mean, ref[1].running_mean.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block.bn.running_var, ref[1].running_var.float(), rtol=1e-5, atol=1e-5)
+    assert int(block.bn.num_batches_tracked) == int(ref[1].num_batches_tracked) == 1
+
+
+def test_dropout_values_and_gradients_follow_the_kernels_mask():
+    """Where the normalised value is positive, an entry is either dropped (0) or kept and scaled;
+    the gradients are the float64 ones with exactly that keep mask."""
+    block = Block(20, 64)
+    x = torch.randn(512, 20, requires_grad=True)
+    p = 0.3
+    _, scale = dropout_threshold(p)
+    y = block(x, p)
+    keep = y.detach() > 0
+    xr, yr, ref = _reference(x, Block(20, 64), keep, scale)  # a fresh copy: its own running stats
+    assert torch.equal(yr.detach() > 0, keep)  # nothing kept where ReLU zeroes
+    assert 0.25 < 1 - keep.float().mean().item() / 0.5 < 0.35  # about half is positive; 30% of it dropped
+    torch.testing.assert_close(y, yr.float(), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g.double())
+    torch.testing.assert_close(x.grad, xr.grad.float(), rtol=1e-4, atol=1e-5)
+    _assert_grads_match(block, ref)
+
+
+def test_dropout_rate_seeding_and_thread_independence():
+    block = Block(16, 100)
+    x = torch.randn(4096, 16)
+    with torch.no_grad():  # every normalised value positive: only dropout zeroes entries
+        block.bn.bias.fill_(10.0)
+    torch.manual_seed(3)
+    y1 = block(x, 0.2)
+    dropped = (y1 == 0).float()
+    assert dropped.mean().item() == pytest.approx(0.2, abs=0.003)  # n = 409,600: sd of the rate ~0.0006
+    assert dropped.mean(0).std().item() < 0.03 and dropped.mean(1).std().item() < 0.05  # no column/row pattern
+    y2 = block(x, 0.2)
+    agree = ((y1 == 0) == (y2 == 0)).float().mean().item()
+    assert agree == pytest.approx(0.2**2 + 0.8**2, abs=0.01)  # independent masks from call to call
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(3)
+            assert torch.equal(block(x, 0.2) == 0, y1 == 0)  # torch's seed drives it, not the threads
+    finally:
+        torch.set_num_threads(threads)
+    assert (block(x, 0.5) == 0).float().mean().item() == pytest.approx(0.5, abs=0.005)
+
+
+def test_cumulative_average_when_momentum_is_none():
+    block, ref = Block(4, 8, momentum=None), Block(4, 8, momentum=None)
+    for step in range(3):
+        x = torch.randn(50, 4) + step
+        block(x, 0.0)
+        ref.bn(ref.linear(x))
+    assert int(block.bn.num_batches_tracked) == 3
+    torch.testing.assert_close(block.bn.running_mean, ref.bn.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block.bn.running_var, ref.bn.running_var, rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_is_an_error_like_batch_norms():
+    with pytest.raises(RuntimeError, match="more than 1 row"):
+        Block(3, 4)(torch.randn(1, 3), 0.1)
+
+
+def _count_kernel_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = cpu_kernels.BatchNormReLUDropout.apply
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(cpu_kernels.BatchNormReLUDropout, "apply", counting)
+    return calls
+
+
+def test_eager_ops_outside_float32_cpu_training(monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    block = Block(3, 6)
+    x = torch.randn(20, 3)
+    block(x, 0.2)
+    assert len(calls) == 1
+    block.eval()
+    torch.testing.assert_close(block(x, 0.2), F.relu(block.bn(block.linear(x))))
+    block.train()
+    block.double()(x.double(), 0.2)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    block.float()(x, 0.2)
+    assert len(calls) == 1
+
+
+def test_a_failed_build_warns_once_and_runs_the_eager_ops(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'x'\ng++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(cpu_kernels, "_build_name", lambda: "tf4ctr_test_not_built")
+    cpu_kernels.bn_relu_dropout_extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built.*g\\+\\+: not found"):
+            assert cpu_kernels.bn_relu_dropout_extension() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # cached: no second warning
+            assert cpu_kernels.bn_relu_dropout_extension() is None
+        masks: list[torch.Tensor] = []
+        real = mlp_mod.dropout_keep_mask
+        monkeypatch.setattr(mlp_mod, "dropout_keep_mask", lambda *a: masks.append(real(*a)) or masks[-1])
+        y = Block(3, 4)(torch.randn(16, 3), 0.2)
+        assert len(masks) == 1 and y.shape == (16, 4)  # the eager relu_dropout ran
+    finally:
+        cpu_kernels.bn_relu_dropout_extension.cache_clear()
+
+
+def test_fused_encoder_trains_with_the_kernel_like_the_eager_ops(monkeypatch):
+    """A few SGD steps of a fused MLPEncoder without dropout: kernel on and off agree."""
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
+        torch.manual_seed(0)
+        enc = MLPEncoder(12, [32, 16], 0.0, fused=True)
+        opt = torch.optim.SGD(enc.parameters(), lr=0.1)
+        torch.manual_seed(1)
+        for _ in range(5):
+            loss = enc(torch.randn(128, 12)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results.append(enc.state_dict())
+    for k, v in results[0].items():
+        torch.testing.assert_close(v, results[1][k], rtol=1e-4, atol=1e-5, msg=k)

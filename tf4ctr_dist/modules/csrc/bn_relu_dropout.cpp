@@ -1,0 +1,291 @@
+// BatchNorm1d (training) -> ReLU -> inverted dropout on a (B, N) float32 activation, forward and
+// backward, in a few passes over memory on torch's intra-op threads.
+//
+// BatchNorm's input is x + shift, x the preceding Linear's matmul output and shift its bias. In
+// training BatchNorm subtracts the batch mean, so the shift only moves the running mean and its
+// gradient is zero: leaving it out of x saves addmm's pass that writes the broadcast bias, and the
+// bias gradient's column sum.
+//
+// Built on first use by tf4ctr_dist/modules/cpu_kernels.py. The eager composition makes about ten
+// passes over the (B, N) tensor (BatchNorm statistics and normalisation, mask words, compares,
+// mask conversion and two multiplies; in backward a mask multiply and BatchNorm's two passes);
+// this kernel makes five: two statistics passes and one output pass forward, two passes backward.
+//
+// Dropout keep decisions come from a counter-based hash of (seed, element index), so they do not
+// depend on the thread count; element i is kept iff the top 16 bits of its hash are >= drop_levels,
+// i.e. P(drop) = drop_levels / 2^16. Backward recovers the combined ReLU and dropout mask from the
+// output (y > 0 exactly where the normalised value was positive and kept, since scale >= 1).
+//
+// Column statistics are summed in float over blocks of kBlock rows and in double across blocks and
+// threads, so their error does not grow with the batch size.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+inline uint32_t mix32(uint32_t x) {  // a bijective 32-bit integer hash (two multiply-xorshift rounds)
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// out[c] = sum over rows [r0, r1) of x[r, c] (kCentered false) or (x[r, c] - mean[c])^2 (true).
+template <bool kCentered>
+void column_sums(const float* __restrict x, const float* __restrict mean, int64_t r0, int64_t r1, int64_t n,
+                 double* __restrict out, float* __restrict block) {
+  for (int64_t c = 0; c < n; ++c) out[c] = 0.0;
+  for (int64_t rb = r0; rb < r1; rb += kBlock) {
+    for (int64_t c = 0; c < n; ++c) block[c] = 0.f;
+    const int64_t re = std::min(r1, rb + kBlock);
+    for (int64_t r = rb; r < re; ++r) {
+      const float* __restrict row = x + r * n;
+      if (kCentered) {
+        for (int64_t c = 0; c < n; ++c) {
+          const float d = row[c] - mean[c];
+          block[c] += d * d;
+        }
+      } else {
+        for (int64_t c = 0; c < n; ++c) block[c] += row[c];
+      }
+    }
+    for (int64_t c = 0; c < n; ++c) out[c] += block[c];
+  }
+}
+
+// y[r, c] = max(x[r, c] * a[c] + b[c], 0) * (kept ? scale : 0) for rows [r0, r1).
+void normalize_relu_dropout(const float* __restrict x, const float* __restrict a, const float* __restrict b,
+                            int64_t r0, int64_t r1, int64_t n, uint32_t seed_lo, uint32_t seed_hi,
+                            uint32_t drop_levels, float scale, float* __restrict y) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* __restrict row = x + r * n;
+    float* __restrict out = y + r * n;
+    const uint64_t first = static_cast<uint64_t>(r) * static_cast<uint64_t>(n);
+    const uint32_t lo = static_cast<uint32_t>(first);
+    const uint32_t hi = static_cast<uint32_t>(first >> 32) ^ seed_lo;
+    for (int64_t c = 0; c < n; ++c) {
+      // the element index's low word (wrapping adds stay exact modulo 2^32), its high word and the
+      // seed go through the hash twice
+      uint32_t v = mix32(((lo + static_cast<uint32_t>(c)) * 0x9E3779B9U) ^ hi);
+      v = mix32(v ^ seed_hi);
+      const float keep = (v >> 16) >= drop_levels ? scale : 0.f;
+      out[c] = std::max(row[c] * a[c] + b[c], 0.f) * keep;
+    }
+  }
+}
+
+// s[c] = sum gy, sx[c] = sum gy * (x - mean) over rows [r0, r1), gy = (y > 0) * g * scale.
+void grad_sums(const float* __restrict g, const float* __restrict x, const float* __restrict y,
+               const float* __restrict mean, float scale, int64_t r0, int64_t r1, int64_t n,
+               double* __restrict s, double* __restrict sx, float* __restrict bs, float* __restrict bsx) {
+  for (int64_t c = 0; c < n; ++c) {
+    s[c] = 0.0;
+    sx[c] = 0.0;
+  }
+  for (int64_t rb = r0; rb < r1; rb += kBlock) {
+    for (int64_t c = 0; c < n; ++c) {
+      bs[c] = 0.f;
+      bsx[c] = 0.f;
+    }
+    const int64_t re = std::min(r1, rb + kBlock);
+    for (int64_t r = rb; r < re; ++r) {
+      const float* __restrict gr = g + r * n;
+      const float* __restrict xr = x + r * n;
+      const float* __restrict yr = y + r * n;
+      for (int64_t c = 0; c < n; ++c) {
+        const float gy = yr[c] > 0.f ? gr[c] * scale : 0.f;
+        bs[c] += gy;
+        bsx[c] += gy * (xr[c] - mean[c]);
+      }
+    }
+    for (int64_t c = 0; c < n; ++c) {
+      s[c] += bs[c];
+      sx[c] += bsx[c];
+    }
+  }
+}
+
+// gx = k1 * (gy - k2 - (x - mean) * k3) for rows [r0, r1).
+void grad_input(const float* __restrict g, const float* __restrict x, const float* __restrict y,
+                const float* __restrict mean, const float* __restrict k1, const float* __restrict k2,
+                const float* __restrict k3, float scale, int64_t r0, int64_t r1, int64_t n, float* __restrict gx) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* __restrict gr = g + r * n;
+    const float* __restrict xr = x + r * n;
+    const float* __restrict yr = y + r * n;
+    float* __restrict out = gx + r * n;
+    for (int64_t c = 0; c < n; ++c) {
+      const float gy = yr[c] > 0.f ? gr[c] * scale : 0.f;
+      out[c] = k1[c] * (gy - k2[c] - (xr[c] - mean[c]) * k3[c]);
+    }
+  }
+}
+
+// One task per intra-op thread, each over a fixed row range: the partial sums, and so the result,
+// depend only on the thread count.
+int64_t num_tasks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 64));
+}
+
+template <typename Fn>
+void for_each_task(int64_t tasks, const Fn& fn) {
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(t);
+  });
+}
+
+void check_vector(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.dtype() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous(),
+              "bn_relu_dropout: ", name, " must be a contiguous float32 vector of ", n, " values, got ",
+              t.dtype(), " of shape ", t.sizes());
+}
+
+void check_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dtype() == at::kFloat && t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(),
+              "bn_relu_dropout: ", name, " must be a contiguous (B, N) float32 CPU tensor, got ", t.dtype(),
+              " of shape ", t.sizes());
+}
+
+// -> (y (B, N), batch mean of x (N), inverse batch std (N)); updates running_mean and
+// running_var in place.
+std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& weight,
+                                   const at::Tensor& bias, at::Tensor running_mean, at::Tensor running_var,
+                                   double momentum, double eps, int64_t drop_levels, double scale, int64_t seed) {
+  check_matrix(x, "input");
+  const int64_t rows = x.size(0), n = x.size(1);
+  TORCH_CHECK(rows > 1, "bn_relu_dropout: BatchNorm needs more than 1 row in training, got ", rows);
+  check_vector(shift, n, "shift");
+  check_vector(weight, n, "weight");
+  check_vector(bias, n, "bias");
+  check_vector(running_mean, n, "running_mean");
+  check_vector(running_var, n, "running_var");
+  TORCH_CHECK(drop_levels >= 0 && drop_levels < 65536 && scale >= 1.0, "bn_relu_dropout: bad dropout");
+
+  const int64_t tasks = num_tasks(rows);
+  std::vector<double> partial(tasks * n);
+  std::vector<float> blocks(tasks * n);
+  const float* xp = x.data_ptr<float>();
+  auto mean = at::empty({n}, x.options());
+  auto invstd = at::empty({n}, x.options());
+  float* mp = mean.data_ptr<float>();
+  float* ip = invstd.data_ptr<float>();
+  auto reduce = [&](int64_t c) {
+    double s = 0.0;
+    for (int64_t t = 0; t < tasks; ++t) s += partial[t * n + c];
+    return s;
+  };
+
+  for_each_task(tasks, [&](int64_t t) {
+    column_sums<false>(xp, mp, rows * t / tasks, rows * (t + 1) / tasks, n, &partial[t * n], &blocks[t * n]);
+  });
+  for (int64_t c = 0; c < n; ++c) mp[c] = static_cast<float>(reduce(c) / rows);
+  for_each_task(tasks, [&](int64_t t) {
+    column_sums<true>(xp, mp, rows * t / tasks, rows * (t + 1) / tasks, n, &partial[t * n], &blocks[t * n]);
+  });
+
+  std::vector<float> a(n), b(n);
+  const float* wp = weight.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  const float* sp = shift.data_ptr<float>();
+  float* rmp = running_mean.data_ptr<float>();
+  float* rvp = running_var.data_ptr<float>();
+  for (int64_t c = 0; c < n; ++c) {
+    const double squares = reduce(c);
+    ip[c] = static_cast<float>(1.0 / std::sqrt(squares / rows + eps));
+    a[c] = wp[c] * ip[c];
+    b[c] = bp[c] - mp[c] * a[c];
+    // running variance: unbiased, as torch's BatchNorm
+    rmp[c] = static_cast<float>((1.0 - momentum) * rmp[c] + momentum * (mp[c] + sp[c]));
+    rvp[c] = static_cast<float>((1.0 - momentum) * rvp[c] + momentum * squares / (rows - 1));
+  }
+
+  auto y = at::empty_like(x);
+  float* yp = y.data_ptr<float>();
+  const auto useed = static_cast<uint64_t>(seed);
+  for_each_task(tasks, [&](int64_t t) {
+    normalize_relu_dropout(xp, a.data(), b.data(), rows * t / tasks, rows * (t + 1) / tasks, n,
+                           static_cast<uint32_t>(useed), static_cast<uint32_t>(useed >> 32),
+                           static_cast<uint32_t>(drop_levels), static_cast<float>(scale), yp);
+  });
+  return {y, mean, invstd};
+}
+
+// -> (grad input (B, N), grad weight (N), grad bias (N)).
+std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                    const at::Tensor& weight, double scale) {
+  check_matrix(grad, "grad");
+  check_matrix(x, "input");
+  check_matrix(y, "output");
+  const int64_t rows = x.size(0), n = x.size(1);
+  TORCH_CHECK(grad.sizes() == x.sizes() && y.sizes() == x.sizes(), "bn_relu_dropout: shape mismatch");
+  check_vector(mean, n, "mean");
+  check_vector(invstd, n, "invstd");
+  check_vector(weight, n, "weight");
+
+  const int64_t tasks = num_tasks(rows);
+  std::vector<double> partial(tasks * n * 2);
+  std::vector<float> blocks(tasks * n * 2);
+  const float* gp = grad.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  const float* mp = mean.data_ptr<float>();
+  const float* ip = invstd.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const auto fscale = static_cast<float>(scale);
+  for_each_task(tasks, [&](int64_t t) {
+    double* s = &partial[t * n * 2];
+    float* bs = &blocks[t * n * 2];
+    grad_sums(gp, xp, yp, mp, fscale, rows * t / tasks, rows * (t + 1) / tasks, n, s, s + n, bs, bs + n);
+  });
+
+  auto grad_weight = at::empty({n}, x.options());
+  auto grad_bias = at::empty({n}, x.options());
+  float* gwp = grad_weight.data_ptr<float>();
+  float* gbp = grad_bias.data_ptr<float>();
+  std::vector<float> k1(n), k2(n), k3(n);
+  for (int64_t c = 0; c < n; ++c) {
+    double s = 0.0, sx = 0.0;
+    for (int64_t t = 0; t < tasks; ++t) {
+      s += partial[t * n * 2 + c];
+      sx += partial[t * n * 2 + n + c];
+    }
+    const double dgamma = sx * ip[c];  // sum gy * x_hat
+    gbp[c] = static_cast<float>(s);
+    gwp[c] = static_cast<float>(dgamma);
+    // d x = weight * invstd * (gy - mean(gy) - x_hat * mean(gy * x_hat))
+    k1[c] = wp[c] * ip[c];
+    k2[c] = static_cast<float>(s / rows);
+    k3[c] = static_cast<float>(dgamma / rows * ip[c]);
+  }
+
+  auto grad_x = at::empty_like(x);
+  float* gxp = grad_x.data_ptr<float>();
+  for_each_task(tasks, [&](int64_t t) {
+    grad_input(gp, xp, yp, mp, k1.data(), k2.data(), k3.data(), fscale, rows * t / tasks, rows * (t + 1) / tasks,
+               n, gxp);
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+// Registered as torch.ops.tf4ctr.* (a plain shared library: no Python bindings to compile).
+TORCH_LIBRARY(tf4ctr, m) {
+  m.def("bn_relu_dropout_forward(Tensor x, Tensor shift, Tensor weight, Tensor bias, Tensor(a!) running_mean, "
+        "Tensor(b!) running_var, float momentum, float eps, int drop_levels, float scale, int seed) -> Tensor[]",
+        &forward);
+  m.def("bn_relu_dropout_backward(Tensor grad, Tensor x, Tensor y, Tensor mean, Tensor invstd, Tensor weight, "
+        "float scale) -> Tensor[]",
+        &backward);
+}
