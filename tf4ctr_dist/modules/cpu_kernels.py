@@ -21,7 +21,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -54,8 +54,8 @@ def _build_name() -> str:
     return f"tf4ctr_bn_relu_dropout_{digest.hexdigest()[:12]}"
 
 
-@functools.lru_cache(maxsize=None)
-def bn_relu_dropout_extension() -> Optional[Any]:
+@functools.cache
+def bn_relu_dropout_extension() -> Any | None:
     """The compiled kernel's ops (`torch.ops.tf4ctr`), built on the first call of the process if
     not cached; None (after one warning) where they cannot be built or loaded."""
     from torch.utils import cpp_extension
