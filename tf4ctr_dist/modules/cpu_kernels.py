@@ -84,16 +84,15 @@ def bn_relu_dropout_extension() -> Any | None:
 class BatchNormReLUDropout(torch.autograd.Function):
     """y = relu(batch_norm(x + shift)) * keep * scale, x (B, N) float32 contiguous, shift (N) the
     preceding Linear's bias (its gradient is zero: BatchNorm cancels it; it moves the running
-    mean). Saves x, y and the batch statistics. `ext` is `bn_relu_dropout_extension()`; an entry
-    is kept iff its 16-bit hash lane >= drop_levels."""
+    mean). Saves x, y and the batch statistics. `ext` is `bn_relu_dropout_extension()`; the keep
+    lanes are numpy SFC64 words from `sfc64_state` ((4,) int64), as `dropout_keep_mask` draws
+    them; unused when drop_levels is 0."""
 
     @staticmethod
-    def forward(ctx, x, shift, weight, bias, running_mean, running_var, ext, momentum, eps, drop_levels, scale):  # type: ignore[override]
-        # one draw from torch's generator: masks follow torch.manual_seed and checkpointed RNG
-        # state; none without dropout, which then leaves the generator as the eager ops do
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)) if drop_levels > 0 else 0
-        y, mean, invstd = ext.bn_relu_dropout_forward(x, shift, weight, bias, running_mean, running_var, momentum, eps,
-                                      drop_levels, scale, seed)
+    def forward(ctx, x, shift, weight, bias, running_mean, running_var, ext, momentum, eps, drop_levels, scale,
+                sfc64_state):  # type: ignore[override]
+        y, mean, invstd = ext.bn_relu_dropout_forward(x, shift, weight, bias, running_mean, running_var, momentum,
+                                                      eps, drop_levels, scale, sfc64_state)
         ctx.save_for_backward(x, y, mean, invstd, weight)
         ctx.shift_grad = shift.requires_grad
         ctx.ext, ctx.scale = ext, scale
@@ -104,4 +103,4 @@ class BatchNormReLUDropout(torch.autograd.Function):
         x, y, mean, invstd, weight = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = ctx.ext.bn_relu_dropout_backward(grad.contiguous(), x, y, mean, invstd, weight, ctx.scale)
         grad_shift = torch.zeros_like(mean) if ctx.shift_grad else None
-        return grad_x, grad_shift, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_shift, grad_weight, grad_bias, None, None, None, None, None, None, None, None

@@ -34,6 +34,11 @@ def dropout_threshold(p: float) -> tuple[int, float]:
     return -(_MASK_LEVELS // 2) + drop_levels, 1.0 / (1.0 - p_eff)
 
 
+def keep_mask_generator() -> np.random.SFC64:
+    """numpy's SFC64 seeded by one draw from torch's generator: the source of a keep mask's words."""
+    return np.random.SFC64(int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64)))
+
+
 def dropout_keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool keep mask of `shape`, P(keep) = 1 - p (p rounded to 2**-16), driven by torch's seed.
 
@@ -53,8 +58,7 @@ def dropout_keep_mask(shape: Sequence[int], p: float, device: torch.device | str
     if KEEP_MASK_WORDS == "torch":
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
         return words.view(torch.int16)[:n].view(tuple(shape)) >= threshold
-    seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))
-    words = np.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64, (ceil(n/4),)
+    words = keep_mask_generator().random_raw((n + 3) // 4)  # uint64, (ceil(n/4),)
     lanes = torch.from_numpy(words.view(np.int16)[:n]).view(tuple(shape))
     return (lanes >= threshold).to(device)
 
@@ -121,12 +125,12 @@ def linear_batch_norm_relu_dropout(
     """relu_dropout(bn(linear(x)), p, training): x (B, in) -> (B, out).
 
     On CPU, float32, in training: the matmul, then one compiled kernel for the rest
-    (`cpu_kernels`): the same BatchNorm math and running-statistics update, dropout with P(drop) =
-    p rounded to 2**-16 as in `relu_dropout` (a different random stream), and the Linear's bias
+    (`cpu_kernels`): the same BatchNorm math and running-statistics update, the same dropout
+    masks as `relu_dropout` (the kernel runs the same SFC64 generator), and the Linear's bias
     handled inside BatchNorm, where it cancels: its gradient is exactly zero instead of rounding
     noise. Elsewhere, or where the kernel cannot be built: the eager ops.
     """
-    applies = (cpu_kernels.ENABLED and training and bn.training and x.device.type == "cpu" and x.dim() == 2
+    applies = (cpu_kernels.ENABLED and KEEP_MASK_WORDS == "sfc64" and training and bn.training and x.device.type == "cpu" and x.dim() == 2
                and x.dtype == linear.weight.dtype == bn.weight.dtype == torch.float32 and bn.affine
                and bn.running_mean is not None)
     ext = cpu_kernels.bn_relu_dropout_extension() if applies else None
@@ -142,9 +146,13 @@ def linear_batch_norm_relu_dropout(
     drop_levels = threshold + _MASK_LEVELS // 2  # the kernel reads lanes unsigned: keep iff lane >= it
     h = torch.mm(x, linear.weight.t())  # (B, out), without the bias
     shift = linear.bias if linear.bias is not None else h.new_zeros(h.shape[1])
+    # the generator dropout_keep_mask would use, so the kernel keeps exactly the entries the eager
+    # ops keep; no draw without dropout (the eager ops draw none either)
+    state = (keep_mask_generator().state["state"]["state"] if drop_levels > 0 else [0, 0, 0, 0])
+    sfc64_state = torch.from_numpy(np.asarray(state, dtype=np.uint64).view(np.int64))  # (4,): a, b, c, counter
     return cpu_kernels.BatchNormReLUDropout.apply(
         h, shift, bn.weight, bn.bias, bn.running_mean, bn.running_var, ext, float(momentum), float(bn.eps),
-        drop_levels, scale)
+        drop_levels, scale, sfc64_state)
 
 
 # A leaf for torch.fx as well: the Linear and BatchNorm modules become get_attr arguments, and the

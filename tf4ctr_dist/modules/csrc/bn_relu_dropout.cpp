@@ -11,8 +11,9 @@
 // mask conversion and two multiplies; in backward a mask multiply and BatchNorm's two passes);
 // this kernel makes five: two statistics passes and one output pass forward, two passes backward.
 //
-// Dropout keep decisions come from a counter-based hash of (seed, element index), so they do not
-// depend on the thread count; element i is kept iff the top 16 bits of its hash are >= drop_levels,
+// Dropout keep decisions are the eager path's (`dropout_keep_mask` in mlp.py): numpy's SFC64 words,
+// generated here from the generator state the caller passes, four little-endian 16-bit lanes per
+// word in element order; element i is kept iff its lane, read as int16, is >= drop_levels - 2^15,
 // i.e. P(drop) = drop_levels / 2^16. Backward recovers the combined ReLU and dropout mask from the
 // output (y > 0 exactly where the normalised value was positive and kept, since scale >= 1).
 //
@@ -25,19 +26,23 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kBlock = 32;
 
-inline uint32_t mix32(uint32_t x) {  // a bijective 32-bit integer hash (two multiply-xorshift rounds)
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
+// numpy's SFC64 (Chris Doty-Humphrey's Small Fast Chaotic generator): state (a, b, c, counter).
+void sfc64_fill(uint64_t state[4], uint64_t* __restrict out, int64_t count) {
+  uint64_t a = state[0], b = state[1], c = state[2], w = state[3];
+  for (int64_t k = 0; k < count; ++k) {
+    const uint64_t tmp = a + b + w++;
+    a = b ^ (b >> 11);
+    b = c + (c << 3);
+    c = ((c << 24) | (c >> 40)) + tmp;
+    out[k] = tmp;
+  }
 }
 
 // out[c] = sum over rows [r0, r1) of x[r, c] (kCentered false) or (x[r, c] - mean[c])^2 (true).
@@ -63,22 +68,22 @@ void column_sums(const float* __restrict x, const float* __restrict mean, int64_
   }
 }
 
-// y[r, c] = max(x[r, c] * a[c] + b[c], 0) * (kept ? scale : 0) for rows [r0, r1).
+// y[r, c] = max(x[r, c] * a[c] + b[c], 0) * (kept ? scale : 0) for rows [r0, r1); lanes (B * n
+// 16-bit lanes) decide "kept", or everything is kept when lanes is null.
 void normalize_relu_dropout(const float* __restrict x, const float* __restrict a, const float* __restrict b,
-                            int64_t r0, int64_t r1, int64_t n, uint32_t seed_lo, uint32_t seed_hi,
-                            uint32_t drop_levels, float scale, float* __restrict y) {
+                            int64_t r0, int64_t r1, int64_t n, const uint16_t* __restrict lanes,
+                            uint16_t drop_levels, float scale, float* __restrict y) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* __restrict row = x + r * n;
     float* __restrict out = y + r * n;
-    const uint64_t first = static_cast<uint64_t>(r) * static_cast<uint64_t>(n);
-    const uint32_t lo = static_cast<uint32_t>(first);
-    const uint32_t hi = static_cast<uint32_t>(first >> 32) ^ seed_lo;
+    if (lanes == nullptr) {
+      for (int64_t c = 0; c < n; ++c) out[c] = std::max(row[c] * a[c] + b[c], 0.f) * scale;
+      continue;
+    }
+    const uint16_t* __restrict lane = lanes + r * n;
     for (int64_t c = 0; c < n; ++c) {
-      // the element index's low word (wrapping adds stay exact modulo 2^32), its high word and the
-      // seed go through the hash twice
-      uint32_t v = mix32(((lo + static_cast<uint32_t>(c)) * 0x9E3779B9U) ^ hi);
-      v = mix32(v ^ seed_hi);
-      const float keep = (v >> 16) >= drop_levels ? scale : 0.f;
+      // flipping the sign bit maps int16 order onto uint16 order
+      const float keep = static_cast<uint16_t>(lane[c] ^ 0x8000U) >= drop_levels ? scale : 0.f;
       out[c] = std::max(row[c] * a[c] + b[c], 0.f) * keep;
     }
   }
@@ -160,7 +165,8 @@ void check_matrix(const at::Tensor& t, const char* name) {
 // running_var in place.
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& weight,
                                    const at::Tensor& bias, at::Tensor running_mean, at::Tensor running_var,
-                                   double momentum, double eps, int64_t drop_levels, double scale, int64_t seed) {
+                                   double momentum, double eps, int64_t drop_levels, double scale,
+                                   const at::Tensor& sfc64_state) {
   check_matrix(x, "input");
   const int64_t rows = x.size(0), n = x.size(1);
   TORCH_CHECK(rows > 1, "bn_relu_dropout: BatchNorm needs more than 1 row in training, got ", rows);
@@ -170,6 +176,8 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& shift, co
   check_vector(running_mean, n, "running_mean");
   check_vector(running_var, n, "running_var");
   TORCH_CHECK(drop_levels >= 0 && drop_levels < 65536 && scale >= 1.0, "bn_relu_dropout: bad dropout");
+  TORCH_CHECK(sfc64_state.dtype() == at::kLong && sfc64_state.numel() == 4 && sfc64_state.is_contiguous(),
+              "bn_relu_dropout: sfc64_state must be 4 contiguous int64 values");
 
   const int64_t tasks = num_tasks(rows);
   std::vector<double> partial(tasks * n);
@@ -211,11 +219,19 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& shift, co
 
   auto y = at::empty_like(x);
   float* yp = y.data_ptr<float>();
-  const auto useed = static_cast<uint64_t>(seed);
+  // the keep lanes: one generator, so one thread (about 1 ns per word); none without dropout
+  at::Tensor words;
+  const uint16_t* lanes = nullptr;
+  if (drop_levels > 0) {
+    words = at::empty({(rows * n + 3) / 4}, x.options().dtype(at::kLong));
+    uint64_t state[4];
+    std::memcpy(state, sfc64_state.data_ptr<int64_t>(), sizeof(state));
+    sfc64_fill(state, reinterpret_cast<uint64_t*>(words.data_ptr<int64_t>()), words.numel());
+    lanes = reinterpret_cast<const uint16_t*>(words.data_ptr<int64_t>());
+  }
   for_each_task(tasks, [&](int64_t t) {
-    normalize_relu_dropout(xp, a.data(), b.data(), rows * t / tasks, rows * (t + 1) / tasks, n,
-                           static_cast<uint32_t>(useed), static_cast<uint32_t>(useed >> 32),
-                           static_cast<uint32_t>(drop_levels), static_cast<float>(scale), yp);
+    normalize_relu_dropout(xp, a.data(), b.data(), rows * t / tasks, rows * (t + 1) / tasks, n, lanes,
+                           static_cast<uint16_t>(drop_levels), static_cast<float>(scale), yp);
   });
   return {y, mean, invstd};
 }
@@ -283,7 +299,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, co
 // Registered as torch.ops.tf4ctr.* (a plain shared library: no Python bindings to compile).
 TORCH_LIBRARY(tf4ctr, m) {
   m.def("bn_relu_dropout_forward(Tensor x, Tensor shift, Tensor weight, Tensor bias, Tensor(a!) running_mean, "
-        "Tensor(b!) running_var, float momentum, float eps, int drop_levels, float scale, int seed) -> Tensor[]",
+        "Tensor(b!) running_var, float momentum, float eps, int drop_levels, float scale, Tensor sfc64_state) -> Tensor[]",
         &forward);
   m.def("bn_relu_dropout_backward(Tensor grad, Tensor x, Tensor y, Tensor mean, Tensor invstd, Tensor weight, "
         "float scale) -> Tensor[]",
