@@ -23,6 +23,11 @@ def _kernel():
         pytest.fail("the CPU kernel did not build on this machine (see the warning above)")
 
 
+@pytest.fixture(autouse=True)
+def _kernel_on(monkeypatch):  # opt-in in training (TF4CTR_CPU_KERNELS=1); on for these tests
+    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+
+
 class Block(nn.Module):
     """Linear -> BatchNorm1d with parameters away from the identity, run by the function under test."""
 
