@@ -50,7 +50,7 @@ SEED = 2026
 DEFAULT_CACHE = ".tf4ctr-cache"
 SECTIONS = ("train_1w", "train_bf16", "train_2w", "dp_adam", "reference", "interleaved", "ingest", "s3", "rss")
 # The interleaved section: these A/B variants in one process, round by round (see run_ab).
-INTERLEAVED_VARIANTS = ("reference", "default", "default_bf16", "bn_kernel")
+INTERLEAVED_VARIANTS = ("reference", "default", "default_bf16", "eager_bn")
 
 TARGETS = {
     # key in the report: (comparison, threshold, what)
@@ -187,10 +187,10 @@ def derive(
         "ratio_vs_reference_interleaved": _get(interleaved or {}, "default.ratio_vs_base"),
         "ratio_vs_reference_bf16_interleaved": _get(interleaved or {}, "default_bf16.ratio_vs_base"),
         "roofline_share_interleaved": ratio(dense_flops(_get(interleaved or {}, "default.samples_per_s")), matmul_flops),
-        # the opt-in compiled BatchNorm/ReLU/dropout CPU kernel (TF4CTR_CPU_KERNELS=1), fp32
-        "ratio_vs_reference_bn_kernel_interleaved": _get(interleaved or {}, "bn_kernel.ratio_vs_base"),
-        "roofline_share_bn_kernel_interleaved": ratio(
-            dense_flops(_get(interleaved or {}, "bn_kernel.samples_per_s")), matmul_flops),
+        # fp32 without the compiled BatchNorm/ReLU/dropout CPU kernel (TF4CTR_CPU_KERNELS=0)
+        "ratio_vs_reference_eager_bn_interleaved": _get(interleaved or {}, "eager_bn.ratio_vs_base"),
+        "roofline_share_eager_bn_interleaved": ratio(
+            dense_flops(_get(interleaved or {}, "eager_bn.samples_per_s")), matmul_flops),
     }
 
 
@@ -291,15 +291,15 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     if g("interleaved") is not None:
         rows.append(("interleaved in one process (median of per-round ratios)", "", ""))
         for name, label in (("reference", "reference"), ("default", "ours 1w"), ("default_bf16", "ours 1w bf16"),
-                            ("bn_kernel", "ours 1w + CPU kernel (opt-in)")):
+                            ("eager_bn", "ours 1w, CPU kernel off")):
             if g(f"interleaved.variants.{name}") is not None:
                 rows.append((f"{label} samples/s, interleaved", g(f"interleaved.variants.{name}.samples_per_s"),
                              "samples/s"))
         rows.append(("ratio ours 1w / reference, interleaved", report.get("ratio_vs_reference_interleaved"), "x"))
         rows.append(("ratio ours 1w bf16 / reference, interleaved", report.get("ratio_vs_reference_bf16_interleaved"), "x"))
-        if g("interleaved.variants.bn_kernel") is not None:
-            rows.append(("ratio ours 1w + CPU kernel / reference, interleaved",
-                         report.get("ratio_vs_reference_bn_kernel_interleaved"), "x"))
+        if g("interleaved.variants.eager_bn") is not None:
+            rows.append(("ratio ours 1w, CPU kernel off / reference, interleaved",
+                         report.get("ratio_vs_reference_eager_bn_interleaved"), "x"))
     rows.append(("per CPU-second (load-insensitive diagnostic)", "", ""))
     for key, label in (("table_wise_1w", "ours 1w"), ("table_wise_1w_bf16", "ours 1w bf16"),
                        ("table_wise_2w", "ours 2w (all ranks)"),
@@ -318,9 +318,9 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     rows.append(("roofline share ours 1w", report.get("roofline_share"), "%"))
     if report.get("roofline_share_interleaved") is not None:
         rows.append(("roofline share ours 1w, interleaved rate", report.get("roofline_share_interleaved"), "%"))
-    if report.get("roofline_share_bn_kernel_interleaved") is not None:
-        rows.append(("roofline share ours 1w + CPU kernel, interleaved rate",
-                     report.get("roofline_share_bn_kernel_interleaved"), "%"))
+    if report.get("roofline_share_eager_bn_interleaved") is not None:
+        rows.append(("roofline share ours 1w, CPU kernel off, interleaved rate",
+                     report.get("roofline_share_eager_bn_interleaved"), "%"))
     if g("matmul_cpu.bf16_flops_per_s") is not None:
         rows.append(("bf16 matmul 2048^2, all threads (best)", g("matmul_cpu.bf16_flops_per_s"), "FLOP/s"))
     if g("train.table_wise_1w_bf16") is not None:
@@ -526,6 +526,7 @@ def _train_worker(rank: int, world: int, spec: dict) -> dict:
     from tf4ctr_dist.data.reader import ParquetSplitReader
     from tf4ctr_dist.distributed.sharding import build_optimizer, describe_plan, resolve_placement, shard_model
     from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
+    from tf4ctr_dist.modules import cpu_kernels
 
     t_start = time.perf_counter()
     device = _device(spec, rank)
@@ -583,6 +584,9 @@ def _train_worker(rank: int, world: int, spec: dict) -> dict:
         "loop_s": loop_s,
         "threads": torch.get_num_threads(),
         "concurrent_table_backward": module.model.concurrent_table_backward,
+        # whether float32 training ran the compiled BatchNorm/ReLU/dropout kernel
+        "cpu_kernel": bool(device.type == "cpu" and model_cfg.dense_precision == "fp32"
+                           and cpu_kernels.ENABLED and cpu_kernels.bn_relu_dropout_extension() is not None),
         "final_loss": float(last["out"][0].float().cpu()),
         **rss_bytes(),
     }
@@ -761,14 +765,15 @@ AB_VARIANTS: dict[str, dict[str, Any]] = {
                               "concurrent_table_backward": True},
     "bf16_masks_adam_concurrent": {"fused_dense": True, "model": {"dense_precision": "bf16"}, "mask_words": "sfc64",
                                    "fused_adam": True, "concurrent_table_backward": True},
-    # + BatchNorm -> ReLU -> dropout as one compiled kernel (float32 only; opt-in in training)
+    # + BatchNorm -> ReLU -> dropout as one compiled kernel (float32 only): today's default
     "bn_kernel": {"fused_dense": True, "model": {}, "mask_words": "sfc64", "fused_adam": True,
                   "concurrent_table_backward": True, "bn_kernel": True},
     # the reference (ReferenceTF4CTR + ReferenceStep on in-memory batches), for ratios measured
     # round by round against it instead of in separate processes minutes apart
     "reference": {"reference": True},
 }
-AB_VARIANTS["default"] = AB_VARIANTS["masks_adam_concurrent"]  # what training runs today
+AB_VARIANTS["default"] = AB_VARIANTS["bn_kernel"]  # what training runs today
+AB_VARIANTS["eager_bn"] = AB_VARIANTS["masks_adam_concurrent"]  # today's fp32 with TF4CTR_CPU_KERNELS=0
 AB_VARIANTS["default_bf16"] = AB_VARIANTS["bf16_masks_adam_concurrent"]  # same with dense_precision=bf16
 
 
@@ -1161,6 +1166,7 @@ def _train_summary(results: list[dict]) -> dict[str, Any]:
         "local_batch": r0["local_batch"],
         "threads_per_worker": r0["threads"],
         "concurrent_table_backward": r0.get("concurrent_table_backward"),
+        "cpu_kernel": r0.get("cpu_kernel"),
         "setup_s": max(r["setup_s"] for r in results),
         "final_loss": r0["final_loss"],
         "rss_peak_bytes": max(r["rss_peak_bytes"] for r in results),
@@ -1181,8 +1187,8 @@ def _timeout(args) -> float:
 
 
 def _interleaved(args, url: str) -> dict:
-    """The reference, our 1-worker default (fp32 and bf16) and the fp32 default with the opt-in
-    CPU kernel in ONE process, `per_round` steps
+    """The reference, our 1-worker default (fp32 and bf16) and fp32 without the CPU kernel in
+    ONE process, `per_round` steps
     of each in turn for `rounds` rounds: ratios that a slow drift of the machine cannot bias."""
     from tf4ctr_dist.config import DataConfig
 
@@ -1265,7 +1271,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="torch.profiler over STEPS steps of the 1-worker run; top ops go to the report")
     p.add_argument("--interleaved-rounds", type=int, default=10,
-                   help="rounds of the interleaved reference / default / default_bf16 / bn_kernel comparison (2 steps each)")
+                   help="rounds of the interleaved reference / default / default_bf16 / eager_bn comparison (2 steps each)")
     p.add_argument("--only", default="", help=f"comma list of CPU sections to run (default all): {','.join(SECTIONS)}")
     p.add_argument("--skip-s3", action="store_true", help="no local S3 server / S3 ingest")
     p.add_argument("--skip-rss", action="store_true", help="no large dataset / RSS comparison")

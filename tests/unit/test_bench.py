@@ -190,9 +190,9 @@ def test_interleaved_rounds_give_per_round_ratios_against_the_reference():
     r = {"rounds": {"reference": [(1.0, 2.0), (2.0, 4.0), (1.0, 2.0)],
                     "default": [(0.5, 1.0), (0.5, 1.0), (0.25, 0.5)],
                     "default_bf16": [(0.25, 0.5), (1.0, 2.0), (0.5, 1.0)],
-                    "bn_kernel": [(0.5, 1.0), (1.0, 2.0), (0.5, 1.0)]},
-         "losses": {"reference": [0.7], "default": [0.6], "default_bf16": [0.65], "bn_kernel": [0.6]}}
-    s = bench.summarize_ab(r, ["reference", "default", "default_bf16", "bn_kernel"], per_round=2, batch=100)
+                    "eager_bn": [(0.5, 1.0), (1.0, 2.0), (0.5, 1.0)]},
+         "losses": {"reference": [0.7], "default": [0.6], "default_bf16": [0.65], "eager_bn": [0.6]}}
+    s = bench.summarize_ab(r, ["reference", "default", "default_bf16", "eager_bn"], per_round=2, batch=100)
     # per-round ratios 2, 4, 4 -> median 4; a ratio of medians would give 400/200 = 2
     assert s["default"]["ratio_vs_base"] == pytest.approx(4.0)
     assert (s["default"]["ratio_vs_base_min"], s["default"]["ratio_vs_base_max"]) == (2.0, 4.0)
@@ -205,8 +205,8 @@ def test_interleaved_rounds_give_per_round_ratios_against_the_reference():
     assert report["ratio_vs_reference_interleaved"] == pytest.approx(4.0)
     assert report["ratio_vs_reference_bf16_interleaved"] == pytest.approx(2.0)
     assert report["roofline_share_interleaved"] == pytest.approx(400 * 5_131_200 / 2e11)
-    assert report["ratio_vs_reference_bn_kernel_interleaved"] == pytest.approx(2.0)  # 2, 2, 2
-    assert report["roofline_share_bn_kernel_interleaved"] == pytest.approx(400 * 5_131_200 / 2e11)  # median of 400, 200, 400
+    assert report["ratio_vs_reference_eager_bn_interleaved"] == pytest.approx(2.0)  # 2, 2, 2
+    assert report["roofline_share_eager_bn_interleaved"] == pytest.approx(400 * 5_131_200 / 2e11)  # median of 400, 200, 400
     assert report["targets"]["ratio_vs_reference_interleaved"]["met"] is True
     assert report["targets"]["ratio_vs_reference_bf16_interleaved"]["met"] is False
     text = bench.format_table(bench.report_rows(report))

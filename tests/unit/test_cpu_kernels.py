@@ -24,7 +24,7 @@ def _kernel():
 
 
 @pytest.fixture(autouse=True)
-def _kernel_on(monkeypatch):  # opt-in in training (TF4CTR_CPU_KERNELS=1); on for these tests
+def _kernel_on(monkeypatch):  # on for these tests even where TF4CTR_CPU_KERNELS=0
     monkeypatch.setattr(cpu_kernels, "ENABLED", True)
 
 

@@ -7,8 +7,8 @@ mostly passes over memory; the kernel does the same in about 2.6 ms (BENCHMARKS.
 The kernel is compiled on first use with torch's C++ extension builder (g++, ninja) for the CPU
 it runs on, and cached under `TF4CTR_KERNEL_DIR` (default ~/.cache/tf4ctr_dist/kernels) by a
 name that hashes the source, the CPU and the torch version. Where it cannot be built (no
-compiler, say) one warning is printed and the eager path runs instead. Off unless
-TF4CTR_CPU_KERNELS=1 (see `ENABLED`).
+compiler, say) one warning is printed and the eager path runs instead; TF4CTR_CPU_KERNELS=0
+switches it off.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ import torch
 _SOURCE = Path(__file__).with_name("csrc") / "bn_relu_dropout.cpp"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
-# Opt-in (TF4CTR_CPU_KERNELS=1; also the module switch for A/B timing and tests): on Frappe the
-# kernel's runs ended 0.0012 test AUC below the eager ops' on average (BENCHMARKS.md, speed-up 7),
-# unexplained so far, so float32 training runs the eager BatchNorm + relu_dropout by default.
-ENABLED = os.environ.get("TF4CTR_CPU_KERNELS", "0") == "1"
+# Module switch (A/B timing, tests): False makes MLPEncoder run the eager BatchNorm + relu_dropout;
+# TF4CTR_CPU_KERNELS=0 sets it for a whole run.
+ENABLED = os.environ.get("TF4CTR_CPU_KERNELS", "1") != "0"
 
 
 def _cpu_signature() -> str:
