@@ -585,8 +585,7 @@ def _train_worker(rank: int, world: int, spec: dict) -> dict:
         "threads": torch.get_num_threads(),
         "concurrent_table_backward": module.model.concurrent_table_backward,
         # whether float32 training ran the compiled BatchNorm/ReLU/dropout kernel
-        "cpu_kernel": bool(device.type == "cpu" and model_cfg.dense_precision == "fp32"
-                           and cpu_kernels.ENABLED and cpu_kernels.bn_relu_dropout_extension() is not None),
+        "cpu_kernel": device.type == "cpu" and model_cfg.dense_precision == "fp32" and cpu_kernels.available(),
         "final_loss": float(last["out"][0].float().cpu()),
         **rss_bytes(),
     }

@@ -1,4 +1,4 @@
-"""clip_grad_norm (the dense step's clipping) equals torch.nn.utils.clip_grad_norm_ exactly, also
+"""clip_gradients (the dense step's clipping) equals torch.nn.utils.clip_grad_norm_ exactly, also
 where it skips the multiply by 1.0."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tf4ctr_dist.distributed.sharding import clip_grad_norm
+from tf4ctr_dist.distributed.sharding import clip_gradients
 
 
 def _params(scale: float) -> list[torch.nn.Parameter]:
@@ -23,7 +23,7 @@ def _params(scale: float) -> list[torch.nn.Parameter]:
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 100.0])
 def test_equals_torch_clip_grad_norm(scale):
     ours, theirs = _params(scale), _params(scale)
-    total = clip_grad_norm(ours, 10.0)
+    total = clip_gradients(ours, 10.0)
     expected = torch.nn.utils.clip_grad_norm_(theirs, 10.0)
     assert torch.equal(total, expected)
     for a, b in zip(ours[:3], theirs[:3]):
@@ -35,7 +35,7 @@ def test_equals_torch_clip_grad_norm(scale):
 def test_non_finite_norm_still_scales_like_torch():
     ours, theirs = _params(1.0), _params(1.0)
     ours[0].grad[0, 0] = theirs[0].grad[0, 0] = float("inf")
-    clip_grad_norm(ours, 10.0)
+    clip_gradients(ours, 10.0)
     torch.nn.utils.clip_grad_norm_(theirs, 10.0)
     for a, b in zip(ours[:3], theirs[:3]):
         torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
@@ -43,4 +43,4 @@ def test_non_finite_norm_still_scales_like_torch():
 
 
 def test_no_gradients():
-    assert float(clip_grad_norm([torch.nn.Parameter(torch.ones(2))], 1.0)) == 0.0
+    assert float(clip_gradients([torch.nn.Parameter(torch.ones(2))], 1.0)) == 0.0

@@ -170,6 +170,21 @@ def test_cumulative_average_when_momentum_is_none():
     torch.testing.assert_close(block.bn.running_var, ref.bn.running_var, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("raw,want", [(None, True), ("", True), ("0", False), ("off", False), ("1", True), (" True ", True)])
+def test_switch_from_env(monkeypatch, raw, want):
+    if raw is None:
+        monkeypatch.delenv("TF4CTR_CPU_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("TF4CTR_CPU_KERNELS", raw)
+    assert cpu_kernels.switch_from_env() is want
+
+
+def test_a_malformed_switch_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("TF4CTR_CPU_KERNELS", "disabled")
+    with pytest.raises(ValueError, match="TF4CTR_CPU_KERNELS='disabled': expected 1/true/on/yes or 0/false/off/no"):
+        cpu_kernels.switch_from_env()
+
+
 def test_one_row_is_an_error_like_batch_norms():
     with pytest.raises(RuntimeError, match="more than 1 row"):
         Block(3, 4)(torch.randn(1, 3), 0.1)

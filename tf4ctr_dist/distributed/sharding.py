@@ -241,7 +241,7 @@ def is_embedding_param(name: str) -> bool:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
+def clip_gradients(params: list, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_(params, max_norm), without its multiply by 1.0 when the
     norm is within bounds and every gradient is on the CPU (where reading the norm costs no
     device sync): x * 1.0 == x, so the result is identical. Returns the total norm."""
@@ -292,7 +292,7 @@ class DenseStepHooks(OptimizerWrapper):
     def step(self, closure=None):  # type: ignore[override]
         self._add_penalty_gradient()
         if self._clip > 0 and self._clip_params:
-            clip_grad_norm(self._clip_params, self._clip)
+            clip_gradients(self._clip_params, self._clip)
         return super().step(closure)
 
 

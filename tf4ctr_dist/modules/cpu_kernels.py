@@ -28,9 +28,23 @@ import torch
 _SOURCE = Path(__file__).with_name("csrc") / "bn_relu_dropout.cpp"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
+_SWITCH_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+
+
+def switch_from_env(name: str = "TF4CTR_CPU_KERNELS", default: bool = True) -> bool:
+    """An on/off environment variable: 1/true/on/yes or 0/false/off/no; anything else is an error."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return _SWITCH_VALUES[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{name}={raw!r}: expected 1/true/on/yes or 0/false/off/no") from None
+
+
 # Module switch (A/B timing, tests): False makes MLPEncoder run the eager BatchNorm + relu_dropout;
 # TF4CTR_CPU_KERNELS=0 sets it for a whole run.
-ENABLED = os.environ.get("TF4CTR_CPU_KERNELS", "1") != "0"
+ENABLED = switch_from_env()
 
 
 def _cpu_signature() -> str:
@@ -82,6 +96,11 @@ def bn_relu_dropout_extension() -> Any | None:
         return None
 
 
+def available() -> bool:
+    """Whether float32 CPU training runs the kernel: switched on and built (or buildable)."""
+    return ENABLED and bn_relu_dropout_extension() is not None
+
+
 class BatchNormReLUDropout(torch.autograd.Function):
     """y = relu(batch_norm(x + shift)) * keep * scale, x (B, N) float32 contiguous, shift (N) the
     preceding Linear's bias (its gradient is zero: BatchNorm cancels it; it moves the running
@@ -102,6 +121,7 @@ class BatchNormReLUDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, y, mean, invstd, weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = ctx.ext.bn_relu_dropout_backward(grad.contiguous(), x, y, mean, invstd, weight, ctx.scale)
+        grad_x, grad_weight, grad_bias = ctx.ext.bn_relu_dropout_backward(
+            grad.contiguous(), x, y, mean, invstd, weight, ctx.scale)
         grad_shift = torch.zeros_like(mean) if ctx.shift_grad else None
         return grad_x, grad_shift, grad_weight, grad_bias, None, None, None, None, None, None, None, None

@@ -130,9 +130,9 @@ def linear_batch_norm_relu_dropout(
     handled inside BatchNorm, where it cancels: its gradient is exactly zero instead of rounding
     noise. Elsewhere, or where the kernel cannot be built: the eager ops.
     """
-    applies = (cpu_kernels.ENABLED and KEEP_MASK_WORDS == "sfc64" and training and bn.training and x.device.type == "cpu" and x.dim() == 2
-               and x.dtype == linear.weight.dtype == bn.weight.dtype == torch.float32 and bn.affine
-               and bn.running_mean is not None)
+    applies = (cpu_kernels.ENABLED and KEEP_MASK_WORDS == "sfc64" and training and bn.training
+               and x.device.type == "cpu" and x.dim() == 2 and bn.affine and bn.running_mean is not None
+               and x.dtype == linear.weight.dtype == bn.weight.dtype == torch.float32)
     ext = cpu_kernels.bn_relu_dropout_extension() if applies else None
     if ext is None:
         return relu_dropout(bn(linear(x)), p, training)
