@@ -1,6 +1,7 @@
 """The two table sets' backward on two threads (one CPU worker, fused tables): switched on by
-shard_model where it is safe, and training through the sharded model ends in exactly the same
-tables, optimizer state and dense weights as the sequential backward."""
+shard_model where it is safe and useful (fbgemm's single-threaded table kernel; not with this
+package's table kernel, which has the threads), and training through the sharded model ends in
+exactly the same tables, optimizer state and dense weights as the sequential backward."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _train(rank: int, world: int, batches: list[dict]) -> dict:
     tables = embedding_tables(FIELDS, _model_cfg())
     fused = resolve_placement("table_wise", "rowwise_adagrad", "cpu")
     out: dict = {"threads": torch.get_num_threads(), "switch": {}}
-    for name, switch in (("auto", None), ("off", False)):
+    for name, switch in (("on", True), ("off", False)):
         torch.manual_seed(11)
         module = TF4CTRTrain(tf4ctr(FIELDS, _model_cfg(), device="meta"), Objective(LossConfig()))
         dmp, _ = shard_model(module, tables, fused, device=torch.device("cpu"), embedding_lr=0.05,
@@ -74,7 +75,18 @@ def _train(rank: int, world: int, batches: list[dict]) -> dict:
             opt.step()
         out[f"{name}/calls"] = calls["n"] - before
         out[name] = _state(dmp, opt)
-    # Where it is not safe or not useful, the default leaves it off.
+    # The default: on only for fbgemm's single-threaded table kernel, and where it is safe.
+    from tf4ctr_dist.modules import cpu_kernels
+
+    module = TF4CTRTrain(tf4ctr(FIELDS, _model_cfg(), device="meta"), Objective(LossConfig()))
+    shard_model(module, tables, fused, device=torch.device("cpu"), embedding_lr=0.05,
+                embedding_weight_decay=0.0, local_batch_size=GLOBAL_BATCH)
+    out["switch"]["auto_table_kernel"] = module.model.concurrent_table_backward
+    cpu_kernels.ENABLED = False  # TF4CTR_CPU_KERNELS=0: fbgemm's kernel
+    module = TF4CTRTrain(tf4ctr(FIELDS, _model_cfg(), device="meta"), Objective(LossConfig()))
+    shard_model(module, tables, fused, device=torch.device("cpu"), embedding_lr=0.05,
+                embedding_weight_decay=0.0, local_batch_size=GLOBAL_BATCH)
+    out["switch"]["auto_fbgemm"] = module.model.concurrent_table_backward
     module = TF4CTRTrain(tf4ctr(FIELDS, _model_cfg(), device="meta"), Objective(LossConfig()))
     shard_model(module, tables, resolve_placement("data_parallel", "adam", "cpu"), device=torch.device("cpu"),
                 embedding_lr=0.05, embedding_weight_decay=0.0, local_batch_size=GLOBAL_BATCH)
@@ -90,12 +102,13 @@ def _train(rank: int, world: int, batches: list[dict]) -> dict:
 def test_concurrent_table_backward_trains_exactly_like_sequential():
     r = spawn(_train, 1, _global_batches(STEPS, seed=5), backend="gloo", threads=2, timeout=240)[0]
     assert r["threads"] == 2
-    assert r["switch"] == {"auto": True, "off": False, "data_parallel": False, "one_thread": False}
-    assert r["auto/calls"] == STEPS and r["off/calls"] == 0
-    on, off = r["auto"], r["off"]
-    assert r["auto/init"].keys() == r["off/init"].keys()
+    assert r["switch"] == {"on": True, "off": False, "auto_table_kernel": False, "auto_fbgemm": True,
+                           "data_parallel": False, "one_thread": False}
+    assert r["on/calls"] == STEPS and r["off/calls"] == 0
+    on, off = r["on"], r["off"]
+    assert r["on/init"].keys() == r["off/init"].keys()
     for key in r["off/init"]:  # the same start
-        np.testing.assert_array_equal(r["auto/init"][key], r["off/init"][key], err_msg=key)
+        np.testing.assert_array_equal(r["on/init"][key], r["off/init"][key], err_msg=key)
     assert on.keys() == off.keys()
     for key in off:  # the same end, bit for bit
         np.testing.assert_array_equal(on[key], off[key], err_msg=key)
@@ -119,12 +132,13 @@ def _train_one_worker(rank: int, world: int, url: str, out: str) -> dict:
     return train_worker(cfg, WorkerContext(rank=rank, world_size=world, device=torch.device("cpu")))
 
 
-def test_the_worker_loop_uses_it_on_one_cpu_worker_and_says_so(tmp_path):
+def test_the_worker_loop_uses_the_table_kernel_on_one_cpu_worker_and_says_so(tmp_path):
     from data_tools.synthetic import generate_synthetic
 
     url = str(tmp_path / "data")
     generate_synthetic(url, rows=12_000, fields=6, scale_vocab=0.05, seed=3, row_group_rows=2_000)
     result = spawn(_train_one_worker, 1, url, str(tmp_path / "run"), backend="gloo", threads=2, timeout=240)[0]
     plan = (tmp_path / "run" / "plan.txt").read_text()
-    assert "table backward: the two table sets on two threads (2 intra-op threads)" in plan
+    assert "table backward: tf4ctr row-wise Adagrad kernel on 2 intra-op threads" in plan
+    assert "two threads" not in plan
     assert result["test"]["AUC"] > 0.6  # it trained (synthetic labels are learnable)

@@ -19,7 +19,7 @@ from tf4ctr_dist.modules.mlp import dropout_threshold, linear_batch_norm_relu_dr
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernel():
-    if cpu_kernels.bn_relu_dropout_extension() is None:  # a failed build must fail these tests
+    if cpu_kernels.cpu_extension() is None:  # a failed build must fail these tests
         pytest.fail("the CPU kernel did not build on this machine (see the warning above)")
 
 
@@ -225,20 +225,20 @@ def test_a_failed_build_warns_once_and_runs_the_eager_ops(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", broken)
     monkeypatch.setattr(cpu_kernels, "_build_name", lambda: "tf4ctr_test_not_built")
-    cpu_kernels.bn_relu_dropout_extension.cache_clear()
+    cpu_kernels.cpu_extension.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not be built.*g\\+\\+: not found"):
-            assert cpu_kernels.bn_relu_dropout_extension() is None
+            assert cpu_kernels.cpu_extension() is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # cached: no second warning
-            assert cpu_kernels.bn_relu_dropout_extension() is None
+            assert cpu_kernels.cpu_extension() is None
         masks: list[torch.Tensor] = []
         real = mlp_mod.dropout_keep_mask
         monkeypatch.setattr(mlp_mod, "dropout_keep_mask", lambda *a: masks.append(real(*a)) or masks[-1])
         y = Block(3, 4)(torch.randn(16, 3), 0.2)
         assert len(masks) == 1 and y.shape == (16, 4)  # the eager relu_dropout ran
     finally:
-        cpu_kernels.bn_relu_dropout_extension.cache_clear()
+        cpu_kernels.cpu_extension.cache_clear()
 
 
 def test_fused_encoder_trains_with_the_kernel_like_the_eager_ops(monkeypatch):

@@ -27,6 +27,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from tf4ctr_dist.modules import cpu_kernels
 from tf4ctr_dist.modules.tf4ctr import TF4CTR
 
 logger = logging.getLogger(__name__)
@@ -192,6 +193,15 @@ def training_topology(world_size: int, device_type: str) -> Topology:
     return Topology(world_size=world_size, compute_device=device_type, local_world_size=local, **kwargs)
 
 
+def uses_table_kernel(placement: EmbeddingPlacement, device: torch.device) -> bool:
+    """Whether fused CPU tables train with this package's backward + row-wise Adagrad kernel
+    (`cpu_kernels.route_fbgemm_rowwise_adagrad`) instead of fbgemm's: CPU, fused row-wise Adagrad,
+    kernels switched on and built. fbgemm's CPU kernel runs on one core at about 600 ns per
+    distinct row and drops weight decay; on a GPU fbgemm's own kernel runs."""
+    return (device.type == "cpu" and placement.fused and placement.optimizer == "rowwise_adagrad"
+            and cpu_kernels.available())
+
+
 def shard_model(
     module: nn.Module,
     tables: list[EmbeddingBagConfig],
@@ -207,17 +217,25 @@ def shard_model(
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan and wrap ``module`` (built on ``meta``) in DistributedModelParallel.
 
+    Fused row-wise Adagrad tables on the CPU train with this package's table kernel
+    (`uses_table_kernel`), routed in for the whole process.
+
     concurrent_table_backward: whether the TF4CTR models in ``module`` run their two table sets'
     backward passes on two threads (`backward_concurrently`). None: where it helps and is safe,
-    i.e. one CPU worker with fused tables and at least two intra-op threads (fbgemm's CPU table
-    kernels are single-threaded; with several ranks each table set's backward would run an
-    all-to-all, and two threads could order those differently on different ranks).
+    i.e. one CPU worker with fused tables whose backward is fbgemm's single-threaded kernel (not
+    the table kernel, which uses the intra-op threads itself) and at least two intra-op threads
+    (with several ranks each table set's backward would run an all-to-all, and two threads could
+    order those differently on different ranks).
     """
     pg = pg or dist.group.WORLD
     world_size = dist.get_world_size(pg)
+    table_kernel = uses_table_kernel(placement, device)
+    if table_kernel:
+        cpu_kernels.route_fbgemm_rowwise_adagrad(True)
     if concurrent_table_backward is None:
         concurrent_table_backward = (
             world_size == 1 and device.type == "cpu" and placement.fused and torch.get_num_threads() > 1
+            and not table_kernel
         )
     for m in module.modules():
         if isinstance(m, TF4CTR):

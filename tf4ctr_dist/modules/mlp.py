@@ -133,7 +133,7 @@ def linear_batch_norm_relu_dropout(
     applies = (cpu_kernels.ENABLED and KEEP_MASK_WORDS == "sfc64" and training and bn.training
                and x.device.type == "cpu" and x.dim() == 2 and bn.affine and bn.running_mean is not None
                and x.dtype == linear.weight.dtype == bn.weight.dtype == torch.float32)
-    ext = cpu_kernels.bn_relu_dropout_extension() if applies else None
+    ext = cpu_kernels.cpu_extension() if applies else None
     if ext is None:
         return relu_dropout(bn(linear(x)), p, training)
     # nn.BatchNorm1d's bookkeeping (its forward does not run here)
