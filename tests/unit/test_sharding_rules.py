@@ -4,6 +4,7 @@ every table gets, and the refusals for what TorchRec / fbgemm cannot run on CPU.
 from __future__ import annotations
 
 import pytest
+import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -107,6 +108,24 @@ def test_fused_weight_decay_is_l2_only_when_positive(optimizer: str) -> None:
     assert on["weight_decay"] == 1e-5
     assert on["weight_decay_mode"] == WeightDecayMode.L2
     assert {k: v for k, v in on.items() if not k.startswith("weight_decay")} == off
+
+
+def test_cpu_tables_skip_the_separate_bounds_check_and_the_lookup_still_refuses_bad_ids() -> None:
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        EmbeddingLocation,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    p = resolve_placement("table_wise", "rowwise_adagrad", "cpu")
+    assert fused_params(p, lr=0.05, weight_decay=0.0, device_type="cpu")["bounds_check_mode"] == BoundsCheckMode.NONE
+    assert "bounds_check_mode" not in fused_params(p, lr=0.05, weight_decay=0.0, device_type="cuda")
+    assert "bounds_check_mode" not in fused_params(p, lr=0.05, weight_decay=0.0)
+    params = fused_params(p, lr=0.05, weight_decay=0.0, device_type="cpu")
+    tbe = SplitTableBatchedEmbeddingBagsCodegen([(5, 4, EmbeddingLocation.HOST, ComputeDevice.CPU)] * 2, **params)
+    with pytest.raises(RuntimeError, match=r"out of bounds: 7, range 0 to 5"):
+        tbe(torch.tensor([0, 1, 7, 2]), torch.tensor([0, 1, 2, 3, 4]))
 
 
 def test_fused_params_are_accepted_by_the_sharder() -> None:
