@@ -47,7 +47,7 @@ class EmbeddingPlacement:
     fused: bool  # True: fbgemm fused optimizer updates tables in backward
 
     def describe(self) -> str:
-        how = "fused in backward (fbgemm)" if self.fused else "dense optimizer, gradients all-reduced"
+        how = "fused in backward" if self.fused else "dense optimizer, gradients all-reduced"
         return (
             f"sharding={'/'.join(self.sharding_types)} kernel={self.compute_kernel} "
             f"embedding optimizer={self.optimizer} ({how})"

@@ -131,8 +131,9 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for k, v in dmp.state_dict().items() if "embedding_bags" in k})
     plan_text += f"\n  table weight dtype: {', '.join(dtypes)}"
     if uses_table_kernel(placement, ctx.device):
-        plan_text += (f"\n  table backward: tf4ctr row-wise Adagrad kernel on {torch.get_num_threads()} intra-op threads "
-                      "(in place of fbgemm's CPU kernel)")
+        threads = torch.get_num_threads()
+        plan_text += (f"\n  table backward: tf4ctr row-wise Adagrad kernel on {threads} intra-op "
+                      f"thread{'s' if threads != 1 else ''} (in place of fbgemm's CPU kernel)")
     if module.model.concurrent_table_backward:
         plan_text += f"\n  table backward: the two table sets on two threads ({torch.get_num_threads()} intra-op threads)"
     n_dense = sum(p.numel() for n, p in module.named_parameters() if "embedding_bags" not in n)
