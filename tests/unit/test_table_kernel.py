@@ -140,6 +140,22 @@ def test_max_norm_caps_updated_rows(routed):
     assert tbe.split_embedding_weights()[0][touched].norm(dim=1).max() <= 0.2 + 1e-6
 
 
+def test_table_above_the_dense_slot_map_limit(routed):
+    """Tables over 4M rows number their rows with a hash map instead of the dense map."""
+    rows = (1 << 22) + 1
+    tbe = table_batch([(rows, 4), (9, 4)], weight_decay=0.01, weight_decay_mode=WeightDecayMode.L2)
+    indices = torch.tensor([rows - 1, 5, rows - 1, 0, 3, 3])  # repeats in the big table, then table 1
+    offsets = torch.tensor([0, 1, 2, 3, 4, 5, 6])
+    grad = torch.randn(3, 8, generator=torch.Generator().manual_seed(9))
+    ref = reference_step(tbe, [4, 4], [0, 1], indices, offsets, grad, weight_decay=0.01, mode=1)
+    run_step(tbe, indices, offsets, grad)
+    for t, (w, h) in ref.items():
+        touched = sorted({int(i) for i in indices[:3]}) if t == 0 else [0, 3]
+        torch.testing.assert_close(tbe.split_embedding_weights()[t][touched].double(), w[touched], atol=2e-6, rtol=0)
+        torch.testing.assert_close(tbe.split_optimizer_states()[t][0][touched].double(), h[touched], atol=2e-6,
+                                   rtol=1e-6)
+
+
 def test_float16_weights(routed):
     tbe = table_batch([(10, 8)], weights_precision=SparseType.FP16, weight_decay=0.02,
                       weight_decay_mode=WeightDecayMode.DECOUPLE)

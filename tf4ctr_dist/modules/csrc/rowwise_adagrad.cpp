@@ -40,7 +40,9 @@
 
 namespace {
 
-constexpr int64_t kDenseMapRows = int64_t{1} << 24;  // 64 MiB of int32 slots per thread at most
+// Tables up to this many rows get a dense row -> slot map, kept per thread across calls (16 MiB
+// of int32 slots per thread at most; filled once, then reset entry by entry).
+constexpr int64_t kDenseMapRows = int64_t{1} << 22;
 
 float to_float(float v) { return v; }
 float to_float(c10::Half v) { return static_cast<float>(v); }
@@ -171,7 +173,7 @@ void backward_tables(const at::Tensor& grad_output, at::Tensor& host_weights, co
   // Slot of every entry, written by the entry's table only.
   std::vector<int32_t> entry_slot(static_cast<size_t>(off[T * B]));
   at::parallel_for(0, num_tables, 1, [&](int64_t t0, int64_t t1) {
-    SlotMap slots;
+    static thread_local SlotMap slots;
     std::vector<int64_t> rows;
     std::vector<float> acc;
     for (int64_t t = t0; t < t1; ++t) {
