@@ -242,6 +242,13 @@ def shard_model(
     table_kernel = uses_table_kernel(placement, device)
     if table_kernel:
         cpu_kernels.route_fbgemm_rowwise_adagrad(True)
+    elif (device.type == "cpu" and placement.fused and placement.optimizer == "rowwise_adagrad"
+          and embedding_weight_decay > 0):
+        logger.warning(
+            "embedding weight decay %g will not be applied: fbgemm's CPU row-wise Adagrad kernel ignores it "
+            "and tf4ctr_dist's table kernel is off (TF4CTR_CPU_KERNELS=0) or could not be built",
+            embedding_weight_decay,
+        )
     if concurrent_table_backward is None:
         concurrent_table_backward = (
             world_size == 1 and device.type == "cpu" and placement.fused and torch.get_num_threads() > 1
