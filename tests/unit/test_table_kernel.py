@@ -194,7 +194,7 @@ def test_agrees_with_fbgemm_and_routing_switches_back(monkeypatch):
 
 def test_fbgemm_cpu_kernel_drops_weight_decay(monkeypatch):
     """Why the kernel matters beyond speed: fbgemm 1.8's CPU kernel ignores weight decay (if this
-    starts failing, fbgemm fixed it and the docs' note can go)."""
+    starts failing, fbgemm fixed it and the docs' note and shard_model's warning can go)."""
     monkeypatch.setattr(cpu_kernels, "ENABLED", True)
     indices, offsets = ids_and_offsets(1, 8, [6])
     grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(8))
@@ -239,8 +239,10 @@ def test_routing_is_a_no_op_when_switched_off(monkeypatch):
 
 
 
-def test_shard_model_warns_that_fbgemm_drops_the_decay_when_the_kernel_is_off(monkeypatch, tmp_path):
-    """Without the kernel the configured decay would silently do nothing: say so."""
+@pytest.mark.parametrize("optimizer,kernels", [("rowwise_adagrad", False), ("adagrad", True), ("sgd", True)])
+def test_shard_model_warns_where_fbgemm_drops_the_decay(monkeypatch, tmp_path, optimizer, kernels):
+    """fbgemm's CPU kernels leave weight decay out (row-wise Adagrad without this package's
+    kernel, Adagrad, SGD): the configured decay would silently do nothing, so say so."""
     import torch.distributed as dist
 
     from tf4ctr_dist.config import LossConfig, ModelConfig
@@ -248,7 +250,7 @@ def test_shard_model_warns_that_fbgemm_drops_the_decay_when_the_kernel_is_off(mo
     from tf4ctr_dist.distributed.sharding import resolve_placement, shard_model
     from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
 
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", kernels)
     warnings: list[str] = []  # recorded at the call: other tests may change logging's levels
     monkeypatch.setattr(sharding.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     fields = [("a", 11), ("b", 7)]
@@ -259,9 +261,29 @@ def test_shard_model_warns_that_fbgemm_drops_the_decay_when_the_kernel_is_off(mo
         for decay, warned in ((0.0, False), (1e-5, True)):
             warnings.clear()
             module = TF4CTRTrain(tf4ctr(fields, cfg, device="meta"), Objective(LossConfig()))
-            shard_model(module, embedding_tables(fields, cfg), resolve_placement("table_wise", "rowwise_adagrad", "cpu"),
+            shard_model(module, embedding_tables(fields, cfg), resolve_placement("table_wise", optimizer, "cpu"),
                         device=torch.device("cpu"), embedding_lr=0.05, embedding_weight_decay=decay,
                         local_batch_size=4)
-            assert any("weight decay 1e-05 will not be applied" in w for w in warnings) is warned
+            assert any(f"weight decay 1e-05 will not be applied: fbgemm's CPU {optimizer} kernel" in w
+                       for w in warnings) is warned
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", [EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_SGD])
+def test_fbgemm_cpu_adagrad_and_sgd_drop_weight_decay_too(kind):
+    """The ground for shard_model's warning on those optimizers (fails once fbgemm applies it)."""
+    indices, offsets = ids_and_offsets(1, 8, [6])
+    grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(10))
+    after = []
+    for decay in (0.0, 0.5):
+        mode = WeightDecayMode.L2 if decay else WeightDecayMode.NONE
+        tbe = SplitTableBatchedEmbeddingBagsCodegen([(6, 4, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+                                                    optimizer=kind, learning_rate=0.3, eps=1e-3,
+                                                    weight_decay=decay, weight_decay_mode=mode)
+        with torch.no_grad():
+            tbe.weights_host.copy_(torch.linspace(-1, 1, tbe.weights_host.numel()))
+        run_step(tbe, indices, offsets, grad)
+        after.append(tbe.weights_host.clone())
+    assert not torch.equal(after[0], torch.linspace(-1, 1, after[0].numel()))  # it did update
+    assert torch.equal(after[0], after[1])

@@ -242,12 +242,13 @@ def shard_model(
     table_kernel = uses_table_kernel(placement, device)
     if table_kernel:
         cpu_kernels.route_fbgemm_rowwise_adagrad(True)
-    elif (device.type == "cpu" and placement.fused and placement.optimizer == "rowwise_adagrad"
-          and embedding_weight_decay > 0):
+    elif device.type == "cpu" and placement.fused and embedding_weight_decay > 0:
+        # fbgemm 1.8's CPU kernels (row-wise Adagrad, Adagrad, SGD) leave weight decay out of the update
+        why = ("tf4ctr_dist's table kernel is off (TF4CTR_CPU_KERNELS=0) or could not be built"
+               if placement.optimizer == "rowwise_adagrad" else "use embedding_optimizer=rowwise_adagrad for it")
         logger.warning(
-            "embedding weight decay %g will not be applied: fbgemm's CPU row-wise Adagrad kernel ignores it "
-            "and tf4ctr_dist's table kernel is off (TF4CTR_CPU_KERNELS=0) or could not be built",
-            embedding_weight_decay,
+            "embedding weight decay %g will not be applied: fbgemm's CPU %s kernel ignores it; %s",
+            embedding_weight_decay, placement.optimizer, why,
         )
     if concurrent_table_backward is None:
         concurrent_table_backward = (
