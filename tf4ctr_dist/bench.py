@@ -893,7 +893,7 @@ def _ab_worker(rank: int, world: int, spec: dict) -> dict:
         def stepper(p=pipeline, it=_epochs(reader), words=v.get("mask_words", "torch"), kernel=v.get("bn_kernel", False),
                     table_kernel=v.get("table_kernel", False)):
             mlp.KEEP_MASK_WORDS = words  # module switches: set before every step of this variant
-            cpu_kernels.ENABLED = True
+            cpu_kernels.ENABLED = True  # routing is a no-op while the kernels are switched off
             cpu_kernels.route_fbgemm_rowwise_adagrad(table_kernel)
             cpu_kernels.ENABLED = kernel
             return p.progress(it)

@@ -270,21 +270,16 @@ void rowwise_adagrad_backward(at::Tensor grad_output_in, at::Tensor host_weights
                 " and gradients ", go);
     const auto idx = indices.contiguous();
     const auto off = offsets.contiguous();
-    if (w == at::kFloat && go == at::kFloat) {
-      backward_tables<index_t, float, float>(grad_output, host_weights, weights_offsets, D_offsets, hash_size_cumsum,
-                                             idx, off, pooling_mode, weights_arg, momentum1_host, momentum1_offsets, u);
-    } else if (w == at::kFloat) {
-      backward_tables<index_t, float, c10::Half>(grad_output, host_weights, weights_offsets, D_offsets,
-                                                 hash_size_cumsum, idx, off, pooling_mode, weights_arg,
-                                                 momentum1_host, momentum1_offsets, u);
-    } else if (go == at::kFloat) {
-      backward_tables<index_t, c10::Half, float>(grad_output, host_weights, weights_offsets, D_offsets,
-                                                 hash_size_cumsum, idx, off, pooling_mode, weights_arg,
-                                                 momentum1_host, momentum1_offsets, u);
+    // one instantiation per (weight, gradient) dtype pair; the tags carry the types
+    auto run = [&](auto weight_tag, auto grad_tag) {
+      backward_tables<index_t, decltype(weight_tag), decltype(grad_tag)>(
+          grad_output, host_weights, weights_offsets, D_offsets, hash_size_cumsum, idx, off, pooling_mode,
+          weights_arg, momentum1_host, momentum1_offsets, u);
+    };
+    if (w == at::kFloat) {
+      go == at::kFloat ? run(float{}, float{}) : run(float{}, c10::Half{});
     } else {
-      backward_tables<index_t, c10::Half, c10::Half>(grad_output, host_weights, weights_offsets, D_offsets,
-                                                     hash_size_cumsum, idx, off, pooling_mode, weights_arg,
-                                                     momentum1_host, momentum1_offsets, u);
+      go == at::kFloat ? run(c10::Half{}, float{}) : run(c10::Half{}, c10::Half{});
     }
   });
 }
