@@ -1,4 +1,4 @@
-# Recipes delegate to dev.sh, which also works where `just` is not installed.
+# Recipes delegate to dev.sh (which also works where `just` is not installed) and so to `tf4ctr`.
 setup:
     ./dev.sh setup
 
@@ -12,4 +12,4 @@ bench *ARGS:
     ./dev.sh bench {{ARGS}}
 
 frappe *ARGS:
-    .venv/bin/python jobs/train_bars.py --train ../shared/data/frappe/train.csv --valid ../shared/data/frappe/valid.csv --test ../shared/data/frappe/test.csv --group-col user {{ARGS}}
+    ./dev.sh tf4ctr train --config frappe_x1 --train ../shared/data/frappe/train.csv --valid ../shared/data/frappe/valid.csv --test ../shared/data/frappe/test.csv --group-col user {{ARGS}}

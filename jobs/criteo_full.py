@@ -1,11 +1,7 @@
-"""Entry point: `python jobs/criteo_full.py --help` (also: `ray job submit -- python jobs/criteo_full.py ...`)."""
+"""`ray job submit -- python jobs/criteo_full.py [--data URL] [key=value ...]`: `tf4ctr train` with
+the Criteo presets (the synthetic demo without --data). See `tf4ctr train --help`."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from tf4ctr_dist.entry import criteo_full, run_cli  # noqa: E402
+from tf4ctr_dist.cli import run_job
 
 if __name__ == "__main__":
-    run_cli(criteo_full)
+    run_job("train")

@@ -1,11 +1,6 @@
-"""Entry point: `python jobs/retrain.py --from RUN_DIR --data NEW_DATASET` (see --help)."""
+"""`python jobs/retrain.py --from RUN (--data URL | --logs DIR --spec FILE)`: `tf4ctr retrain`."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from tf4ctr_dist.entry import retrain, run_cli  # noqa: E402
+from tf4ctr_dist.cli import run_job
 
 if __name__ == "__main__":
-    run_cli(retrain)
+    run_job("retrain")

@@ -1,11 +1,7 @@
-"""Entry point: `python jobs/train_bars.py --help` (also: `ray job submit -- python jobs/train_bars.py ...`)."""
+"""`python jobs/train_bars.py --train CSV --valid CSV --test CSV [key=value ...]` (or --data URL):
+`tf4ctr train` with the Frappe preset. See `tf4ctr train --help`."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from tf4ctr_dist.entry import train_bars, run_cli  # noqa: E402
+from tf4ctr_dist.cli import run_job
 
 if __name__ == "__main__":
-    run_cli(train_bars)
+    run_job("train", defaults=("--config", "frappe_x1"))

@@ -1,4 +1,4 @@
-"""``python -m tf4ctr_dist <command>``: see tf4ctr_dist.cli (e.g. ``python -m tf4ctr_dist plan --help``)."""
+"""``python -m tf4ctr_dist COMMAND ...`` is ``tf4ctr COMMAND ...`` (see tf4ctr_dist.cli)."""
 
 import sys
 

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from tf4ctr_dist.config import load_config
-from tf4ctr_dist.entry import CONFIGS, criteo_full_parser
+from tf4ctr_dist.cli.train import train_parser as criteo_full_parser
+from tf4ctr_dist.config import PRESETS_DIR as CONFIGS
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tf4ctr_dist.config import ConfigError, LossConfig, ModelConfig, RunConfig, TrainConfig, load_config
+from tf4ctr_dist.config import PRESETS_DIR, ConfigError, LossConfig, ModelConfig, RunConfig, TrainConfig, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted(PRESETS_DIR.glob("*.yaml"))
 
 
 # ---- unknown keys -----------------------------------------------------------------------------

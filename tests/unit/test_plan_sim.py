@@ -13,8 +13,8 @@ import pytest
 
 from tf4ctr_dist.cli import main as cli_main
 from tf4ctr_dist.config import load_config
-from tf4ctr_dist.distributed import plan_sim
-from tf4ctr_dist.distributed.plan_sim import (
+from tf4ctr_dist.planning import plan_sim
+from tf4ctr_dist.planning.plan_sim import (
     ClusterSpec,
     PlanFitError,
     TablePlan,
@@ -23,7 +23,7 @@ from tf4ctr_dist.distributed.plan_sim import (
     fields_from_vocab_sizes,
     simulate_plan,
 )
-from tf4ctr_dist.entry import CONFIGS
+from tf4ctr_dist.config import PRESETS_DIR as CONFIGS
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 2**30

@@ -1,22 +1,18 @@
-"""Sharding plans, DMP wrapping and optimizers for the TF4CTR train module.
+"""Sharding plans, DMP wrapping and optimizers for the TF4CTR train module (inside workers).
 
-The choice that matters most on CPU: fbgemm's fused CPU kernels implement SGD and (row-wise)
-Adagrad only. The paper's Adam on embeddings therefore needs ``data_parallel`` sharding with the
-``dense`` kernel on CPU (tables replicated, gradients all-reduced, Adam from the dense
-optimizer); sharded (table/column-wise) tables train with a fused sparse optimizer.
+The placement decision itself (which sharding types, kernel and optimizer) is made in
+`placement.py`, without TorchRec, so the driver can check a run before any worker starts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -27,70 +23,15 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from tf4ctr_dist.distributed.placement import (  # noqa: F401  (re-exported: callers plan and shard together)
+    EmbeddingPlacement,
+    ShardingError,
+    resolve_placement,
+)
 from tf4ctr_dist.modules import cpu_kernels
 from tf4ctr_dist.modules.tf4ctr import TF4CTR
 
 logger = logging.getLogger(__name__)
-
-
-class ShardingError(ValueError):
-    """The requested sharding / optimizer combination cannot run on this device type."""
-
-
-@dataclass(frozen=True)
-class EmbeddingPlacement:
-    """Resolved sharding types, compute kernel and optimizer for every table."""
-
-    sharding_types: tuple[str, ...]
-    compute_kernel: str
-    optimizer: str  # "adam" | "adagrad" | "rowwise_adagrad" | "sgd"
-    fused: bool  # True: fbgemm fused optimizer updates tables in backward
-
-    def describe(self) -> str:
-        how = "fused in backward" if self.fused else "dense optimizer, gradients all-reduced"
-        return (
-            f"sharding={'/'.join(self.sharding_types)} kernel={self.compute_kernel} "
-            f"embedding optimizer={self.optimizer} ({how})"
-        )
-
-
-def resolve_placement(sharding: str, optimizer: str, device_type: str) -> EmbeddingPlacement:
-    """Pick sharding types and kernel for ``sharding`` ("auto" or a type) on ``device_type``.
-
-    Raises ShardingError for combinations TorchRec / fbgemm cannot run (row-wise over gloo,
-    fused Adam on CPU) with the alternative spelled out.
-    """
-    cpu = device_type == "cpu"
-    if sharding == "row_wise" and cpu:
-        raise ShardingError(
-            "row_wise sharding needs GPUs (TorchRec does not support it over gloo); "
-            "use sharding=table_wise or column_wise on CPU"
-        )
-    if sharding == "auto":
-        if cpu and optimizer == "adam":
-            sharding = "data_parallel"
-        elif cpu:
-            types: tuple[str, ...] = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value)
-            return EmbeddingPlacement(types, EmbeddingComputeKernel.FUSED.value, optimizer, True)
-        else:
-            types = (
-                ShardingType.TABLE_WISE.value,
-                ShardingType.COLUMN_WISE.value,
-                ShardingType.ROW_WISE.value,
-                ShardingType.TABLE_ROW_WISE.value,
-            )
-            return EmbeddingPlacement(types, EmbeddingComputeKernel.FUSED.value, optimizer, True)
-    if sharding == "data_parallel":
-        return EmbeddingPlacement(
-            (ShardingType.DATA_PARALLEL.value,), EmbeddingComputeKernel.DENSE.value, optimizer, False
-        )
-    if cpu and optimizer == "adam":
-        raise ShardingError(
-            f"sharding={sharding} with embedding_optimizer=adam is not possible on CPU: fbgemm's fused "
-            "CPU kernels support only sgd, adagrad and rowwise_adagrad. Use sharding=data_parallel "
-            "(Adam on replicated tables) or embedding_optimizer=rowwise_adagrad"
-        )
-    return EmbeddingPlacement((sharding,), EmbeddingComputeKernel.FUSED.value, optimizer, True)
 
 
 def fused_params(placement: EmbeddingPlacement, lr: float, weight_decay: float,
@@ -399,6 +340,21 @@ def scale_lr(optimizer: KeyedOptimizer, factor: float, min_lr: float) -> float:
             group["lr"] = max(group["lr"] * factor, min_lr)
             new = max(new, group["lr"])
     return new
+
+
+def summarize_plan(plan: ShardingPlan, world_size: int) -> str:
+    """Two console lines for a plan: tables per sharding type and per rank (plan.txt has each table)."""
+    by_type: dict[str, int] = {}
+    per_rank = [0] * world_size
+    for module_plan in plan.plan.values():
+        for ps in module_plan.values():  # type: ignore[union-attr]
+            by_type[ps.sharding_type] = by_type.get(ps.sharding_type, 0) + 1
+            if ps.sharding_type != ShardingType.DATA_PARALLEL.value:
+                for r in set(ps.ranks or []):
+                    per_rank[r] += 1
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(by_type.items()))
+    ranks = ", ".join(f"rank{r}: {n}" for r, n in enumerate(per_rank))
+    return f"{sum(by_type.values())} tables: {kinds}" + (f" (sharded tables per rank: {ranks})" if any(per_rank) else "")
 
 
 def describe_plan(plan: ShardingPlan, tables: list[EmbeddingBagConfig], world_size: int) -> str:

@@ -6,9 +6,23 @@ import logging
 import warnings
 
 
+class _DropPlannerNotes(logging.Filter):
+    """TorchRec's planner logs "Sharding spec not found for <table>" on the root logger for every
+    data-parallel table, which has no spec by design: one line per table per run, never news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Sharding spec not found for ")
+
+
+_PLANNER_FILTER = _DropPlannerNotes()
+
+
 def quiet_library_logs() -> None:
     """Call before importing torchrec/fbgemm in a worker (their import itself logs)."""
-    logging.getLogger().setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    if _PLANNER_FILTER not in root.filters:
+        root.addFilter(_PLANNER_FILTER)
     for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "torch.fx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)

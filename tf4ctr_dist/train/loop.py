@@ -7,7 +7,6 @@ process group must already exist. Only rank 0 writes run files.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -17,24 +16,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tf4ctr_dist.config import ConfigError, RunConfig
-from tf4ctr_dist.data.manifest import Manifest, load_manifest
+from tf4ctr_dist.config import RunConfig
+from tf4ctr_dist.data.manifest import Manifest
 from tf4ctr_dist.data.reader import ParquetSplitReader
+from tf4ctr_dist.distributed.placement import check_run_config  # noqa: F401  (historical import path)
+from tf4ctr_dist.distributed.sharding import scale_lr
 from tf4ctr_dist.distributed.state import average_batchnorm_stats, restore, snapshot
-from tf4ctr_dist.distributed.sharding import (
-    EmbeddingPlacement,
-    build_optimizer,
-    describe_plan,
-    resolve_placement,
-    scale_lr,
-    shard_model,
-    uses_table_kernel,
-)
 from tf4ctr_dist.metrics import difficulty_buckets, evaluate, gather_across_ranks
-from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
 from tf4ctr_dist.train import faults, runfiles
 from tf4ctr_dist.train.resume import Checkpointing, EarlyStopping, EpochSums, Progress, SampleCounter
 from tf4ctr_dist.train.logs import quiet_library_logs
+from tf4ctr_dist.train.setup import build_training, set_threads
 
 logger = logging.getLogger("tf4ctr_dist")
 
@@ -52,37 +44,6 @@ def _log(ctx: WorkerContext, msg: str) -> None:
         print(f"[tf4ctr] {msg}", flush=True)
 
 
-def _set_threads(cfg: RunConfig) -> None:
-    threads = cfg.train.intra_op_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.cluster.workers))
-    torch.set_num_threads(threads)
-
-
-def check_run_config(cfg: RunConfig, device_type: str, world_size: int) -> EmbeddingPlacement:
-    """Refuse impossible settings before any worker starts; returns the table placement."""
-    if cfg.train.batch_size % world_size:
-        raise ConfigError(
-            f"batch_size={cfg.train.batch_size} (global) must divide evenly across {world_size} workers"
-        )
-    placement = resolve_placement(cfg.train.sharding, cfg.train.embedding_optimizer, device_type)
-    if placement.fused and cfg.train.emb_reg > 0 and cfg.train.emb_reg_mode == "full":
-        raise ConfigError(
-            "emb_reg_mode=full (penalty over all rows every step) needs data-parallel tables; fused "
-            "sharded tables only update looked-up rows. Use emb_reg_mode=touched or sharding=data_parallel"
-        )
-    if cfg.train.table_precision != "fp32" and not placement.fused:
-        raise ConfigError(
-            f"table_precision={cfg.train.table_precision} applies to fused (sharded) tables; with "
-            f"sharding={cfg.train.sharding} the tables are dense torch parameters. Use table_precision=fp32"
-        )
-    dims = {cfg.model.embedding_dim} | ({cfg.model.embedding_dim // 2} if cfg.model.ssem == "ser" else set())
-    if placement.fused and any(d % 4 for d in dims):
-        raise ConfigError(
-            f"embedding_dim={cfg.model.embedding_dim}: fbgemm's fused tables need every table dim to be a multiple "
-            f"of 4 (with ssem=ser the easy tables have dim d/2), so use a multiple of 8, or sharding=data_parallel"
-        )
-    return placement
-
-
 def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     """Train, evaluate and (rank 0) write RUN_DIR files; returns the result dict on every rank.
 
@@ -92,76 +53,16 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     at the end instead of being held in memory.
     """
     quiet_library_logs()
-    _set_threads(cfg)
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    manifest = load_manifest(cfg.data.url)
-    fields = [(f.name, f.vocab_size) for f in manifest.fields]
-    sequences = {f.name for f in manifest.fields if f.kind == "sequence"}
-    tables = embedding_tables(fields, cfg.model, sequences)
-
-    placement = check_run_config(cfg, ctx.device.type, ctx.world_size)
-    local_batch = cfg.train.batch_size // ctx.world_size
-    eval_local_batch = max(1, cfg.train.eval_batch_size // ctx.world_size)
-    emb_lr = cfg.train.embedding_lr or cfg.train.lr
-    fused_decay = cfg.train.emb_reg if placement.fused else 0.0
-
-    module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta", mean_pooled=sequences), Objective(cfg.loss))
-    dmp, plan = shard_model(
-        module,
-        tables,
-        placement,
-        device=ctx.device,
-        embedding_lr=emb_lr,
-        embedding_weight_decay=fused_decay,
-        local_batch_size=local_batch,
-        table_precision=cfg.train.table_precision,
-    )
-    optimizer = build_optimizer(
-        dmp,
-        lr=cfg.train.lr,
-        embedding_lr=emb_lr,
-        emb_reg=cfg.train.emb_reg,
-        emb_reg_mode=cfg.train.emb_reg_mode,
-        clip_grad_norm=cfg.train.clip_grad_norm,
-        clip_embeddings=cfg.train.clip_embeddings,
-    )
-    plan_text = describe_plan(plan, tables, ctx.world_size)
-    # As allocated by the sharded kernels (table_precision=fp16 must show here).
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for k, v in dmp.state_dict().items() if "embedding_bags" in k})
-    plan_text += f"\n  table weight dtype: {', '.join(dtypes)}"
-    if uses_table_kernel(placement, ctx.device):
-        threads = torch.get_num_threads()
-        plan_text += (f"\n  table backward: tf4ctr row-wise Adagrad kernel on {threads} intra-op "
-                      f"thread{'s' if threads != 1 else ''} (in place of fbgemm's CPU kernel)")
-    if module.model.concurrent_table_backward:
-        plan_text += f"\n  table backward: the two table sets on two threads ({torch.get_num_threads()} intra-op threads)"
-    n_dense = sum(p.numel() for n, p in module.named_parameters() if "embedding_bags" not in n)
-    n_emb = sum(t.num_embeddings * t.embedding_dim for t in tables)
+    set_threads(cfg)
+    parts = build_training(cfg, ctx.rank, ctx.world_size, ctx.device)
+    manifest, dmp, optimizer, pipeline, readers = (parts.manifest, parts.dmp, parts.optimizer, parts.pipeline,
+                                                   parts.readers)
+    placement, plan_text = parts.placement, parts.plan_text
+    n_emb, n_dense = parts.parameter_counts
     _log(ctx, f"{ctx.world_size} worker(s) on {ctx.device.type}; {placement.describe()}")
     _log(ctx, f"parameters: {n_emb:,} embedding + {n_dense:,} dense = {n_emb + n_dense:,}")
-    _log(ctx, plan_text)
+    _log(ctx, plan_text if cfg.verbose else parts.plan_summary + f"\n(the whole plan: {cfg.out.rstrip('/')}/plan.txt)")
 
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device, execute_all_batches=True)
-    readers = {
-        split: ParquetSplitReader(
-            cfg.data.url,
-            split,
-            manifest=manifest,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            local_batch_size=local_batch if split == cfg.data.train_split else eval_local_batch,
-            shuffle=cfg.data.shuffle and split == cfg.data.train_split,
-            seed=cfg.train.seed,
-            shuffle_buffer_row_groups=1,
-            shuffle_buffer_rows=cfg.data.shuffle_buffer_rows,
-            pad_tail=split != cfg.data.train_split,
-        )
-        for split in (cfg.data.train_split, cfg.data.valid_split, cfg.data.test_split)
-        if split in manifest.splits
-    }
     run = runfiles.RunDir(cfg.out, enabled=ctx.rank == 0)
     run.write_json("config.json", cfg.to_dict())
     run.write_text("plan.txt", plan_text + "\n" + placement.describe() + "\n")

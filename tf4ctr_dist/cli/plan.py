@@ -1,9 +1,7 @@
-"""``tf4ctr`` / ``python -m tf4ctr_dist``: command-line tools (subcommands).
+"""``tf4ctr plan``: offline TorchRec sharding plan, memory per rank and all-to-all bytes for a
+cluster (no GPUs, no process group; tables built on device "meta").
 
-  plan   offline TorchRec sharding plan, memory per rank and all-to-all bytes for a cluster
-         (no GPUs, no process group; tables built on device "meta").
-
-Heavy imports (torch, torchrec) happen inside the subcommand, so ``--help`` stays fast.
+Heavy imports (torch, torchrec) happen inside the command, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,20 +10,19 @@ import argparse
 import json
 import logging
 import sys
-from typing import Optional
 
 PLAN_EXAMPLES = """\
 examples:
-  python -m tf4ctr_dist plan --synthetic-rows-total 1000000000 --fields 26 --gpus 64 --gpus-per-node 8 \\
+  tf4ctr plan --synthetic-rows-total 1000000000 --fields 26 --gpus 64 --gpus-per-node 8 \\
       --gpu-type h100-80gb --batch-size 65536
-  python -m tf4ctr_dist plan --manifest s3://bucket/criteo --gpus 16 --json runs/plan.json
-  python -m tf4ctr_dist plan --vocab-sizes 1000000,2000,300 --gpu-type cpu --workers 2 sharding=table_wise \\
+  tf4ctr plan --manifest s3://bucket/criteo --gpus 16 --json runs/plan.json
+  tf4ctr plan --vocab-sizes 1000000,2000,300 --gpu-type cpu --workers 2 sharding=table_wise \\
       embedding_optimizer=rowwise_adagrad
-  python -m tf4ctr_dist plan --spec fields.yaml --gpus 8 ssem=share embedding_dim=32
+  tf4ctr plan --spec fields.yaml --gpus 8 ssem=share embedding_dim=32
 """
 
 
-def _add_plan(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan",
         help="offline sharding plan for a cluster: tables per rank, memory, all-to-all bytes",
@@ -47,7 +44,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="--synthetic-rows-total: field i gets a share ~ skew**i (default 0.5)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--config", help="YAML/JSON run config (default configs/criteo_x4.yaml)")
+    model.add_argument("--config", metavar="PRESET|FILE", help="preset name or YAML/JSON run config (default criteo_x4)")
     model.add_argument("--batch-size", type=int, help="GLOBAL batch size (default: the config's train.batch_size)")
     model.add_argument("overrides", nargs="*", help="key=value config settings, e.g. ssem=ser embedding_dim=16 "
                        "embedding_optimizer=rowwise_adagrad sharding=table_wise")
@@ -75,17 +72,14 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from tf4ctr_dist.config import ConfigError, load_config
-    from tf4ctr_dist.entry import CONFIGS
+    from tf4ctr_dist.cli.train import resolve_preset
+    from tf4ctr_dist.config import load_config
 
-    try:
-        cfg = load_config(args.config or CONFIGS / "criteo_x4.yaml", args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    cfg = load_config(resolve_preset(args.config or "criteo_x4"), args.overrides)
 
     # torch / torchrec imports only now (seconds)
-    from tf4ctr_dist.distributed import plan_sim
-    from tf4ctr_dist.distributed.sharding import ShardingError
+    from tf4ctr_dist.distributed.placement import ShardingError
+    from tf4ctr_dist.planning import plan_sim
 
     # TorchRec's notes for planning without hardware ("Topology constructed directly", dry-run dense
     # size, "Sharding spec not found" for data-parallel tables on the root logger) are noise here.
@@ -131,22 +125,3 @@ def _run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             json.dump(report.to_dict(), f, indent=1)
         print(f"wrote {args.json}")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tf4ctr", description="TF4CTR distributed tools.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    _add_plan(sub)
-    return parser
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
-    return args.func(args, sub_parser)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

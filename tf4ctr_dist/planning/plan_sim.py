@@ -1,5 +1,5 @@
 """Offline sharding plans: what TorchRec's planner does with the TF4CTR tables on a cluster you
-do not have (``python -m tf4ctr_dist plan --help``).
+do not have (``tf4ctr plan --help``).
 
 The model is built on device ``meta`` (no table is materialised, so a 1e9-row plan needs no
 memory) and handed to the same planner training uses (``sharding.build_planner``: the same
@@ -32,16 +32,13 @@ for the 1e9-row twin-table case on 64 and 1024 H100s it gives the same plan as `
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
-from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import PlannerError, ShardingOption, Stats
 from torchrec.distributed.types import ShardingType
@@ -57,232 +54,20 @@ from tf4ctr_dist.distributed.sharding import (
 )
 from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
 
-logger = logging.getLogger(__name__)
+from tf4ctr_dist.planning.cluster import (  # noqa: F401  (re-exported: the planning API in one place)
+    EMB_BYTES, GB, ID_BYTES, RESERVED_FRACTION, WEIGHT_BYTES, ClusterSpec, DEVICE_TYPES, DeviceType, FieldInput,
+    GiB, KiB, MiB, criteo_like_fields, fields_from_manifest, fields_from_spec, fields_from_vocab_sizes,
+    _check_fields, _reservation_words,
+)
+from tf4ctr_dist.planning.report import A2A_FORMULA, format_ranks, format_report  # noqa: F401
 
-KiB, MiB, GiB = 2**10, 2**20, 2**30
-GB = 1e9  # bandwidths are in decimal GB/s, as vendors quote them
-RESERVED_FRACTION = 0.15  # TorchRec's default HeuristicalStorageReservation percentage
-ID_BYTES = 8  # int64 ids
-EMB_BYTES = 4  # fp32 pooled embeddings and their gradients
-WEIGHT_BYTES = 4  # fp32 table weights
 
-A2A_FORMULA = """\
-all-to-all bytes per training sample, expected over the rank q the sample is on (uniform over W):
-  for every shard s (on rank r_s, rows_s x cols_s) of table t (rows_t x d_t, L_t ids per sample):
-    input ids : L_t * 8 * rows_s/rows_t  int64 ids q -> r_s (row shards get their share of ids;
-                                         lengths/offsets are not counted)
-    forward   : cols_s * 4               fp32 pooled output r_s -> q (a row shard sends a partial
-                                         sum over all d_t columns: row_wise costs (W-1)*d_t*4)
-    backward  : = forward                fp32 output gradient q -> r_s
-  nothing moves when r_s == q; intra-node when r_s is on q's node, inter-node otherwise.
-  table_row_wise: outputs are first reduced inside the owning node (intra-node), then d_t*4 goes
-  to q (inter-node unless q is on that node); backward mirrors it.
-  all tables table-wise: sum_t (W-1)/W * (L_t*8 + 2*d_t*4).
-  per rank per step = local batch x per-sample bytes; time >= intra/intra_bw + inter/inter_bw.
-  data_parallel tables move no ids: their gradients join the dense all-reduce
-  (ring: 2*(W-1)/W * bytes per rank per step)."""
 
 
 class PlanFitError(ValueError):
     """The tables cannot be placed on the described cluster (the message says how much is missing)."""
 
 
-# ---- cluster description ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeviceType:
-    """One accelerator kind as a node of a typical cloud instance sees it."""
-
-    name: str
-    compute_device: str  # TorchRec compute device: "cuda" or "cpu"
-    hbm_bytes: int  # per device (what nvidia-smi reports); 0 for CPU workers
-    ddr_per_node_bytes: int  # host memory of one node
-    intra_node_bw: float  # bytes/s per rank, one direction (NVLink / shared memory)
-    inter_node_bw: float  # bytes/s per rank, one direction (node NIC bandwidth / ranks per node)
-    ranks_per_node: int
-    note: str
-
-
-DEVICE_TYPES: dict[str, DeviceType] = {
-    d.name: d
-    for d in (
-        DeviceType("h100-80gb", "cuda", 81559 * MiB, 2048 * GiB, 450 * GB, 50 * GB, 8,
-                   "H100 SXM 80 GB; NVLink 4 (900 GB/s both ways); 3200 Gb/s EFA per node (AWS p5.48xlarge)"),
-        DeviceType("h200-141gb", "cuda", 143771 * MiB, 2048 * GiB, 450 * GB, 50 * GB, 8,
-                   "H200 SXM 141 GB; NVLink 4; 3200 Gb/s EFA per node (AWS p5en.48xlarge)"),
-        DeviceType("a100-80gb", "cuda", 81920 * MiB, 1152 * GiB, 300 * GB, 6.25 * GB, 8,
-                   "A100 SXM 80 GB; NVLink 3 (600 GB/s both ways); 400 Gb/s EFA per node (AWS p4de.24xlarge)"),
-        DeviceType("cpu", "cpu", 0, 128 * GiB, 10 * GB, 3.125 * GB, 1,
-                   "CPU workers over gloo; 128 GiB host memory and 25 Gb/s network per node"),
-    )
-}
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    device: DeviceType
-    world_size: int
-    ranks_per_node: int
-    hbm_per_rank: int
-    ddr_per_rank: int
-    intra_node_bw: float
-    inter_node_bw: float
-    node_size: int = 0  # ranks a whole node has (ranks_per_node is smaller for a job under one node)
-
-    @classmethod
-    def of(
-        cls,
-        device_type: str,
-        world_size: int,
-        ranks_per_node: Optional[int] = None,
-        *,
-        hbm_gib: Optional[float] = None,
-        ddr_gib_per_node: Optional[float] = None,
-        intra_node_gbps: Optional[float] = None,
-        inter_node_gbps: Optional[float] = None,
-    ) -> "ClusterSpec":
-        """``device_type`` from DEVICE_TYPES; overrides in GiB and GB/s. On CPU, the ranks of one
-        node default to all workers (one host)."""
-        if device_type not in DEVICE_TYPES:
-            raise ValueError(f"unknown device type {device_type!r}; known: {', '.join(DEVICE_TYPES)}")
-        dev = DEVICE_TYPES[device_type]
-        if world_size < 1:
-            raise ValueError(f"need at least one rank, got {world_size}")
-        node_size = ranks_per_node or (world_size if dev.compute_device == "cpu" else dev.ranks_per_node)
-        per_node = min(node_size, world_size)  # a job smaller than a node uses part of one
-        if world_size % per_node:
-            raise ValueError(
-                f"{world_size} ranks do not fill whole nodes of {per_node}; "
-                "give a multiple of the ranks per node (--gpus-per-node)"
-            )
-        hbm = int(hbm_gib * GiB) if hbm_gib is not None else dev.hbm_bytes
-        ddr_node = int(ddr_gib_per_node * GiB) if ddr_gib_per_node is not None else dev.ddr_per_node_bytes
-        return cls(
-            device=dev,
-            world_size=world_size,
-            ranks_per_node=per_node,
-            hbm_per_rank=hbm if dev.compute_device != "cpu" else 0,
-            ddr_per_rank=ddr_node // node_size,
-            intra_node_bw=intra_node_gbps * GB if intra_node_gbps else dev.intra_node_bw,
-            inter_node_bw=inter_node_gbps * GB if inter_node_gbps else dev.inter_node_bw,
-            node_size=node_size,
-        )
-
-    @property
-    def nodes(self) -> int:
-        return self.world_size // self.ranks_per_node
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.compute_device != "cpu"
-
-    def topology(self) -> Topology:
-        return Topology(
-            world_size=self.world_size,
-            compute_device=self.device.compute_device,
-            hbm_cap=self.hbm_per_rank if self.on_gpu else None,
-            ddr_cap=self.ddr_per_rank,
-            local_world_size=self.ranks_per_node,
-            intra_host_bw=self.intra_node_bw / 1000,  # TorchRec: bytes per ms
-            inter_host_bw=self.inter_node_bw / 1000,
-        )
-
-    def describe(self) -> str:
-        mem = f"HBM {self.hbm_per_rank / GiB:.1f} GiB/rank, " if self.on_gpu else ""
-        return (
-            f"{self.world_size} x {self.device.name} ({self.nodes} node(s) x {self.ranks_per_node}); "
-            f"{mem}DDR {self.ddr_per_rank / GiB:.0f} GiB/rank; per rank {self.intra_node_bw / GB:g} GB/s "
-            f"intra-node, {self.inter_node_bw / GB:g} GB/s inter-node  [{self.device.note}]"
-        )
-
-
-# ---- field (vocabulary) inputs ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FieldInput:
-    name: str
-    vocab_size: int  # embedding rows incl. PAD and OOV
-    pooling_factor: float = 1.0  # ids per sample (1 for categorical fields)
-
-
-def fields_from_vocab_sizes(sizes: Iterable[int], prefix: str = "C") -> list[FieldInput]:
-    out = [FieldInput(f"{prefix}{i}", int(v)) for i, v in enumerate(sizes, 1)]
-    _check_fields(out)
-    return out
-
-
-def fields_from_manifest(url: str) -> list[FieldInput]:
-    """Vocabulary sizes of a prepared dataset; a sequence field counts max_len ids per sample
-    (an upper bound: the manifest does not record mean lengths)."""
-    from tf4ctr_dist.data.manifest import load_manifest
-
-    manifest = load_manifest(url)
-    return [
-        FieldInput(f.name, f.vocab_size, float(f.max_len) if f.kind == "sequence" and f.max_len else 1.0)
-        for f in manifest.fields
-    ]
-
-
-def fields_from_spec(path: str | Path) -> list[FieldInput]:
-    """YAML/JSON spec: ``fields: [{name, vocab_size, pooling_factor?}, ...]``, ``fields: {name:
-    vocab_size}`` or ``vocab_sizes: [...]``."""
-    import yaml
-
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if isinstance(raw, list):
-        raw = {"fields": raw}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping with 'fields' or 'vocab_sizes'")
-    if "vocab_sizes" in raw:
-        return fields_from_vocab_sizes(raw["vocab_sizes"])
-    items = raw.get("fields")
-    if isinstance(items, dict):
-        out = [FieldInput(str(k), int(v)) for k, v in items.items()]
-    elif isinstance(items, list):
-        out = []
-        for i, f in enumerate(items):
-            if not isinstance(f, dict) or "vocab_size" not in f:
-                raise ValueError(f"{path}: fields[{i}] needs a vocab_size")
-            out.append(FieldInput(str(f.get("name", f"C{i + 1}")), int(f["vocab_size"]),
-                                  float(f.get("pooling_factor", 1.0))))
-    else:
-        raise ValueError(f"{path}: expected 'fields' (list or mapping) or 'vocab_sizes'")
-    _check_fields(out)
-    return out
-
-
-def criteo_like_fields(total_rows: int, fields: int = 26, decay: float = 0.5) -> list[FieldInput]:
-    """Split ``total_rows`` embedding rows over ``fields`` categorical fields with a Criteo-like
-    skew: field i gets a share proportional to decay**i (decay 0.5: 50%, 25%, 12.5%, ... so the
-    four largest fields hold ~94% of the rows, as in Criteo where a few id fields dominate), and at
-    least 3 rows (PAD, one id, OOV). The largest field absorbs rounding, so the sizes sum exactly
-    to ``total_rows``."""
-    if fields < 1:
-        raise ValueError(f"fields must be >= 1, got {fields}")
-    if not 0 < decay <= 1:
-        raise ValueError(f"decay must be in (0, 1], got {decay}")
-    if total_rows < 3 * fields:
-        raise ValueError(f"total rows {total_rows:,} < 3 per field x {fields} fields")
-    weights = [decay**i for i in range(fields)]
-    norm = sum(weights)
-    sizes = [max(3, int(total_rows * w / norm)) for w in weights]
-    sizes[0] += total_rows - sum(sizes)
-    return fields_from_vocab_sizes(sizes)
-
-
-def _check_fields(fields: Sequence[FieldInput]) -> None:
-    if not fields:
-        raise ValueError("no fields given")
-    for f in fields:
-        if f.vocab_size < 2:
-            raise ValueError(f"field {f.name}: vocab_size should be >= 2 (PAD + OOV), got {f.vocab_size}")
-        if f.pooling_factor <= 0:
-            raise ValueError(f"field {f.name}: pooling_factor should be > 0, got {f.pooling_factor}")
-    names = [f.name for f in fields]
-    if len(set(names)) != len(names):
-        raise ValueError("field names are not unique")
 
 
 # ---- optimizer state --------------------------------------------------------------------------
@@ -604,12 +389,6 @@ def _check_fit(
         raise PlanFitError(_fit_message(state, placement, cluster, capacity, usable, optimizer, None))
 
 
-def _reservation_words(cluster: ClusterSpec) -> str:
-    if cluster.on_gpu:
-        return f"reserved by TorchRec: {RESERVED_FRACTION:.0%} margin + dense model x6 + input buffers"
-    return "reserved by TorchRec for the dense model (x6)"
-
-
 def _fit_message(
     state: dict[str, int], placement: EmbeddingPlacement, cluster: ClusterSpec, capacity: int, usable: int,
     optimizer: str, planner_error: Optional[str],
@@ -733,121 +512,3 @@ def estimate_a2a(
     )
 
 
-# ---- text output ------------------------------------------------------------------------------
-
-
-def format_ranks(ranks: Sequence[int]) -> str:
-    """[0,1,2,3,8] -> '0-3,8'."""
-    out: list[str] = []
-    rs = sorted(set(ranks))
-    i = 0
-    while i < len(rs):
-        j = i
-        while j + 1 < len(rs) and rs[j + 1] == rs[j] + 1:
-            j += 1
-        out.append(str(rs[i]) if i == j else f"{rs[i]}-{rs[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def _b(n: float) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size:
-            return f"{n / size:,.2f} {unit}"
-    return f"{n:,.1f} B"
-
-
-def format_report(report: PlanReport, per_rank: Optional[bool] = None, max_rank_lines: int = 16) -> str:
-    c = report.cluster
-    W = c.world_size
-    totals = report.to_dict()["totals"]
-    twin = report.model["twin_tables"]
-    d = report.model["embedding_dim"]
-    L: list[str] = []
-    L.append(
-        f"model: {len(report.fields)} fields, {len(report.tables)} tables "
-        + (f"(ssem=ser twin tables: easy_* dim {d // 2} + hard_* dim {d})" if twin else f"(dim {d})")
-        + f"; {sum(f.vocab_size for f in report.fields):,} rows per field set, {totals['rows']:,} table rows, "
-        f"{totals['parameters']:,} embedding parameters"
-    )
-    L.append(f"cluster: {c.describe()}")
-    L.append(f"batch: global {report.global_batch:,} -> {report.local_batch:,} per rank")
-    L.append(f"placement: {report.placement}")
-    L.append(
-        f"search: {report.search} ({report.search_note}); types searched: {', '.join(report.sharding_types_searched)}; "
-        f"{report.num_proposals} proposals in {report.plan_seconds:.1f} s"
-    )
-    L.append("")
-    L.append("plan per table:")
-    width = max(len(t.name) for t in report.tables)
-    L.append(f"  {'table':<{width}} {'rows':>13} x dim  {'sharding':<15} {'kernel':<7} {'shards':>6}  "
-             f"{'state':>11}  ranks")
-    for t in report.tables:
-        L.append(
-            f"  {t.name:<{width}} {t.rows:>13,} x {t.dim:<3}  {t.sharding_type:<15} {t.compute_kernel:<7} "
-            f"{len(t.shards):>6}  {_b(t.state_bytes):>11}  {format_ranks(t.ranks)}"
-        )
-    counts: dict[str, int] = {}
-    for t in report.tables:
-        counts[t.sharding_type] = counts.get(t.sharding_type, 0) + 1
-    L.append("  sharding types: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
-    L.append("")
-    mem_kind = "HBM" if c.on_gpu else "DDR"
-    usable = report.ranks[0].usable
-    L.append(
-        f"memory per rank: capacity {_b(report.ranks[0].capacity)} {mem_kind}, {_b(usable)} usable for tables "
-        f"({_b(report.ranks[0].capacity - usable)} {_reservation_words(c)})"
-    )
-    L.append(
-        f"  table state = fp32 weights + {report.optimizer} state (from shard sizes); planner = TorchRec's "
-        "per-shard estimate (state + its input/output buffers)"
-    )
-    show_all = per_rank if per_rank is not None else W <= max_rank_lines
-    ranks = report.ranks
-    key = (lambda r: r.planner_hbm) if c.on_gpu else (lambda r: r.planner_ddr)
-    if show_all:
-        shown = ranks
-    else:
-        shown = sorted(sorted(ranks, key=key, reverse=True)[:8], key=lambda r: r.rank)
-        L.append(f"  (the 8 most loaded of {W} ranks; --per-rank prints all)")
-    L.append(f"  {'rank':>5} {'planner HBM':>13} {'planner DDR':>13} {'table state':>13} {'of usable':>9}")
-    for r in shown:
-        L.append(
-            f"  {r.rank:>5} {_b(r.planner_hbm):>13} {_b(r.planner_ddr):>13} {_b(r.table_state):>13} "
-            f"{(key(r) / r.usable if r.usable else 0):>9.1%}"
-        )
-    vals = sorted(key(r) for r in ranks)
-    states = sorted(r.table_state for r in ranks)
-    L.append(
-        f"  planner {mem_kind} over ranks: min {_b(vals[0])}, median {_b(vals[len(vals) // 2])}, max {_b(vals[-1])}; "
-        f"table state: min {_b(states[0])}, median {_b(states[len(states) // 2])}, max {_b(states[-1])}"
-    )
-    L.append(
-        f"  total table state {_b(totals['table_state_bytes'])} = weights {_b(totals['weight_bytes'])} + "
-        f"optimizer {_b(totals['optimizer_state_bytes'])}; {totals['table_state_bytes'] / (usable * W or 1):.1%} "
-        f"of the cluster's usable {mem_kind} ({_b(usable * W)})"
-    )
-    L.append("")
-    a = report.a2a
-    L.append("all-to-all per training sample (expected over the sample's rank):")
-    names = {"ids": "input ids (fwd)", "fwd": "pooled embeddings (fwd)", "bwd": "embedding grads (bwd)",
-             "total": "total"}
-    for k in ("ids", "fwd", "bwd", "total"):
-        v = a.per_sample[k]
-        L.append(f"  {names[k]:<24} {v['all']:>12,.1f} B   (intra-node {v['intra']:>12,.1f} B, "
-                 f"inter-node {v['inter']:>12,.1f} B)")
-    L.append(f"  worst sample rank: {a.per_sample_max_rank:,.1f} B/sample")
-    L.append(
-        f"  per rank per step (local batch {a.local_batch:,}): {_b(a.per_step_per_rank)} -> >= "
-        f"{a.time_per_step_s * 1e3:,.3f} ms at {c.intra_node_bw / GB:g}/{c.inter_node_bw / GB:g} GB/s intra/inter"
-    )
-    L.append(
-        f"  dense gradient all-reduce per rank per step ({a.dense_params:,} dense params"
-        + (" + data_parallel tables" if any(t.sharding_type == ShardingType.DATA_PARALLEL.value for t in report.tables) else "")
-        + f", ring): {_b(a.dense_allreduce_bytes_per_step)}"
-    )
-    L.append("")
-    L.append(A2A_FORMULA)
-    for note in report.notes:
-        L.append(f"note: {note}")
-    return "\n".join(L)

@@ -1,0 +1,150 @@
+"""The training assembly, written once: manifest -> tables -> placement -> model -> shard ->
+optimizer -> pipeline -> readers.
+
+`build_training` is what every worker runs before its first step; the worker loop, retraining
+and the benchmarks all take their parts from it, so a change to how a run is put together
+happens in one place. It runs inside a worker: the default process group must exist.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from tf4ctr_dist.config import RunConfig
+from tf4ctr_dist.data.manifest import Manifest, load_manifest
+from tf4ctr_dist.data.reader import ParquetSplitReader
+from tf4ctr_dist.distributed.placement import EmbeddingPlacement, check_run_config
+from tf4ctr_dist.distributed.sharding import (
+    build_optimizer,
+    describe_plan,
+    shard_model,
+    summarize_plan,
+    uses_table_kernel,
+)
+from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
+
+
+@dataclass
+class TrainingParts:
+    """Everything a worker trains and evaluates with."""
+
+    manifest: Manifest
+    tables: list  # the EmbeddingBagConfigs of every table set
+    placement: EmbeddingPlacement
+    module: TF4CTRTrain  # before wrapping (its .model is the TF4CTR that runs)
+    dmp: torch.nn.Module  # DistributedModelParallel(module)
+    plan: object  # TorchRec ShardingPlan
+    optimizer: object  # KeyedOptimizer: fused tables + dense Adam with penalty and clip hooks
+    pipeline: object  # TrainPipelineSparseDist
+    readers: dict[str, ParquetSplitReader]  # split name -> this rank's reader
+    plan_text: str  # what plan.txt says: tables per rank, kernels, dtypes
+    plan_summary: str  # a few console lines: tables per sharding type and rank, kernels
+    local_batch: int
+
+    @property
+    def parameter_counts(self) -> tuple[int, int]:
+        """(embedding, dense) parameters of the whole model (all table sets, all ranks)."""
+        dense = sum(p.numel() for n, p in self.module.named_parameters() if "embedding_bags" not in n)
+        return sum(t.num_embeddings * t.embedding_dim for t in self.tables), dense
+
+
+def set_threads(cfg: RunConfig) -> int:
+    """Intra-op threads per worker: ``train.intra_op_threads``, or the cores shared evenly."""
+    threads = cfg.train.intra_op_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.cluster.workers))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def build_training(
+    cfg: RunConfig,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    manifest: Optional[Manifest] = None,
+    storage_options: Optional[dict] = None,
+    splits: Optional[tuple[str, ...]] = None,
+) -> TrainingParts:
+    """Assemble the sharded model, its optimizer, the train pipeline and this rank's readers.
+
+    Seeds torch and numpy with ``train.seed`` first, so the dense weights (and with them the
+    whole run) depend only on the config. ``splits`` limits which readers are opened (default:
+    train, valid and test, where the dataset has them).
+    """
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    manifest = manifest or load_manifest(cfg.data.url, storage_options)
+    fields = [(f.name, f.vocab_size) for f in manifest.fields]
+    sequences = {f.name for f in manifest.fields if f.kind == "sequence"}
+    tables = embedding_tables(fields, cfg.model, sequences)
+
+    placement = check_run_config(cfg, device.type, world_size)
+    local_batch = cfg.train.batch_size // world_size
+    eval_local_batch = max(1, cfg.train.eval_batch_size // world_size)
+    emb_lr = cfg.train.embedding_lr or cfg.train.lr
+    fused_decay = cfg.train.emb_reg if placement.fused else 0.0
+
+    module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta", mean_pooled=sequences), Objective(cfg.loss))
+    dmp, plan = shard_model(
+        module,
+        tables,
+        placement,
+        device=device,
+        embedding_lr=emb_lr,
+        embedding_weight_decay=fused_decay,
+        local_batch_size=local_batch,
+        table_precision=cfg.train.table_precision,
+    )
+    optimizer = build_optimizer(
+        dmp,
+        lr=cfg.train.lr,
+        embedding_lr=emb_lr,
+        emb_reg=cfg.train.emb_reg,
+        emb_reg_mode=cfg.train.emb_reg_mode,
+        clip_grad_norm=cfg.train.clip_grad_norm,
+        clip_embeddings=cfg.train.clip_embeddings,
+    )
+    plan_text = describe_plan(plan, tables, world_size)
+    memory = plan_text.splitlines()[-1].strip()  # "table weights per rank: ..."
+    notes = []
+    # As allocated by the sharded kernels (table_precision=fp16 must show here).
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for k, v in dmp.state_dict().items() if "embedding_bags" in k})
+    notes.append(f"table weight dtype: {', '.join(dtypes)}")
+    if uses_table_kernel(placement, device):
+        threads = torch.get_num_threads()
+        notes.append(f"table backward: tf4ctr row-wise Adagrad kernel on {threads} intra-op "
+                     f"thread{'s' if threads != 1 else ''} (in place of fbgemm's CPU kernel)")
+    if module.model.concurrent_table_backward:
+        notes.append(f"table backward: the two table sets on two threads ({torch.get_num_threads()} intra-op threads)")
+    plan_text += "".join(f"\n  {n}" for n in notes)
+    plan_summary = "\n".join([summarize_plan(plan, world_size), memory, *notes])
+
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
+    wanted = splits or (cfg.data.train_split, cfg.data.valid_split, cfg.data.test_split)
+    readers = {
+        split: ParquetSplitReader(
+            cfg.data.url,
+            split,
+            manifest=manifest,
+            rank=rank,
+            world_size=world_size,
+            local_batch_size=local_batch if split == cfg.data.train_split else eval_local_batch,
+            shuffle=cfg.data.shuffle and split == cfg.data.train_split,
+            seed=cfg.train.seed,
+            storage_options=storage_options,
+            shuffle_buffer_row_groups=1,
+            shuffle_buffer_rows=cfg.data.shuffle_buffer_rows,
+            pad_tail=split != cfg.data.train_split,
+        )
+        for split in wanted
+        if split in manifest.splits
+    }
+    return TrainingParts(manifest=manifest, tables=tables, placement=placement, module=module, dmp=dmp, plan=plan,
+                         optimizer=optimizer, pipeline=pipeline, readers=readers, plan_text=plan_text,
+                         plan_summary=plan_summary, local_batch=local_batch)
