@@ -32,7 +32,7 @@ setup() {
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
   "$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, ray, pyarrow, s3fs; print('[setup] torch', torch.__version__, 'torchrec', torchrec.__version__, 'ray', ray.__version__)"
   # compile the CPU kernel now rather than in the first training step (eager ops, with a warning, if it cannot)
-  "$VENV/bin/python" -c "from tf4ctr_dist.modules import cpu_kernels; print('[setup] CPU kernels', 'ready' if cpu_kernels.cpu_extension() else 'unavailable: cpu_kernels=auto runs the eager ops and fbgemm kernels')"
+  "$VENV/bin/python" -m tf4ctr_dist.kernels
   echo "$want" > "$stamp"
 }
 

@@ -16,8 +16,8 @@ from tf4ctr_dist.data.storage import display_url
 from .csv_input import TextShard, check_shard_rows, group_ids, open_text_input, parse_labels, plan_text_shards
 from .engine import Engine
 from .fields import FieldPlan, resolve_fields
+from .options import BarsCsvOptions
 from .pipeline import Chunk, Source, adaptive_row_group_rows, prepare
-from .writer import DEFAULT_ROW_GROUPS_PER_PART
 
 __all__ = ["prepare_bars_csv", "adaptive_row_group_rows"]
 
@@ -88,37 +88,26 @@ def prepare_bars_csv(
     valid: str,
     test: str,
     out_url: str,
+    options: BarsCsvOptions | None = None,
     *,
-    label_col: str = "label",
-    group_col: str | None = None,
-    min_count: int = 2,
-    fields: list[Any] | None = None,
-    vocab_mode: str = "counted",
-    buckets: int | None = None,
-    field_options: Mapping[str, Any] | None = None,
-    row_group_rows: int | None = None,
-    row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
-    vocab_memory_mb: float | None = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
+    **keys: Any,
 ) -> Manifest:
     """Convert three CSV files (header; `label_col` in {0,1}; all other used columns categorical).
 
-    `fields`: column names or per-field mappings (data_tools.fields); default all but the label.
-    Two streaming passes over train (count, then transform; one when every field is hashed),
-    one over valid and test. `storage_options` apply to the inputs and the output. Returns the
-    written manifest.
+    `options` and/or its flat keys (`label_col`, `group_col`, `fields`, `min_count`, ...;
+    data_tools.options). `fields`: column names or per-field mappings (data_tools.fields);
+    default all but the label. Two streaming passes over train (count, then transform; one when
+    every field is hashed), one over valid and test. `storage_options` apply to the inputs and
+    the output. Returns the written manifest.
     """
-    if not isinstance(min_count, int) or min_count < 1:
-        raise DataError(f"min_count must be >= 1, got {min_count}")
+    opts = BarsCsvOptions.build(options, keys)
     source = BarsSource(
-        (train, valid, test), label_col, group_col, fields,
-        dict(vocab_mode=vocab_mode, min_count=min_count, buckets=buckets, field_options=field_options),
-        storage_options,
+        (train, valid, test), opts.label_col, opts.group_col, opts.fields, opts.vocab.field_defaults(), storage_options,
     )
     return prepare(
-        source, out_url, engine=engine, row_group_rows=row_group_rows, row_groups_per_part=row_groups_per_part,
-        overwrite=overwrite, storage_options=storage_options, vocab_memory_mb=vocab_memory_mb,
+        source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
+        vocab_memory_mb=opts.vocab.vocab_memory_mb,
     )
-

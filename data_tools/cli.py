@@ -1,9 +1,14 @@
-"""`python -m data_tools prepare FORMAT ...` and `python -m data_tools check URL`.
+"""`python -m data_tools prepare FORMAT ... [KEY=VALUE ...]` and `python -m data_tools check URL`.
 
 Credentials for s3:// come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_PROFILE, ...), never from the command line or a spec file, so they cannot end up in shell
 history or in the manifest. An S3-compatible endpoint can be given with --endpoint-url or
 AWS_ENDPOINT_URL.
+
+Entry point for other front doors: `main(["prepare", ...])` / `main(["check", ...])` returns the
+exit status (0 ok; 2 bad usage or options; 1 bad data or storage) and prints one `error:` line on
+stderr. Nothing heavy (pyarrow, ray, torch) is imported before the arguments are parsed and the
+spec is checked, so `--help` and mistakes answer at once.
 """
 
 from __future__ import annotations
@@ -12,33 +17,19 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-import yaml
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from tf4ctr_dist.data.errors import DataError
-from tf4ctr_dist.data.manifest import Manifest
-from tf4ctr_dist.data.storage import redact, resolve
+from tf4ctr_dist.data.storage import StorageUnavailable
 
-from .engine import ENGINES
+from .options import ENGINES, FORMAT_OPTIONS, FORMATS, FormatOptions, OptionError
 
-FORMATS = ("bars-csv", "criteo", "movielens", "parquet-logs", "synthetic")
+if TYPE_CHECKING:
+    from tf4ctr_dist.data.manifest import Manifest
 
-# Spec keys each format accepts (= keyword arguments of its converter). Unknown keys are errors.
-_VOCAB_KEYS = {"min_count", "vocab_mode", "buckets", "field_options", "vocab_memory_mb"}
-_LAYOUT_KEYS = {"row_group_rows", "row_groups_per_part"}
-SPEC_KEYS: dict[str, set[str]] = {
-    "bars-csv": {"label_col", "group_col", "fields"} | _VOCAB_KEYS | _LAYOUT_KEYS,
-    "criteo": {"split", "seed"} | _VOCAB_KEYS | _LAYOUT_KEYS,
-    "movielens": {"split", "seed"} | _VOCAB_KEYS | _LAYOUT_KEYS,
-    "parquet-logs": {
-        "label", "group", "fields", "train_dates", "valid_dates", "test_dates", "partition_key",
-    } | _VOCAB_KEYS | _LAYOUT_KEYS,
-    "synthetic": {
-        "rows", "fields", "vocab_sizes", "scale_vocab", "power_law", "positive_rate", "seed", "split",
-    } | _LAYOUT_KEYS,
-}
-REQUIRED_KEYS = {"parquet-logs": ("label", "fields", "train_dates")}
+PROG = "python -m data_tools"
+# Spec keys each format accepts (the flat keys of its options class). Unknown keys are errors.
+SPEC_KEYS: dict[str, set[str]] = {fmt: set(cls.keys()) for fmt, cls in FORMAT_OPTIONS.items()}
 SPLIT_NAMES = ("train", "valid", "test")
 BARS_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zst")
 
@@ -47,12 +38,21 @@ class UsageError(Exception):
     """Bad command-line arguments or spec file (exit status 2)."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of printing usage and exiting, so main() returns a status."""
 
-    prep = sub.add_parser("prepare", help="convert raw data (or generate synthetic data) into a prepared dataset")
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def add_prepare_arguments(prep: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `prepare` subcommand's arguments (for reuse by another front door's parser)."""
     prep.add_argument("format", choices=FORMATS)
+    prep.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="spec keys (YAML values) over --spec, e.g. min_count=2 split=[0.8,0.1,0.1]; "
+        "an unknown key is an error naming the closest valid one",
+    )
     prep.add_argument(
         "--input", action="append", default=[], metavar="PATH_OR_URL",
         help="bars-csv: a folder holding train/valid/test.csv, or three files in that order; "
@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         "parquet-logs: the folder of dt=YYYY-MM-DD partitions; synthetic: not used",
     )
     prep.add_argument("--out", required=True, metavar="URL", help="dataset root (local path, file://, s3://)")
-    prep.add_argument("--spec", metavar="SPEC.yaml", help="converter options (YAML mapping; an unknown key is an error listing the valid ones)")
-    prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one spec key (YAML value)")
+    prep.add_argument("--spec", metavar="SPEC.yaml", help="converter options (YAML mapping of spec keys)")
+    prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="same as a positional KEY=VALUE")
     prep.add_argument(
         "--engine", default="local", choices=ENGINES,
         help="local: this process (streaming); ray: Ray tasks over input shards (same output)",
@@ -70,31 +70,96 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--shard-mb", type=float, metavar="MB", help="--engine ray: input bytes per task (default 64)")
     prep.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
     prep.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the environment)")
+    return prep
 
-    chk = sub.add_parser("check", help="validate a dataset against its manifest; exit 0 only when sound")
+
+def add_check_arguments(chk: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `check` subcommand's arguments (for reuse by another front door's parser)."""
     chk.add_argument("url")
     chk.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the environment)")
     chk.add_argument("--quiet", action="store_true")
+    return chk
+
+
+PREPARE_HELP = "convert raw data (or generate synthetic data) into a prepared dataset"
+CHECK_HELP = "validate a dataset against its manifest; exit 0 only when sound"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The parser of `prepare` and `check` (its parse errors raise UsageError). Parse with
+    `parse_args(argv, parser)`: it also takes KEY=VALUE words placed after options."""
+    p = _Parser(prog=prog, description="Prepare a dataset (convert raw data or generate synthetic data), or check one against its manifest.")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_prepare_arguments(sub.add_parser("prepare", help=PREPARE_HELP, description=PREPARE_HELP))
+    add_check_arguments(sub.add_parser("check", help=CHECK_HELP, description=CHECK_HELP))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    options = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
+def parse_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """argv -> namespace; KEY=VALUE words anywhere after `prepare FORMAT` join `overrides`."""
+    parser = parser or build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or getattr(args, "command", None) != "prepare"]
+    if stray:
+        raise UsageError(f"{parser.prog}: unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Run `prepare` or `check`; returns the exit status (see the module docstring). `prog`:
+    the command name that help and usage errors show (e.g. "tf4ctr")."""
+    options: dict[str, Any] | None = None
     try:
+        try:
+            args = parse_args(argv, build_parser(prog))
+        except SystemExit as exc:  # --help / --version: argparse printed and wants to exit
+            return exc.code if isinstance(exc.code, int) else 0
+        options = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
         if args.command == "prepare":
             return _prepare(args, options)
         return _check(args, options)
-    except UsageError as exc:
-        print(f"error: {redact(str(exc), options)}", file=sys.stderr)
+    except (UsageError, OptionError) as exc:
+        _error(str(exc), options)
         return 2
-    except DataError as exc:
-        print(f"error: {redact(str(exc), options)}", file=sys.stderr)
+    except (DataError, StorageUnavailable) as exc:
+        _error(str(exc), options)
         return 1
 
 
-def load_spec(path: str | None, overrides: list[str], fmt: str) -> dict[str, Any]:
-    """Spec file + KEY=VALUE overrides, restricted to the keys `fmt` understands."""
+def _error(message: str, options: Mapping[str, Any] | None) -> None:
+    from tf4ctr_dist.data.storage import redact
+
+    print(f"error: {redact(message, options)}", file=sys.stderr)
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's multi-line message as one line: what, and where (line, column)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    spec: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{item!r}: expected KEY=VALUE")
+        try:
+            spec[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{item!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+    return spec
+
+
+def load_spec(path: str | None, overrides: Sequence[str], fmt: str) -> dict[str, Any]:
+    """Spec file + KEY=VALUE overrides as one flat mapping (keys not checked; see load_options)."""
+    import yaml
+
     spec: dict[str, Any] = {}
     if path:
         try:
@@ -102,26 +167,21 @@ def load_spec(path: str | None, overrides: list[str], fmt: str) -> dict[str, Any
         except OSError as exc:
             raise UsageError(f"cannot read spec file {path}: {exc}") from None
         except yaml.YAMLError as exc:
-            raise UsageError(f"spec file {path} is not valid YAML: {exc}") from None
+            raise UsageError(f"spec file {path} is not valid YAML ({_yaml_problem(exc)})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise UsageError(f"spec file {path}: expected a mapping of options, got {type(loaded).__name__}")
         spec.update(loaded or {})
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
-        spec[key.strip()] = yaml.safe_load(value)
-    unknown = sorted(set(spec) - SPEC_KEYS[fmt])
-    if unknown:
-        raise UsageError(f"unknown spec key(s) for {fmt}: {unknown}; allowed: {sorted(SPEC_KEYS[fmt])}")
-    missing = [key for key in REQUIRED_KEYS.get(fmt, ()) if key not in spec]
-    if missing:
-        raise UsageError(f"{fmt} needs {', '.join(missing)} in --spec (or --set KEY=VALUE)")
-    if "split" in spec:
-        if not isinstance(spec["split"], (list, tuple)):
-            raise UsageError(f"split: expected three fractions, got {spec['split']!r}")
-        spec["split"] = tuple(spec["split"])
+    spec.update(_parse_overrides(overrides))
     return spec
+
+
+def load_options(path: str | None, overrides: Sequence[str], fmt: str) -> FormatOptions:
+    """Spec file + KEY=VALUE overrides -> the format's typed options (OptionError when wrong)."""
+    spec = load_spec(path, overrides, fmt)
+    cls = FORMAT_OPTIONS[fmt]
+    if fmt == "synthetic" and "rows" not in spec and set(spec) <= SPEC_KEYS[fmt]:
+        raise UsageError("synthetic needs a row count: rows=N (or rows: in --spec)")
+    return cls.parse(spec, where="(in --spec or as KEY=VALUE)")
 
 
 def _one_input(fmt: str, inputs: list[str], what: str) -> str:
@@ -131,6 +191,8 @@ def _one_input(fmt: str, inputs: list[str], what: str) -> str:
 
 
 def _bars_inputs(inputs: list[str], options: dict | None) -> list[str]:
+    from tf4ctr_dist.data.storage import resolve
+
     if len(inputs) == 3:
         return inputs
     if len(inputs) != 1:
@@ -150,37 +212,35 @@ def _bars_inputs(inputs: list[str], options: dict | None) -> list[str]:
 
 
 def _prepare(args: argparse.Namespace, options: dict | None) -> int:
-    spec = load_spec(args.spec, args.set, args.format)
+    opts: Any = load_options(args.spec, [*args.overrides, *args.set], args.format)
     common: dict[str, Any] = dict(overwrite=args.overwrite, storage_options=options)
     run: Callable[[Any], Manifest]
     if args.format == "bars-csv":
         from .bars_csv import prepare_bars_csv
 
         train, valid, test = _bars_inputs(args.input, options)
-        run = lambda engine: prepare_bars_csv(train, valid, test, args.out, **spec, **common, engine=engine)  # noqa: E731
+        run = lambda engine: prepare_bars_csv(train, valid, test, args.out, opts, **common, engine=engine)  # noqa: E731
     elif args.format == "criteo":
         from .criteo import prepare_criteo
 
         path = _one_input("criteo", args.input, "the raw file, or a folder or glob of files")
-        run = lambda engine: prepare_criteo(path, args.out, **spec, **common, engine=engine)  # noqa: E731
+        run = lambda engine: prepare_criteo(path, args.out, opts, **common, engine=engine)  # noqa: E731
     elif args.format == "movielens":
         from .movielens import prepare_movielens
 
         path = _one_input("movielens", args.input, "the ML-1M folder")
-        run = lambda engine: prepare_movielens(path, args.out, **spec, **common, engine=engine)  # noqa: E731
+        run = lambda engine: prepare_movielens(path, args.out, opts, **common, engine=engine)  # noqa: E731
     elif args.format == "parquet-logs":
         from .parquet_logs import prepare_parquet_logs
 
         path = _one_input("parquet-logs", args.input, "the folder of partitions")
-        run = lambda engine: prepare_parquet_logs(path, args.out, **spec, **common, engine=engine)  # noqa: E731
+        run = lambda engine: prepare_parquet_logs(path, args.out, opts, **common, engine=engine)  # noqa: E731
     else:
         from .synthetic import generate_synthetic
 
         if args.input:
-            raise UsageError("synthetic takes no --input (set rows etc. with --spec or --set rows=N)")
-        if "rows" not in spec:
-            raise UsageError("synthetic needs a row count: --set rows=N (or rows: in --spec)")
-        run = lambda engine: generate_synthetic(args.out, **spec, **common, engine=engine)  # noqa: E731
+            raise UsageError("synthetic takes no --input (set rows etc. as KEY=VALUE, e.g. rows=100000)")
+        run = lambda engine: generate_synthetic(args.out, opts, **common, engine=engine)  # noqa: E731
     if args.shard_mb is not None and args.shard_mb <= 0:
         raise UsageError(f"--shard-mb must be > 0, got {args.shard_mb}")
     from .engine import make_engine
@@ -204,6 +264,8 @@ def _check(args: argparse.Namespace, options: dict | None) -> int:
 
     progress = None if args.quiet else (lambda msg: print(f"checking {msg}", flush=True))
     report = check_dataset(args.url, options, progress=progress)
+    from tf4ctr_dist.data.storage import redact
+
     for warning in report.warnings:
         print(f"warning: {redact(warning, options)}")
     for problem in report.problems:

@@ -31,8 +31,8 @@ from tf4ctr_dist.data.storage import display_url, resolve
 from .csv_input import TextInput, TextShard, check_shard_rows, open_text_input, parse_labels, plan_text_shards
 from .engine import Engine
 from .fields import FieldPlan, bucketize_criteo, resolve_fields
+from .options import CriteoOptions
 from .pipeline import Chunk, Source, prepare
-from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART
 
 LABEL = "label"
 NUMERIC = [f"I{i}" for i in range(1, 14)]
@@ -166,31 +166,23 @@ class CriteoSource(Source):
 def prepare_criteo(
     input_url: str,
     out_url: str,
+    options: CriteoOptions | None = None,
     *,
-    min_count: int = 10,
-    vocab_mode: str = "counted",
-    buckets: int | None = None,
-    field_options: Mapping[str, Any] | None = None,
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 2018,
-    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
-    row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
-    vocab_memory_mb: float | None = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
+    **keys: Any,
 ) -> Manifest:
     """Convert a Criteo file (TSV without header, or CSV/TSV with header; .gz etc. inferred), or
-    the files of a folder or glob (see expand_inputs)."""
-    if not isinstance(min_count, int) or min_count < 1:
-        raise DataError(f"min_count must be >= 1, got {min_count}")
-    fractions = check_split(split)
-    plans = resolve_fields(
-        FIELDS, vocab_mode=vocab_mode, min_count=min_count, buckets=buckets, field_options=field_options,
-        kinds=("categorical",),
-    )
-    source = CriteoSource(input_url, plans, seed, fractions, storage_options, min_count)
+    the files of a folder or glob (see expand_inputs).
+
+    `options` and/or its flat keys (`min_count=2`, `split=(...)`, ...; data_tools.options).
+    """
+    opts = CriteoOptions.build(options, keys)
+    fractions = check_split(opts.splits.split)
+    plans = resolve_fields(FIELDS, **opts.vocab.field_defaults(), kinds=("categorical",))
+    source = CriteoSource(input_url, plans, opts.splits.seed, fractions, storage_options, opts.vocab.min_count)
     return prepare(
-        source, out_url, engine=engine, row_group_rows=row_group_rows, row_groups_per_part=row_groups_per_part,
-        overwrite=overwrite, storage_options=storage_options, vocab_memory_mb=vocab_memory_mb,
+        source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
+        vocab_memory_mb=opts.vocab.vocab_memory_mb,
     )

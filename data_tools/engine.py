@@ -34,7 +34,8 @@ import pyarrow as pa
 
 from tf4ctr_dist.data.errors import DataError
 
-ENGINES = ("local", "ray")
+from .options import ENGINES
+
 SPLIT_COLUMN = "__split"  # split index of each row in a shard's output table (never written)
 ERROR_COLUMN = "__data_error"  # a shard's DataError message, as map_tables' UDF returns it
 DEFAULT_SHARD_BYTES = 64 << 20

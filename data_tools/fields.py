@@ -34,10 +34,10 @@ import pyarrow.compute as pc
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import FieldSpec
 
+from .options import VOCAB_MODES
 from .vocab import HASH_NAME, MISSING, HashedVocabulary, Vocabulary, as_strings
 
 KINDS = ("categorical", "sequence", "numeric")
-VOCAB_MODES = ("counted", "hashed")
 FIELD_KEYS = {"name", "kind", "vocab_mode", "min_count", "buckets", "max_len", "splitter", "keep", "bucketing"}
 
 

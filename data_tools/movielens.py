@@ -35,9 +35,9 @@ from tf4ctr_dist.data.storage import Location, display_url, resolve
 from .criteo import check_split, split_of_row_numbers
 from .engine import Engine
 from .fields import clean_lists, resolve_fields, split_strings
+from .options import MovieLensOptions
 from .pipeline import Chunk, Source, prepare
 from .vocab import stable_hash
-from .writer import DEFAULT_ROW_GROUPS_PER_PART
 
 FILES = ("ratings.dat", "users.dat", "movies.dat")
 FIELDS = ["UserID", "Gender", "Age", "Occupation", "MovieID", "Genres"]
@@ -204,30 +204,22 @@ class MovieLensSource(Source):
 def prepare_movielens(
     input_url: str,
     out_url: str,
+    options: MovieLensOptions | None = None,
     *,
-    min_count: int = 1,
-    vocab_mode: str = "counted",
-    buckets: int | None = None,
-    field_options: Mapping[str, Any] | None = None,
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 2018,
-    row_group_rows: int | None = None,
-    row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
-    vocab_memory_mb: float | None = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
+    **keys: Any,
 ) -> Manifest:
-    """Convert an ML-1M folder (see the module docstring for fields, label rule and split)."""
-    if not isinstance(min_count, int) or min_count < 1:
-        raise DataError(f"min_count must be >= 1, got {min_count}")
-    fractions = check_split(split)
-    plans = resolve_fields(
-        FIELDS, vocab_mode=vocab_mode, min_count=min_count, buckets=buckets, field_options=field_options,
-        kinds=("categorical", "sequence"), fixed=FIXED,
-    )
-    source = MovieLensSource(input_url, plans, seed, fractions, storage_options, min_count)
+    """Convert an ML-1M folder (see the module docstring for fields, label rule and split).
+
+    `options` and/or its flat keys (`min_count`, `split`, `seed`, ...; data_tools.options).
+    """
+    opts = MovieLensOptions.build(options, keys)
+    fractions = check_split(opts.splits.split)
+    plans = resolve_fields(FIELDS, **opts.vocab.field_defaults(), kinds=("categorical", "sequence"), fixed=FIXED)
+    source = MovieLensSource(input_url, plans, opts.splits.seed, fractions, storage_options, opts.vocab.min_count)
     return prepare(
-        source, out_url, engine=engine, row_group_rows=row_group_rows, row_groups_per_part=row_groups_per_part,
-        overwrite=overwrite, storage_options=storage_options, vocab_memory_mb=vocab_memory_mb,
+        source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
+        vocab_memory_mb=opts.vocab.vocab_memory_mb,
     )

@@ -45,9 +45,9 @@ from tf4ctr_dist.data.storage import Location, describe, display_url, resolve
 
 from .engine import Engine
 from .fields import FieldPlan, clean_lists, numeric_tokens, resolve_fields, split_strings
+from .options import ParquetLogsOptions
 from .pipeline import Chunk, Source, prepare
 from .vocab import as_strings, stable_hash
-from .writer import DEFAULT_ROW_GROUPS_PER_PART
 
 
 @dataclass(frozen=True)
@@ -338,41 +338,29 @@ class ParquetLogsSource(Source):
 def prepare_parquet_logs(
     input_url: str,
     out_url: str,
+    options: ParquetLogsOptions | None = None,
     *,
-    label: str,
-    fields: list[Any],
-    train_dates: Any,
-    valid_dates: Any = None,
-    test_dates: Any = None,
-    group: str | None = None,
-    partition_key: str = "dt",
-    min_count: int = 1,
-    vocab_mode: str = "counted",
-    buckets: int | None = None,
-    field_options: Mapping[str, Any] | None = None,
-    row_group_rows: int | None = None,
-    row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
-    vocab_memory_mb: float | None = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
+    **keys: Any,
 ) -> Manifest:
-    """Convert date-partitioned Parquet logs (see the module docstring for the spec)."""
-    if not isinstance(label, str) or not label:
-        raise DataError(f"parquet-logs needs label: the label column's name, got {label!r}")
-    if not isinstance(fields, list):
-        raise DataError(f"parquet-logs needs fields: a list of columns, got {fields!r}")
+    """Convert date-partitioned Parquet logs (see the module docstring for the spec).
+
+    `options` and/or its flat keys (`label`, `fields`, `train_dates` required; data_tools.options).
+    """
+    opts = ParquetLogsOptions.build(options, keys)
     source = ParquetLogsSource(
         input_url,
-        label=label,
-        group=group,
-        fields=fields,
-        dates={"train_dates": train_dates, "valid_dates": valid_dates, "test_dates": test_dates},
-        partition_key=partition_key,
-        resolve_options=dict(vocab_mode=vocab_mode, min_count=min_count, buckets=buckets, field_options=field_options),
+        label=opts.label,
+        group=opts.group,
+        fields=opts.fields,
+        dates={"train_dates": opts.train_dates, "valid_dates": opts.valid_dates, "test_dates": opts.test_dates},
+        partition_key=opts.partition_key,
+        resolve_options=opts.vocab.field_defaults(),
         storage_options=storage_options,
     )
     return prepare(
-        source, out_url, engine=engine, row_group_rows=row_group_rows, row_groups_per_part=row_groups_per_part,
-        overwrite=overwrite, storage_options=storage_options, vocab_memory_mb=vocab_memory_mb,
+        source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
+        vocab_memory_mb=opts.vocab.vocab_memory_mb,
     )

@@ -25,7 +25,8 @@ from tf4ctr_dist.data.manifest import SPLITS, FieldSpec, Manifest
 from .engine import SPLIT_COLUMN, Engine, LocalEngine
 from .fields import FieldPlan, lookup_lists
 from .vocab import COUNT_SCHEMA, DEFAULT_MEMORY_BUDGET, HashedVocabulary, Vocabulary, VocabCounter, aggregate_counts, count_values
-from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART, VOCAB_DIR, DatasetWriter
+from .options import DEFAULT_ROW_GROUP_ROWS, WriteOptions
+from .writer import VOCAB_DIR, DatasetWriter
 
 TRAIN = 0
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -191,22 +192,21 @@ def untag_splits(table: pa.Table) -> list[pa.Table | None]:
 def prepare(
     source: Source,
     out_url: str,
+    write: WriteOptions | None = None,
     *,
     engine: Engine | None = None,
-    row_group_rows: int | None = None,
-    row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     vocab_memory_mb: float | None = None,
 ) -> Manifest:
     """Run both passes of `source` on `engine` (default: this process) and commit the dataset.
 
-    row_group_rows None: adaptive (from the train rows). vocab_memory_mb: counting budget
+    write.row_group_rows None: adaptive (from the train rows). vocab_memory_mb: counting budget
     (default 64 MiB; see data_tools.vocab.VocabCounter).
     """
     engine = engine or LocalEngine()
-    if row_group_rows is not None and (not isinstance(row_group_rows, int) or row_group_rows < 1):
-        raise DataError(f"row_group_rows must be a positive integer, got {row_group_rows!r}")
+    write = write or WriteOptions()
+    row_group_rows = write.row_group_rows
     if vocab_memory_mb is not None and not (isinstance(vocab_memory_mb, (int, float)) and vocab_memory_mb > 0):
         raise DataError(f"vocab_memory_mb must be a positive number, got {vocab_memory_mb!r}")
     budget = int(vocab_memory_mb * (1 << 20)) if vocab_memory_mb else DEFAULT_MEMORY_BUDGET
@@ -218,7 +218,7 @@ def prepare(
         label=source.label,
         group=source.group,
         row_group_rows=row_group_rows or DEFAULT_ROW_GROUP_ROWS,
-        row_groups_per_part=row_groups_per_part,
+        row_groups_per_part=write.row_groups_per_part,
         overwrite=overwrite,
         storage_options=storage_options,
     ) as writer:

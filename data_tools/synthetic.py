@@ -15,16 +15,16 @@ the output depends only on the arguments, never on memory or on how many rows ex
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 
-from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import GROUP_COLUMN, SPLITS, FieldSpec, Manifest
 
 from .engine import SPLIT_COLUMN, Engine, LocalEngine
-from .writer import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROW_GROUPS_PER_PART, DatasetWriter
+from .options import SyntheticOptions
+from .writer import DatasetWriter
 
 # Embedding rows per field (incl. PAD and OOV) at scale_vocab=1: 13 small bucketised numeric
 # fields and 26 categorical ones shaped like Criteo x4 at min_count 10 (~1.08M rows in all).
@@ -143,43 +143,25 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def generate_synthetic(
     out_url: str,
+    options: SyntheticOptions | None = None,
     *,
-    rows: int,
-    fields: int = 39,
-    vocab_sizes: Sequence[int] | None = None,
-    scale_vocab: float = 1.0,
-    power_law: float = 1.1,
-    positive_rate: float = 0.25,
-    seed: int = 0,
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
-    row_groups_per_part: int = DEFAULT_ROW_GROUPS_PER_PART,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
+    **keys: Any,
 ) -> Manifest:
     """Write a synthetic dataset (splits train/valid/test) to `out_url`; return its manifest.
 
-    vocab_sizes: embedding rows per field incl. PAD and OOV (default: Criteo-like mix times
-    scale_vocab). Deterministic for given arguments (including row_group_rows, the chunk size).
+    `options` and/or its flat keys (`rows` required; `fields`, `vocab_sizes`, `scale_vocab`,
+    `power_law`, `positive_rate`, `split`, `seed`, `row_group_rows`, ...; data_tools.options).
+    Deterministic for given options (including row_group_rows, the chunk size).
     """
-    if rows < 1:
-        raise DataError(f"rows must be >= 1, got {rows}")
-    if fields < 1:
-        raise DataError(f"fields must be >= 1, got {fields}")
-    if power_law <= 0:
-        raise DataError(f"power_law must be > 0, got {power_law}")
-    if not 0 < positive_rate < 1:
-        raise DataError(f"positive_rate must be in (0, 1), got {positive_rate}")
-    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
-        raise DataError(f"split must be three non-negative fractions summing to 1, got {split}")
-    if row_group_rows < 1:
-        raise DataError(f"row_group_rows must be >= 1, got {row_group_rows}")
-    sizes = list(vocab_sizes) if vocab_sizes is not None else default_vocab_sizes(fields, scale_vocab)
-    if len(sizes) != fields:
-        raise DataError(f"vocab_sizes has {len(sizes)} entries; expected one per field ({fields})")
-    if min(sizes) < 3:
-        raise DataError(f"every vocab size must be >= 3 (PAD, at least one id, OOV), got {min(sizes)}")
+    opts = SyntheticOptions.build(options, keys)
+    rows, fields, seed, split = opts.rows, opts.fields, opts.splits.seed, opts.splits.split
+    power_law, positive_rate = opts.power_law, opts.positive_rate
+    row_group_rows, row_groups_per_part = opts.write.row_group_rows, opts.write.row_groups_per_part
+    assert row_group_rows is not None  # SyntheticOptions requires it
+    sizes = list(opts.vocab_sizes) if opts.vocab_sizes is not None else default_vocab_sizes(fields, opts.scale_vocab)
 
     names = default_field_names(fields)
     teacher = _Teacher(sizes, power_law, seed)

@@ -7,10 +7,13 @@ Use the session-scoped `s3_server` fixture (registered in tests/conftest.py):
         prepare_...(..., storage_options=s3_server.storage_options)
 
 Subprocesses (Ray workers, CLIs) can use `s3_server.env` or the AWS_* variables it sets.
+Outside pytest (benchmarks): `with local_s3_server(bucket) as server: ...`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -62,12 +65,19 @@ def create_bucket(endpoint_url: str, bucket: str) -> None:
     client.create_bucket(Bucket=bucket)
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    pytest.importorskip("s3fs")
+@contextlib.contextmanager
+def local_s3_server(bucket: str = "tf4ctr-test", *, set_env: bool = True) -> Iterator[S3Server]:
+    """A moto S3 server on 127.0.0.1 (threads of this process) with one empty bucket.
+
+    set_env: export its AWS_* variables (credentials and endpoint) while it runs, for child
+    processes and code that reads the environment. Shared by the tests (the `s3_server`
+    fixture) and the benchmarks (benchmarks/prepare.py).
+    """
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log line per request
     port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     env = {
@@ -77,16 +87,24 @@ def s3_server() -> Iterator[S3Server]:
         "AWS_ENDPOINT_URL": endpoint,
     }
     saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
+    if set_env:
+        os.environ.update(env)
     try:
-        options = storage_options_for(endpoint)
-        bucket = "tf4ctr-test"
         create_bucket(endpoint, bucket)
-        yield S3Server(endpoint_url=endpoint, bucket=bucket, storage_options=options, env=env)
+        yield S3Server(endpoint_url=endpoint, bucket=bucket, storage_options=storage_options_for(endpoint), env=env)
     finally:
         server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if set_env:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    pytest.importorskip("s3fs")
+    with local_s3_server() as server:
+        yield server

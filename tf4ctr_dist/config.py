@@ -8,6 +8,7 @@ are always accepted.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import typing
 from dataclasses import dataclass, field
@@ -21,13 +22,22 @@ class ConfigError(ValueError):
 
 SSEM = Literal["share", "ser", "gm", "moe"]
 DFM = Literal["sum", "wsf", "vf", "cf", "moef"]
-LOSS = Literal["tf", "bce", "focal", "rce"]
+LOSS = Literal["tf", "bce", "focal", "rce", "tce"]
+# The twin branches' encoders (tf4ctr_dist/modules/encoders.py): none = no branch (DNN), lr = the
+# first-order term, fm, cross = DCN's CrossNet, crossv2 = DCNv2's, cin = xDeepFM's, attention =
+# AutoInt's interacting layers, afn = AFN's logarithmic layer + MLP.
+ENCODER = Literal["mlp", "none", "lr", "fm", "cross", "crossv2", "cin", "attention", "afn"]
+FIRST_ORDER = Literal["none", "easy", "hard"]
 EMB_OPTIMIZER = Literal["adam", "adagrad", "rowwise_adagrad", "sgd"]
 SHARDING = Literal["auto", "data_parallel", "table_wise", "column_wise", "row_wise"]
 EMB_REG_MODE = Literal["full", "touched"]
 DENSE_PRECISION = Literal["fp32", "bf16"]
 RESUME = Literal["auto", "never"]
 TABLE_PRECISION = Literal["fp32", "fp16"]
+CPU_KERNELS = Literal["auto", "on", "off"]
+
+# Presets ship inside the package (package data), so an installed wheel has them too.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 @dataclass
@@ -41,6 +51,32 @@ class DataConfig:
     shuffle: bool = True
     # Rows shuffled together in memory (whole row groups; each epoch also permutes row groups).
     shuffle_buffer_rows: int = 262_144
+    # How long reads and checkpoint writes ride out transient storage errors (refused
+    # connections, timeouts, 5xx, throttling) before failing with "cannot reach ..."; 0: no retry.
+    storage_retry_seconds: float = 300.0
+
+
+@dataclass
+class EncoderConfig:
+    """Options of the non-MLP encoders (model.encoders.KEY or just KEY on the command line)."""
+
+    cross_layers: int = 3  # cross / crossv2 layers
+    low_rank: int = 0  # crossv2: 0 = full-rank W; r > 0 = mixture of low-rank (r) experts
+    num_experts: int = 4  # crossv2 with low_rank > 0
+    cin_layer_units: list[int] = field(default_factory=lambda: [16, 16, 16])
+    attention_layers: int = 2
+    attention_heads: int = 1
+    attention_dim: int = 8
+    attention_residual: bool = True
+    attention_scale: bool = False  # divide the scores by sqrt(head dim) (AutoInt: no)
+    attention_layer_norm: bool = False
+    afn_neurons: int = 5  # logarithmic neurons
+    afn_hidden_units: list[int] = field(default_factory=lambda: [400, 400, 400])
+    # Add the first-order (LR) term to this branch's logit (xDeepFM: easy with cin).
+    first_order: FIRST_ORDER = "none"
+    # false: no bias in the complex head; with dfm=sum z = W_s v_s + b_s + W_c v_c is then exactly
+    # DCN's / DCNv2's single concatenated head Linear([v_s, v_c]).
+    hard_head_bias: bool = True
 
 
 @dataclass
@@ -57,6 +93,10 @@ class ModelConfig:
     # bf16: MLP_s / MLP_c matmuls, BatchNorm and ReLU/dropout in bfloat16 (AMX / tensor cores);
     # fp32 parameters, optimizer state, embeddings, heads and loss. Changes numerics slightly.
     dense_precision: DENSE_PRECISION = "fp32"
+    # mlp/mlp is TF4CTR as published; the others give the paper's backbones (presets dnn, deepfm, ...).
+    easy_encoder: ENCODER = "mlp"
+    hard_encoder: ENCODER = "mlp"
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
 
 
 @dataclass
@@ -69,8 +109,11 @@ class LossConfig:
     gamma: float = 1.0
     m: Optional[float] = None  # defaults to 2 - c
     focal_gamma: float = 2.0
-    rce_max_drop_rate: float = 0.2
-    rce_num_gradual: int = 10000
+    # tce: truncated CE (Wang et al. 2021): drop the largest-loss samples, rate growing to max
+    tce_max_drop_rate: float = 0.2
+    tce_num_gradual: int = 10000
+    # rce: reweighted CE (Wang et al. 2021): weight pred^beta (positives), (1-pred)^beta (negatives)
+    rce_beta: float = 0.25
 
 
 @dataclass
@@ -99,6 +142,9 @@ class TrainConfig:
     intra_op_threads: int = 0  # 0: cores / workers
     # Weights of fused (sharded) tables in half precision: half the memory and lookup traffic.
     table_precision: TABLE_PRECISION = "fp32"
+    # This package's compiled CPU kernels (tf4ctr_dist/kernels): on = required (the run fails if
+    # they cannot be built), auto = used where they build, off = eager ops and fbgemm's kernels.
+    cpu_kernels: CPU_KERNELS = "auto"
 
 
 @dataclass
@@ -138,6 +184,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     out: str = "runs/latest"
     name: str = "tf4ctr"
+    verbose: bool = False  # print the whole sharding plan and library warnings
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,27 +264,64 @@ def _parse_override(text: str, tp: Any) -> Any:
 
 
 def _section_classes() -> dict[str, type]:
+    """Section name -> dataclass, nested ones dotted (model.encoders)."""
     hints = typing.get_type_hints(RunConfig)
-    return {k: v for k, v in hints.items() if dataclasses.is_dataclass(v)}
+    sections = {k: v for k, v in hints.items() if dataclasses.is_dataclass(v)}
+    for name, cls in list(sections.items()):
+        for sub, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                sections[f"{name}.{sub}"] = tp
+    return sections
+
+
+def _all_keys() -> dict[str, str]:
+    """Every settable key, short and dotted -> the dotted form."""
+    keys: dict[str, str] = {}
+    for section, cls in _section_classes().items():
+        for f in dataclasses.fields(cls):
+            keys[f"{section}.{f.name}"] = f"{section}.{f.name}"
+            keys.setdefault(f.name, f"{section}.{f.name}")
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in _section_classes():
+            keys[f.name] = f.name
+    return keys
+
+
+def _unknown_key(key: str, section: Optional[str] = None) -> ConfigError:
+    """'unknown config key' naming the closest valid key and the section's keys."""
+    keys = _all_keys()
+    guess = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
+    if not guess and "." in key:
+        guess = difflib.get_close_matches(key.rsplit(".", 1)[1], list(keys), n=1, cutoff=0.6)
+    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    section = section or (keys[guess[0]].split(".")[0] if guess and "." in keys[guess[0]] else None)
+    sections = _section_classes()
+    if section in sections:
+        names = sorted(f.name for f in dataclasses.fields(sections[section]))
+        listing = f" {section} has: {', '.join(names)}"
+    else:
+        listing = f" sections: {', '.join(sections)}; top-level keys: out, name, verbose"
+    return ConfigError(f"unknown config key {key!r}{hint}{listing}")
 
 
 def _resolve_key(key: str) -> list[str]:
     sections = _section_classes()
     parts = key.split(".")
-    if len(parts) == 2 and parts[0] in sections:
-        names = {f.name for f in dataclasses.fields(sections[parts[0]])}
-        if parts[1] not in names:
-            raise ConfigError(f"unknown config key {key!r}; {parts[0]} has: {', '.join(sorted(names))}")
+    owner = ".".join(parts[:-1])
+    if len(parts) >= 2 and owner in sections:
+        names = {f.name for f in dataclasses.fields(sections[owner])}
+        if parts[-1] not in names:
+            raise _unknown_key(key, owner)
         return parts
     if len(parts) == 1:
         if parts[0] in {f.name for f in dataclasses.fields(RunConfig)} and parts[0] not in sections:
             return parts
         owners = [s for s, c in sections.items() if parts[0] in {f.name for f in dataclasses.fields(c)}]
         if len(owners) == 1:
-            return [owners[0], parts[0]]
+            return [*owners[0].split("."), parts[0]]
         if len(owners) > 1:
             raise ConfigError(f"config key {key!r} is ambiguous; use one of {[o + '.' + key for o in owners]}")
-    raise ConfigError(f"unknown config key {key!r}")
+    raise _unknown_key(key)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -247,19 +331,110 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
+        guesses = [difflib.get_close_matches(u, sorted(names), n=1, cutoff=0.6) for u in unknown]
+        hint = "".join(f"; did you mean {(where + '.' if where else '') + g[0]!r} for {u!r}?"
+                       for u, g in zip(unknown, guesses) if g)
         raise ConfigError(
-            f"unknown config key(s) {', '.join(repr((where + '.' if where else '') + u) for u in unknown)}; "
+            f"unknown config key(s) {', '.join(repr((where + '.' if where else '') + u) for u in unknown)}{hint}; "
             f"{where or 'top level'} accepts: {', '.join(sorted(names))}"
         )
     kwargs = {}
     for name, value in raw.items():
         key = f"{where}.{name}" if where else name
         kwargs[name] = _coerce(hints[name], value, key)
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    for problem in _range_problems(built, where):
+        raise ConfigError(problem)
+    return built
+
+
+# Validation metrics whose sum early stopping maximises.
+MONITORS = ("AUC", "gAUC")
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _probability(v: Any) -> bool:
+    return 0.0 <= v < 1.0
+
+
+# section -> key -> (check, what is expected)
+_RANGES: dict[str, dict[str, tuple[Any, str]]] = {
+    "data": {"shuffle_buffer_rows": (_positive, "a positive number of rows"),
+             "storage_retry_seconds": (_non_negative, "a window in seconds >= 0 (0: no retries)")},
+    "model": {
+        "embedding_dim": (_positive, "a positive integer"),
+        "easy_hidden_units": (lambda v: all(u > 0 for u in v), "a list of positive layer sizes"),
+        "hard_hidden_units": (lambda v: all(u > 0 for u in v), "a list of positive layer sizes"),
+        "net_dropout": (_probability, "a dropout rate in [0, 1)"),
+    },
+    "loss": {
+        "alpha": (lambda v: 0.0 <= v <= 1.0, "a weight in [0, 1]"),
+        "c": (_positive, "a positive threshold (the spec's c, e.g. 0.7)"),
+        "gamma": (_non_negative, "a focusing exponent >= 0"),
+        "m": (lambda v: v is None or v > 0, "a positive margin, or null for 2 - c"),
+        "focal_gamma": (_non_negative, "a focusing exponent >= 0"),
+    },
+    "train": {
+        "batch_size": (_positive, "a positive global batch size"),
+        "eval_batch_size": (_positive, "a positive global batch size"),
+        "epochs": (_non_negative, "a number of epochs >= 0 (0: evaluate only)"),
+        "lr": (_positive, "a positive learning rate"),
+        "clip_grad_norm": (_non_negative, "a norm >= 0 (0: no clipping)"),
+        "emb_reg": (_non_negative, "a penalty >= 0"),
+        "embedding_lr": (lambda v: v is None or v > 0, "a positive learning rate, or null for lr"),
+        "monitor": (lambda v: len(v) > 0 and set(v) <= set(MONITORS), f"a non-empty list of {', '.join(MONITORS)}"),
+        "patience": (_positive, "a positive number of epochs"),
+        "lr_decay": (lambda v: 0.0 < v <= 1.0, "a factor in (0, 1]"),
+        "min_lr": (_non_negative, "a learning rate >= 0"),
+        "seed": (_non_negative, "a seed >= 0"),
+        "log_every": (_non_negative, "a number of steps >= 0 (0: no step lines)"),
+        "intra_op_threads": (_non_negative, "a number of threads >= 0 (0: cores / workers)"),
+    },
+    "cluster": {
+        "workers": (_positive, "a positive number of workers"),
+        "cpus_per_worker": (_positive, "a positive number of CPUs"),
+        "max_failures": (lambda v: v >= -1, "a number of restarts >= 0, or -1 for unlimited"),
+    },
+    "checkpoint": {
+        "every_steps": (_non_negative, "a number of steps >= 0 (0: epoch ends only)"),
+        "keep": (_positive, "a positive number of checkpoints"),
+    },
+}
+
+
+def _range_problems(obj: Any, where: str) -> list[str]:
+    """Values of the right type but outside what they can mean; checked on the driver, so a bad
+    value fails in a second instead of inside a worker minutes later."""
+    checks = _RANGES.get(where, {})
+    problems = [f"{where}.{name}={getattr(obj, name)!r}: expected {what}"
+                for name, (ok, what) in checks.items() if hasattr(obj, name) and not ok(getattr(obj, name))]
+    if isinstance(obj, RunConfig):
+        m = obj.model
+        if m.ssem == "ser" and m.embedding_dim % 2:
+            problems.append(f"model.embedding_dim={m.embedding_dim}: ssem=ser needs an even dim (the easy tables have d/2)")
+        from tf4ctr_dist.data.storage import credentials_message, has_credentials
+
+        for key, url in (("data.url", obj.data.url), ("out", obj.out), ("checkpoint.root", obj.checkpoint.root),
+                         ("checkpoint.warm_start", obj.checkpoint.warm_start)):
+            if has_credentials(url):
+                problems.append(credentials_message(url, key))
+        splits = [obj.data.train_split, obj.data.valid_split, obj.data.test_split]
+        if len(set(splits)) != 3 or not all(splits):
+            problems.append(f"data: train/valid/test splits must be three different names, got {splits}")
+    return problems
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # e.g. model.encoders=EncoderConfig(...) from a dict of overrides
+            value = dataclasses.asdict(value)
         return _build(tp, value, key)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -269,6 +444,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args and "off" in args:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value

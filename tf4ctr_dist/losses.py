@@ -86,10 +86,25 @@ def focal_loss(
     return masked_mean(per, valid)
 
 
-class RCELoss:
-    """Loss truncation from Wang et al. 2021 ("Denoising Implicit Feedback"), called R-CE here.
+def reweighted_ce_loss(
+    logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, beta: float = 0.25
+) -> torch.Tensor:
+    """R-CE, the reweighted cross-entropy of Wang et al. 2021 ("Denoising Implicit Feedback for
+    Recommendation"), the R-CE that TF4CTR's paper compares against.
 
-    (That paper names this truncated variant T-CE.) At step t the floor(rate(t) * n_valid)
+    Each sample's BCE is weighted by the model's own probability of its label raised to beta,
+    pred^beta for a positive and (1 - pred)^beta for a negative (= pt^beta), so samples the model
+    finds implausible (likely noisy) count less. The weight is detached: it scales the gradient,
+    it is not differentiated. Mean over the valid samples; beta = 0 is plain BCE.
+    """
+    weight = _pt(logits, labels).detach() ** beta
+    return masked_mean(_bce(logits, labels) * weight, valid)
+
+
+class TCELoss:
+    """T-CE, the truncated cross-entropy of Wang et al. 2021 ("Denoising Implicit Feedback").
+
+    At step t the floor(rate(t) * n_valid)
     valid samples with the largest BCE are dropped and the rest averaged, with
     rate(t) = min(t * max_rate / num_gradual, max_rate).
     """

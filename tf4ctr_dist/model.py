@@ -6,7 +6,7 @@ modules into constructors (no registries).
 
 from __future__ import annotations
 
-from typing import Collection, Optional, Sequence
+from typing import TYPE_CHECKING, Collection, Optional, Sequence
 
 import torch
 from torch import nn
@@ -15,8 +15,21 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from tf4ctr_dist.config import LossConfig, ModelConfig
 from tf4ctr_dist.data.batch import Batch
-from tf4ctr_dist.losses import RCELoss, bce_loss, focal_loss, twin_focus_loss
+from tf4ctr_dist.losses import TCELoss, bce_loss, focal_loss, reweighted_ce_loss, twin_focus_loss
 from tf4ctr_dist.modules.embedding import field_tables
+from tf4ctr_dist.modules.encoders import (
+    FIRST_ORDER_DIM,
+    AFNEncoder,
+    AttentionEncoder,
+    CINEncoder,
+    CrossEncoder,
+    CrossV2Encoder,
+    FMEncoder,
+    LREncoder,
+    NoEncoder,
+    WithFirstOrder,
+)
+from tf4ctr_dist.modules.init import init_linear
 from tf4ctr_dist.modules.fusion import (
     ConcatFusion,
     MoEFusion,
@@ -28,21 +41,33 @@ from tf4ctr_dist.modules.mlp import MLPEncoder
 from tf4ctr_dist.modules.ssem import GateSSEM, MoESSEM, ShareSSEM
 from tf4ctr_dist.modules.tf4ctr import TF4CTR
 
+if TYPE_CHECKING:
+    from tf4ctr_dist.kernels import CpuKernels
+
 EASY_PREFIX = "easy"
 HARD_PREFIX = "hard"
+LINEAR_PREFIX = "lr"  # the first-order (LR) tables, FIRST_ORDER_DIM wide
+
+
+def uses_first_order(cfg: ModelConfig) -> bool:
+    """Whether the model holds the first-order (LR) table set."""
+    return "lr" in (cfg.easy_encoder, cfg.hard_encoder) or "fm" in (cfg.easy_encoder, cfg.hard_encoder) \
+        or cfg.encoders.first_order != "none"
 
 
 def embedding_tables(
     fields: Sequence[tuple[str, int]], cfg: ModelConfig, mean_pooled: Collection[str] = ()
 ) -> list[EmbeddingBagConfig]:
-    """All tables the model will hold: the easy set, plus the hard set with SER.
+    """All tables the model will hold: the easy set, plus the hard set with SER, plus the
+    first-order set when an encoder needs it.
     ``mean_pooled`` names the sequence fields (see ``field_tables``)."""
     d = cfg.embedding_dim
+    linear = field_tables(LINEAR_PREFIX, fields, FIRST_ORDER_DIM, mean_pooled) if uses_first_order(cfg) else []
     if cfg.ssem == "ser":
         if d % 2:
             raise ValueError(f"ssem=ser needs an even embedding_dim (easy tables use d/2), got {d}")
-        return field_tables(EASY_PREFIX, fields, d // 2, mean_pooled) + field_tables(HARD_PREFIX, fields, d, mean_pooled)
-    return field_tables(EASY_PREFIX, fields, d, mean_pooled)
+        return field_tables(EASY_PREFIX, fields, d // 2, mean_pooled) + field_tables(HARD_PREFIX, fields, d, mean_pooled) + linear
+    return field_tables(EASY_PREFIX, fields, d, mean_pooled) + linear
 
 
 def build_fusion(kind: str, simple_dim: int, complex_dim: int) -> nn.Module:
@@ -57,6 +82,53 @@ def build_fusion(kind: str, simple_dim: int, complex_dim: int) -> nn.Module:
     if kind == "moef":
         return MoEFusion(simple_dim, complex_dim)
     raise ValueError(f"unknown dfm {kind!r}")
+
+
+def build_encoder(
+    kind: str, num_fields: int, dim: int, hidden_units: Sequence[int], cfg: ModelConfig, mlp_kwargs: dict
+) -> tuple[nn.Module, Optional[nn.Module]]:
+    """One branch's encoder for fields of width ``dim`` and its head (None: TF4CTR's default
+    Linear(out_dim, 1); nn.Identity for an encoder that emits its logit). ``hidden_units`` and
+    ``mlp_kwargs`` are the branch's MLP settings (also AFN's dense layers' dropout/BN/kernels)."""
+    opt = cfg.encoders
+    in_dim = num_fields * dim
+    if kind == "mlp":
+        return MLPEncoder(in_dim, hidden_units, **mlp_kwargs), None
+    if kind == "none":
+        return NoEncoder(), nn.Identity()
+    if kind == "lr":
+        return LREncoder(bias=False), nn.Identity()
+    if kind == "fm":
+        return FMEncoder(num_fields, dim), nn.Identity()
+    if kind == "cross":
+        return CrossEncoder(in_dim, opt.cross_layers), None
+    if kind == "crossv2":
+        return CrossV2Encoder(in_dim, opt.cross_layers, opt.low_rank, opt.num_experts), None
+    if kind == "cin":
+        return CINEncoder(num_fields, dim, opt.cin_layer_units), None
+    if kind == "attention":
+        return AttentionEncoder(
+            num_fields, dim, opt.attention_layers, opt.attention_dim, opt.attention_heads, cfg.net_dropout,
+            opt.attention_residual, opt.attention_scale, opt.attention_layer_norm), None
+    if kind == "afn":
+        mlp = MLPEncoder(opt.afn_neurons * dim, opt.afn_hidden_units, **mlp_kwargs)
+        return AFNEncoder(num_fields, dim, opt.afn_neurons, mlp), None
+    raise ValueError(f"unknown encoder {kind!r}")
+
+
+def _branch(
+    kind: str, first_order: bool, head_bias: bool, num_fields: int, dim: int, hidden_units: Sequence[int],
+    cfg: ModelConfig, mlp_kwargs: dict,
+) -> tuple[nn.Module, Optional[nn.Module]]:
+    """build_encoder plus the branch options: the added LR term and the head's bias."""
+    encoder, head = build_encoder(kind, num_fields, dim, hidden_units, cfg, mlp_kwargs)
+    if head is None and (first_order or not head_bias):
+        head = init_linear(nn.Linear(encoder.out_dim, 1, bias=head_bias))
+    if first_order:
+        if getattr(encoder, "emits_logit", False):
+            raise ValueError(f"encoders.first_order: the {kind!r} encoder has no head to add the LR term to")
+        return WithFirstOrder(encoder, head), nn.Identity()
+    return encoder, head
 
 
 def build_ssem(kind: str, in_dim: int, dropout: float) -> nn.Module:
@@ -75,12 +147,17 @@ def tf4ctr(
     device: torch.device | str = "cpu",
     mean_pooled: Collection[str] = (),
     fused_dense: bool = True,
+    cpu_kernels: Optional["CpuKernels"] = None,
+    keep_mask_words: str = "sfc64",
 ) -> TF4CTR:
     """TF4CTR for ``fields`` = [(name, vocab_size incl. PAD and OOV), ...] in manifest order.
 
     Build on ``device="meta"`` for DistributedModelParallel; tables are then materialised by
     the sharder on their owning rank. ``fused_dense=False`` runs the encoders as plain
     nn.Sequential stacks (the pre-fusion path, kept for A/B timing); it needs fp32.
+    ``cpu_kernels``: the loaded CPU kernels (`tf4ctr_dist.kernels.load(cfg.train.cpu_kernels)`)
+    for the MLP encoders' BatchNorm -> ReLU -> dropout, or None for the eager ops.
+    ``keep_mask_words``: the dropout masks' random words ("sfc64"; "torch" for A/B timing).
     """
     tables = embedding_tables(fields, cfg, mean_pooled)
     num_fields = len(fields)
@@ -90,13 +167,17 @@ def tf4ctr(
     embedding = EmbeddingBagCollection(tables=easy, device=torch.device(device))
     hard_embedding = EmbeddingBagCollection(tables=hard, device=torch.device(device)) if hard else None
     easy_in = num_fields * (d // 2 if hard else d)
-    hard_in = num_fields * d
     dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.dense_precision]
     if dtype is not None and not fused_dense:
         raise ValueError(f"dense_precision={cfg.dense_precision} needs fused_dense=True")
-    enc = dict(dropout=cfg.net_dropout, batch_norm=cfg.batch_norm, fused=fused_dense, compute_dtype=dtype)
-    simple = MLPEncoder(easy_in, cfg.easy_hidden_units, **enc)
-    complex_ = MLPEncoder(hard_in, cfg.hard_hidden_units, **enc)
+    enc = dict(dropout=cfg.net_dropout, batch_norm=cfg.batch_norm, fused=fused_dense, compute_dtype=dtype,
+               bn_relu_dropout=cpu_kernels, keep_mask_words=keep_mask_words)
+    opt = cfg.encoders
+    simple, simple_head = _branch(cfg.easy_encoder, opt.first_order == "easy", True, num_fields, easy_in // num_fields,
+                                  cfg.easy_hidden_units, cfg, enc)
+    complex_, complex_head = _branch(cfg.hard_encoder, opt.first_order == "hard", opt.hard_head_bias, num_fields, d,
+                                     cfg.hard_hidden_units, cfg, enc)
+    linear = [t for t in tables if t.name.startswith(LINEAR_PREFIX + "_")]
     model = TF4CTR(
         embedding=embedding,
         hard_embedding=hard_embedding,
@@ -104,6 +185,9 @@ def tf4ctr(
         simple_encoder=simple,
         complex_encoder=complex_,
         fusion=build_fusion(cfg.dfm, simple.out_dim, complex_.out_dim),
+        linear_embedding=EmbeddingBagCollection(tables=linear, device=torch.device(device)) if linear else None,
+        simple_head=simple_head,
+        complex_head=complex_head,
     )
     return model
 
@@ -112,16 +196,18 @@ class Objective(nn.Module):
     """Main BCE on the fused logit plus the chosen auxiliary loss on the twin logits.
 
     loss=tf: BCE(z) + L_TF(z_s, z_c); loss=bce: BCE(z) alone (DualMLP when ssem=share dfm=sum);
-    loss=focal / rce: the baseline losses on the fused logit instead of BCE.
+    loss=focal / rce / tce: the baseline losses on the fused logit instead of BCE (rce: the
+    reweighted CE, tce: the truncated CE, both of Wang et al. 2021); through z they train both
+    branches of any parallel backbone, as in the paper's Table 2.
     """
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.rce: Optional[RCELoss] = (
-            RCELoss(cfg.rce_max_drop_rate, cfg.rce_num_gradual) if cfg.loss == "rce" else None
+        self.tce: Optional[TCELoss] = (
+            TCELoss(cfg.tce_max_drop_rate, cfg.tce_num_gradual) if cfg.loss == "tce" else None
         )
-        self.steps = 0  # training forward passes seen; drives R-CE's growing drop rate
+        self.steps = 0  # training forward passes seen; drives T-CE's growing drop rate
 
     def forward(
         self, z: torch.Tensor, z_s: torch.Tensor, z_c: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
@@ -129,10 +215,12 @@ class Objective(nn.Module):
         cfg = self.cfg
         if cfg.loss == "focal":
             return focal_loss(z, labels, valid, gamma=cfg.focal_gamma)
-        if self.rce is not None:
+        if cfg.loss == "rce":
+            return reweighted_ce_loss(z, labels, valid, beta=cfg.rce_beta)
+        if self.tce is not None:
             if self.training:
                 self.steps += 1
-            return self.rce(z, labels, valid, self.steps)
+            return self.tce(z, labels, valid, self.steps)
         loss = bce_loss(z, labels, valid)
         if cfg.loss == "tf":
             loss = loss + twin_focus_loss(

@@ -76,13 +76,13 @@ def _train(rank: int, world: int, batches: list[dict]) -> dict:
         out[f"{name}/calls"] = calls["n"] - before
         out[name] = _state(dmp, opt)
     # The default: on only for fbgemm's single-threaded table kernel, and where it is safe.
-    from tf4ctr_dist.modules import cpu_kernels
+    from tf4ctr_dist.kernels import load
 
     module = TF4CTRTrain(tf4ctr(FIELDS, _model_cfg(), device="meta"), Objective(LossConfig()))
     shard_model(module, tables, fused, device=torch.device("cpu"), embedding_lr=0.05,
-                embedding_weight_decay=0.0, local_batch_size=GLOBAL_BATCH)
+                embedding_weight_decay=0.0, local_batch_size=GLOBAL_BATCH, table_kernel=load("on"))
     out["switch"]["auto_table_kernel"] = module.model.concurrent_table_backward
-    cpu_kernels.ENABLED = False  # TF4CTR_CPU_KERNELS=0: fbgemm's kernel
+    # no table kernel given (cpu_kernels=off): fbgemm's kernel
     module = TF4CTRTrain(tf4ctr(FIELDS, _model_cfg(), device="meta"), Objective(LossConfig()))
     shard_model(module, tables, fused, device=torch.device("cpu"), embedding_lr=0.05,
                 embedding_weight_decay=0.0, local_batch_size=GLOBAL_BATCH)

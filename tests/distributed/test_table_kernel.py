@@ -37,17 +37,19 @@ def _tables_and_momentum(dmp, optimizer) -> dict:
 def _one_step(rank: int, world: int, data: dict) -> dict:
     from tf4ctr_dist.config import LossConfig
     from tf4ctr_dist.distributed.sharding import build_optimizer, resolve_placement, shard_model, uses_table_kernel
+    from tf4ctr_dist.kernels import load
     from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
 
     tables = embedding_tables(FIELDS, _model_cfg())
     placement = resolve_placement("table_wise", "rowwise_adagrad", "cpu")
     per_rank = GLOBAL_BATCH // world
-    out = {"routed": uses_table_kernel(placement, torch.device("cpu"))}
+    kernels = load("on")
+    out = {"routed": uses_table_kernel(placement, torch.device("cpu"), kernels)}
     for decay in (0.0, DECAY):
         torch.manual_seed(7)
         module = TF4CTRTrain(tf4ctr(FIELDS, _model_cfg(), device="meta"), Objective(LossConfig()))
         dmp, _ = shard_model(module, tables, placement, device=torch.device("cpu"), embedding_lr=EMB_LR,
-                             embedding_weight_decay=decay, local_batch_size=per_rank)
+                             embedding_weight_decay=decay, local_batch_size=per_rank, table_kernel=kernels)
         opt = build_optimizer(dmp, lr=0.01, embedding_lr=EMB_LR, emb_reg=0.0, emb_reg_mode="touched",
                               clip_grad_norm=0.0)
         out[f"{decay}/init"] = _tables_and_momentum(dmp, opt)

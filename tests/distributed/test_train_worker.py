@@ -43,11 +43,11 @@ def _overrides(url: str, out: str, *extra: str) -> list[str]:
         ["sharding=table_wise", "embedding_optimizer=rowwise_adagrad", "embedding_lr=0.05",
          "emb_reg=1e-5", "emb_reg_mode=touched"],
         ["sharding=data_parallel", "embedding_optimizer=adam", "emb_reg=1e-3", "emb_reg_mode=full",
-         "loss=rce"],
+         "loss=tce"],
         ["sharding=column_wise", "embedding_optimizer=rowwise_adagrad", "embedding_lr=0.05",
-         "table_precision=fp16", "checkpoint.enabled=false"],
+         "table_precision=fp16", "checkpoint.enabled=false", "cpu_kernels=off"],
     ],
-    ids=["table_wise-rowwise_adagrad", "data_parallel-adam-rce", "column_wise-fp16-no_checkpoints"],
+    ids=["table_wise-rowwise_adagrad", "data_parallel-adam-tce", "column_wise-fp16-no_checkpoints-no_kernels"],
 )
 def test_two_workers_train_twin_tables(synthetic_url, tmp_path, placement):
     out = tmp_path / "run"
@@ -76,6 +76,12 @@ def test_two_workers_train_twin_tables(synthetic_url, tmp_path, placement):
     written = json.loads((out / "result.json").read_text())
     assert set(written) >= {"valid", "test", "epochs", "config"}
     assert written["test"]["AUC"] == pytest.approx(r0["test"]["AUC"])
+    # Which compiled CPU kernels ran, in plan.txt and result.json (train.cpu_kernels, default auto).
+    kernels = {"table_wise": ("auto", True, "tf4ctr"), "data_parallel": ("auto", True, "torch"),
+               "column_wise": ("off", False, "fbgemm")}[placement[0].removeprefix("sharding=")]
+    assert written["cpu_kernels"] == dict(zip(("setting", "bn_relu_dropout", "table_backward"), kernels))
+    assert (f"cpu_kernels={kernels[0]}: BatchNorm/ReLU/dropout {'compiled kernel' if kernels[1] else 'eager ops'}, "
+            f"table backward {kernels[2]}\n") in plan
 
 
 def test_adam_cannot_be_fused_on_cpu(synthetic_url, tmp_path):

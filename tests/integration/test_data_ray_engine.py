@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pytest
 
 from data_tools.bars_csv import prepare_bars_csv
-from data_tools.bench_prepare import write_criteo_tsv
+from benchmarks.prepare import write_criteo_tsv
 from data_tools.cli import main
 from data_tools.criteo import prepare_criteo
 from data_tools.engine import RayEngine

@@ -65,7 +65,7 @@ def test_train_bars_refuses_a_missing_column_and_writes_nothing(tmp_path):
                  "--test", test, "--out", str(out)], timeout=120)
     assert proc.returncode == 1
     error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith("[tf4ctr] error:") and "bad_valid.csv" in error and "hour" in error
+    assert error.startswith("tf4ctr train: error:") and "bad_valid.csv" in error and "hour" in error
     assert "Traceback" not in proc.stderr
     assert not (out / "dataset" / "manifest.json").exists()
     assert not (out / "result.json").exists()
@@ -80,9 +80,9 @@ def test_unknown_override_is_an_error(tmp_path):
 def test_impossible_placement_is_refused_before_any_worker_starts(tmp_path):
     proc = _run(["jobs/criteo_full.py", "--data", str(tmp_path), "sharding=table_wise",
                  "embedding_optimizer=adam"], timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith("[tf4ctr] error:") and "fused CPU kernels support only" in error
+    assert error.startswith("tf4ctr train: error:") and "fused CPU kernels support only" in error
     assert "local Ray cluster" not in proc.stdout  # refused in the driver, no cluster started
 
 
@@ -98,7 +98,7 @@ def test_retrain_warm_starts_on_new_partitions(tmp_path):
     prepare_parquet_logs(str(logs), str(tmp_path / "ds-old"), **spec)
     small = ["batch_size=512", "eval_batch_size=2048", "epochs=2", "easy_hidden_units=[32]",
              "hard_hidden_units=[32,32]", "embedding_dim=8", "log_every=0"]
-    first = _run(["jobs/criteo_full.py", "--config", "configs/demo.yaml", "--data", str(tmp_path / "ds-old"),
+    first = _run(["jobs/criteo_full.py", "--config", "demo", "--data", str(tmp_path / "ds-old"),
                   "--out", str(tmp_path / "old"), *small])
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     spec_path = tmp_path / "spec.yaml"
@@ -125,11 +125,11 @@ def test_retrain_warm_starts_on_new_partitions(tmp_path):
 
 
 def test_benchmark_job_runs_end_to_end_and_writes_the_report(tmp_path):
-    """jobs/benchmark.py on a tiny dataset: every training path it times (ours, the reference, the
-    interleaved one-process comparison) runs and lands in the JSON (figures are not checked:
+    """`python -m benchmarks` on a tiny dataset: every training path it times (ours, the reference,
+    the interleaved one-process comparison) runs and lands in the JSON (figures are not checked:
     speed is measured by the benchmark itself, not asserted)."""
     out = tmp_path / "bench.json"
-    r = _run(["jobs/benchmark.py", "--rows-small", "20000", "--batch", "512", "--only",
+    r = _run(["-m", "benchmarks", "--rows-small", "20000", "--batch", "512", "--only",
               "train_1w,reference,interleaved", "--steps", "4", "--windows", "2", "--warmup", "1",
               "--interleaved-rounds", "2", "--skip-s3", "--skip-rss", "--eval-batches", "0",
               "--cache-dir", str(tmp_path / "cache"), "--out", str(out)], timeout=600)
@@ -148,3 +148,9 @@ def test_benchmark_job_runs_end_to_end_and_writes_the_report(tmp_path):
     assert one["concurrent_table_backward"] is False  # ...which has the threads itself
     assert one["cpu_kernel"] is True  # fp32 on CPU: the compiled BatchNorm/ReLU/dropout kernel
     assert report["ingest_vs_step"] is None  # ingest not run: reported as unmeasured, not as 0
+    # the same raw keys as the last run of the benchmark before it moved to benchmarks/
+    recorded = json.loads((REPO / "benchmarks" / "results" / "2026-12-03T1242-smoke-before-move.json").read_text())
+    for section in ("reference", "interleaved"):
+        assert set(report["raw"][section]) == set(recorded["raw"][section]), section
+    assert set(one) == set(recorded["raw"]["train"]["table_wise_1w"]) - {"eval"}  # eval not run here
+    assert set(report) == set(recorded)

@@ -58,11 +58,14 @@ def test_missing_s3_objects(s3_server: S3Server, tmp_path: Path) -> None:
     assert SECRET_KEY not in str(info.value)
 
 
-def test_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
+def test_unreachable_endpoint_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tf4ctr_dist.data.storage import RETRY_ENV, StorageUnavailable
+
+    monkeypatch.setenv(RETRY_ENV, "0")  # no retry window (tests/integration/test_storage_outage.py has one)
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     opts = storage_options_for(closed, connect_timeout=1, attempts=1)
     started = time.monotonic()
-    with pytest.raises(DataError, match="Could not connect") as info:
+    with pytest.raises(StorageUnavailable, match="cannot reach .*connection refused.*Could not connect") as info:
         load_manifest("s3://some-bucket/ds", opts)
     assert "s3://some-bucket/ds/manifest.json" in str(info.value) and SECRET_KEY not in str(info.value)
     train, valid, test = tiny_bars(tmp_path)

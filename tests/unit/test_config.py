@@ -252,6 +252,8 @@ def test_shipped_config_loads_and_round_trips(path: Path) -> None:
             continue
         for key, value in values.items():
             got = getattr(getattr(cfg, section), key)
+            if dataclasses.is_dataclass(got):  # a nested section (model.encoders): the keys written
+                got = {k: v for k, v in dataclasses.asdict(got).items() if k in value}
             assert got == (float(value) if isinstance(got, float) else value), f"{section}.{key}"
     again = RunConfig.from_dict(cfg.to_dict())
     assert again == cfg

@@ -1,38 +1,29 @@
 """The compiled BatchNorm -> ReLU -> dropout CPU kernel behind `linear_batch_norm_relu_dropout`
-(modules/cpu_kernels.py, csrc/): the same values and gradients as a float64 eager Linear ->
+(tf4ctr_dist/kernels, csrc/): the same values and gradients as a float64 eager Linear ->
 BatchNorm -> ReLU -> dropout, the same dropout masks as the eager ops, BatchNorm's
-running-statistics bookkeeping, and the fallback to eager ops."""
+running-statistics bookkeeping, and the eager ops where no kernels are passed in."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tf4ctr_dist.modules import MLPEncoder, cpu_kernels
-from tf4ctr_dist.modules import mlp as mlp_mod
+from tf4ctr_dist.kernels import BatchNormReLUDropout, load
+from tf4ctr_dist.modules import MLPEncoder
 from tf4ctr_dist.modules.mlp import dropout_threshold, linear_batch_norm_relu_dropout
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _kernel():
-    if cpu_kernels.cpu_extension() is None:  # a failed build must fail these tests
-        pytest.fail("the CPU kernel did not build on this machine (see the warning above)")
-
-
-@pytest.fixture(autouse=True)
-def _kernel_on(monkeypatch):  # on for these tests even where TF4CTR_CPU_KERNELS=0
-    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+KERNELS = load("on")  # a failed build must fail these tests (KernelUnavailable says why)
 
 
 class Block(nn.Module):
-    """Linear -> BatchNorm1d with parameters away from the identity, run by the function under test."""
+    """Linear -> BatchNorm1d with parameters away from the identity, run by the function under test
+    with the kernels (``kernels``, default: loaded) or the eager ops (None)."""
 
-    def __init__(self, n_in: int, n: int, momentum: float | None = 0.1, seed: int = 0) -> None:
+    def __init__(self, n_in: int, n: int, momentum: float | None = 0.1, seed: int = 0, kernels=KERNELS) -> None:
         super().__init__()
+        self.kernels = kernels
         torch.manual_seed(seed)
         self.linear = nn.Linear(n_in, n)
         self.bn = nn.BatchNorm1d(n, momentum=momentum)
@@ -44,7 +35,7 @@ class Block(nn.Module):
             self.bn.running_var.uniform_(0.5, 2)
 
     def forward(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        return linear_batch_norm_relu_dropout(x, self.linear, self.bn, p, self.training)
+        return linear_batch_norm_relu_dropout(x, self.linear, self.bn, p, self.training, self.kernels)
 
 
 def _reference(x: torch.Tensor, block: Block, keep: torch.Tensor, scale: float):
@@ -108,13 +99,12 @@ def test_dropout_values_and_gradients_follow_the_kernels_mask():
 
 
 @pytest.mark.parametrize("rows,cols", [(4096, 400), (37, 5)])  # 37 * 5: not a multiple of 4 lanes
-def test_same_masks_values_and_gradients_as_the_eager_ops(monkeypatch, rows, cols):
+def test_same_masks_values_and_gradients_as_the_eager_ops(rows, cols):
     """Same seed, same keep mask as relu_dropout (the kernel runs the same SFC64 words); values
     and gradients within float32 rounding of the eager Linear -> BatchNorm -> relu_dropout."""
     runs = {}
     for enabled in (True, False):
-        monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
-        block = Block(16, cols)
+        block = Block(16, cols, kernels=KERNELS if enabled else None)
         x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
         torch.manual_seed(11)
         runs[enabled] = (block, x, block(x, 0.2), torch.randint(0, 1000, (3,)))
@@ -170,21 +160,6 @@ def test_cumulative_average_when_momentum_is_none():
     torch.testing.assert_close(block.bn.running_var, ref.bn.running_var, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("raw,want", [(None, True), ("", True), ("0", False), ("off", False), ("1", True), (" True ", True)])
-def test_switch_from_env(monkeypatch, raw, want):
-    if raw is None:
-        monkeypatch.delenv("TF4CTR_CPU_KERNELS", raising=False)
-    else:
-        monkeypatch.setenv("TF4CTR_CPU_KERNELS", raw)
-    assert cpu_kernels.switch_from_env() is want
-
-
-def test_a_malformed_switch_is_an_error_naming_the_variable(monkeypatch):
-    monkeypatch.setenv("TF4CTR_CPU_KERNELS", "disabled")
-    with pytest.raises(ValueError, match="TF4CTR_CPU_KERNELS='disabled': expected 1/true/on/yes or 0/false/off/no"):
-        cpu_kernels.switch_from_env()
-
-
 def test_one_row_is_an_error_like_batch_norms():
     with pytest.raises(RuntimeError, match="more than 1 row"):
         Block(3, 4)(torch.randn(1, 3), 0.1)
@@ -192,13 +167,13 @@ def test_one_row_is_an_error_like_batch_norms():
 
 def _count_kernel_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
-    real = cpu_kernels.BatchNormReLUDropout.apply
+    real = BatchNormReLUDropout.apply
 
     def counting(*args):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(cpu_kernels.BatchNormReLUDropout, "apply", counting)
+    monkeypatch.setattr(BatchNormReLUDropout, "apply", counting)
     return calls
 
 
@@ -212,42 +187,23 @@ def test_eager_ops_outside_float32_cpu_training(monkeypatch):
     torch.testing.assert_close(block(x, 0.2), F.relu(block.bn(block.linear(x))))
     block.train()
     block.double()(x.double(), 0.2)
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
-    block.float()(x, 0.2)
+    block.float()
+    block.kernels = None  # no kernels passed in
+    block(x, 0.2)
+    block.kernels = KERNELS
+    MLPEncoder(3, [6], 0.2, fused=True, bn_relu_dropout=KERNELS, keep_mask_words="torch")(x)  # the kernel draws sfc64
     assert len(calls) == 1
-
-
-def test_a_failed_build_warns_once_and_runs_the_eager_ops(monkeypatch):
-    from torch.utils import cpp_extension
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("Error building extension 'x'\ng++: not found")
-
-    monkeypatch.setattr(cpp_extension, "load", broken)
-    monkeypatch.setattr(cpu_kernels, "_build_name", lambda: "tf4ctr_test_not_built")
-    cpu_kernels.cpu_extension.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="could not be built.*g\\+\\+: not found"):
-            assert cpu_kernels.cpu_extension() is None
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # cached: no second warning
-            assert cpu_kernels.cpu_extension() is None
-        masks: list[torch.Tensor] = []
-        real = mlp_mod.dropout_keep_mask
-        monkeypatch.setattr(mlp_mod, "dropout_keep_mask", lambda *a: masks.append(real(*a)) or masks[-1])
-        y = Block(3, 4)(torch.randn(16, 3), 0.2)
-        assert len(masks) == 1 and y.shape == (16, 4)  # the eager relu_dropout ran
-    finally:
-        cpu_kernels.cpu_extension.cache_clear()
+    MLPEncoder(3, [6], 0.2, fused=True, bn_relu_dropout=KERNELS)(x)
+    assert len(calls) == 2
 
 
 def test_fused_encoder_trains_with_the_kernel_like_the_eager_ops(monkeypatch):
     """A few SGD steps of a fused MLPEncoder without dropout: kernel on and off agree."""
+    calls = _count_kernel_calls(monkeypatch)
     results = []
     for enabled in (True, False):
-        monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
         torch.manual_seed(0)
-        enc = MLPEncoder(12, [32, 16], 0.0, fused=True)
+        enc = MLPEncoder(12, [32, 16], 0.0, fused=True, bn_relu_dropout=KERNELS if enabled else None)
         opt = torch.optim.SGD(enc.parameters(), lr=0.1)
         torch.manual_seed(1)
         for _ in range(5):
@@ -256,5 +212,24 @@ def test_fused_encoder_trains_with_the_kernel_like_the_eager_ops(monkeypatch):
             loss.backward()
             opt.step()
         results.append(enc.state_dict())
+    assert len(calls) == 2 * 5  # two layers, five steps, only with the kernels passed in
     for k, v in results[0].items():
         torch.testing.assert_close(v, results[1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_encoder_with_the_kernels_traces_and_the_traced_module_runs_them(monkeypatch):
+    """torch.fx (TorchRec's pipeline traces the model) carries the kernels' handle into the leaf
+    call; the traced module runs the kernel in training like the encoder itself."""
+    calls = _count_kernel_calls(monkeypatch)
+    torch.manual_seed(0)
+    enc = MLPEncoder(12, [16], 0.2, fused=True, bn_relu_dropout=KERNELS)
+    gm = torch.fx.symbolic_trace(enc)
+    leaf = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is linear_batch_norm_relu_dropout]
+    assert len(leaf) == 1
+    x = torch.randn(64, 12)
+    torch.manual_seed(4)
+    y_traced = gm(x)
+    torch.manual_seed(4)
+    y = enc(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(y_traced, y)

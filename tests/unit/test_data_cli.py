@@ -64,10 +64,11 @@ def test_usage_errors(argv: list[str], message: str, tmp_path: Path, capsys: pyt
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_engine_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["prepare", "synthetic", "--out", str(tmp_path / "o"), "--engine", "spark", "--set", "rows=10"])
-    assert info.value.code == 2
+def test_unknown_engine_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Parse errors return 2 with one `error:` line (no SystemExit from inside main)."""
+    assert main(["prepare", "synthetic", "--out", str(tmp_path / "o"), "--engine", "spark", "--set", "rows=10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "invalid choice: 'spark'" in err[0]
 
 
 def test_non_utf8_input_is_a_clean_error_in_a_subprocess(tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def test_wrong_column_count(tmp_path: Path) -> None:
 
 
 def test_folder_and_glob_of_day_files(tmp_path: Path) -> None:
-    from data_tools.bench_prepare import write_criteo_tsv
+    from benchmarks.prepare import write_criteo_tsv
     from data_tools.criteo import FILE_ROWS, split_of_row_numbers
 
     days = tmp_path / "days"

@@ -14,7 +14,7 @@ import pytest
 
 from data_tools import criteo
 from data_tools.bars_csv import prepare_bars_csv
-from data_tools.bench_prepare import write_criteo_tsv
+from benchmarks.prepare import write_criteo_tsv
 from data_tools.check import check_dataset
 from data_tools.cli import main
 from data_tools.vocab import hash_ids

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from data_tools.bench_prepare import write_criteo_tsv
+from benchmarks.prepare import write_criteo_tsv
 from data_tools.criteo import prepare_criteo
 from data_tools import csv_input
 from data_tools.csv_input import count_rows, open_text_input

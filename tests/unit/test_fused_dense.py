@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tf4ctr_dist.config import LossConfig, ModelConfig
 from tf4ctr_dist.data.batch import Batch
 from tf4ctr_dist.model import Objective, TF4CTRTrain, tf4ctr
-from tf4ctr_dist.modules import MLPEncoder, cpu_kernels
+from tf4ctr_dist.modules import MLPEncoder
 from tf4ctr_dist.modules import mlp as mlp_mod
 from tf4ctr_dist.modules.mlp import linear_batch_norm_relu_dropout, dropout_keep_mask, dropout_threshold, relu_dropout
 
@@ -116,14 +116,13 @@ def test_fused_encoder_equals_plain_without_dropout(train):
 
 
 def test_fused_encoder_with_dropout_equals_the_plain_layers_with_the_same_masks(monkeypatch):
-    """The eager fused path (kernel off; test_cpu_kernels covers the kernel's masks)."""
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    """The eager fused path (no kernels passed in; test_cpu_kernels covers the kernel's masks)."""
     plain, fused = _encoders(0.25)
     masks: list[torch.Tensor] = []
     real = mlp_mod.dropout_keep_mask
 
-    def recording(shape, p, device="cpu"):
-        masks.append(real(shape, p, device))
+    def recording(shape, p, device="cpu", words="sfc64"):
+        masks.append(real(shape, p, device, words))
         return masks[-1]
 
     monkeypatch.setattr(mlp_mod, "dropout_keep_mask", recording)
@@ -248,7 +247,7 @@ def test_bf16_trains_and_stays_close_to_fp32():
 
 
 def test_reference_keeps_the_plain_encoders():
-    from tf4ctr_dist.reference import ReferenceTF4CTR
+    from benchmarks.reference import ReferenceTF4CTR
 
     ref = ReferenceTF4CTR([5] * 4, ModelConfig(embedding_dim=4, easy_hidden_units=[8], hard_hidden_units=[8]))
     assert not ref.simple_encoder.fused and not ref.complex_encoder.fused

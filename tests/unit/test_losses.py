@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tf4ctr_dist.losses import RCELoss, bce_loss, focal_loss, masked_mean, twin_focus_loss
+from tf4ctr_dist.losses import TCELoss, bce_loss, focal_loss, masked_mean, twin_focus_loss
 
 
 def sigmoid(z: float) -> float:
@@ -167,16 +167,16 @@ def test_focal_loss():
     assert focal_loss(z, y, valid, gamma=2.0, alpha=0.25).item() == pytest.approx(expected / 3)
 
 
-def test_rce_drop_rate_schedule():
-    rce = RCELoss(max_rate=0.2, num_gradual=100)
+def test_tce_drop_rate_schedule():
+    rce = TCELoss(max_rate=0.2, num_gradual=100)
     assert rce.drop_rate(0) == 0.0
     assert rce.drop_rate(50) == pytest.approx(0.1)
     assert rce.drop_rate(100) == pytest.approx(0.2)
     assert rce.drop_rate(10_000) == pytest.approx(0.2)
 
 
-def test_rce_drops_largest_valid_losses():
-    rce = RCELoss(max_rate=0.2, num_gradual=10)
+def test_tce_drops_largest_valid_losses():
+    rce = TCELoss(max_rate=0.2, num_gradual=10)
     z = torch.tensor([0.1, 0.2, -3.0, 0.4, 0.5, 4.0, 0.7, 0.8, 0.9, 1.0, 50.0, 60.0])
     y = torch.zeros(12)
     valid = torch.tensor([1.0] * 10 + [0.0, 0.0])  # padding has the largest losses

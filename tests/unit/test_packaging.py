@@ -73,9 +73,17 @@ def test_dev_sh_installs_torchrec_from_its_pin() -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    import shutil
+
+    # Built from a copy: setuptools leaves build/ and *.egg-info in the source folder.
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for package in ("tf4ctr_dist", "data_tools"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(src)], check=True, capture_output=True, timeout=300)
     (path,) = out.glob("tf4ctr_dist-*.whl")
     return path
 

@@ -18,18 +18,21 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     WeightDecayMode,
 )
 
-from tf4ctr_dist.modules import cpu_kernels
+from tf4ctr_dist.distributed.table_kernel import route_table_backward
+from tf4ctr_dist.kernels import load
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return load("on")  # a failed build must fail these tests (KernelUnavailable says why)
 
 
 @pytest.fixture()
-def routed(monkeypatch):
+def routed(kernels):
     """The kernel routed in for the test, fbgemm's own kernel afterwards."""
-    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
-    if cpu_kernels.cpu_extension() is None:  # a failed build must fail these tests
-        pytest.fail("the CPU kernels did not build")
-    before = cpu_kernels.route_fbgemm_rowwise_adagrad(True)
+    before = route_table_backward(kernels, True)
     yield
-    cpu_kernels.route_fbgemm_rowwise_adagrad(before)
+    route_table_backward(kernels, before)
 
 
 def table_batch(specs, feature_table_map=None, **kw):
@@ -166,25 +169,24 @@ def test_float16_weights(routed):
     assert_matches(tbe, ref, atol=2e-3)  # float16 rounding of the stored rows
 
 
-def test_agrees_with_fbgemm_and_routing_switches_back(monkeypatch):
+def test_agrees_with_fbgemm_and_routing_switches_back(kernels):
     """Without weight decay (which fbgemm's CPU kernel drops) the two kernels give the same update
     up to float32 rounding; routing off gives fbgemm's own result again, bit for bit."""
-    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
     base = table_batch([(300, 16)] * 3)
     F, B = 3, 256
     indices, offsets = ids_and_offsets(F, B, [300] * 3, max_len=1)
     grad = torch.randn(B, 48, generator=torch.Generator().manual_seed(7))
     fbgemm_run, ours, fbgemm_again = (copy.deepcopy(base) for _ in range(3))
 
-    before = cpu_kernels.route_fbgemm_rowwise_adagrad(False)
+    before = route_table_backward(kernels, False)
     try:
         run_step(fbgemm_run, indices, offsets, grad)
-        assert cpu_kernels.route_fbgemm_rowwise_adagrad(True) is False
+        assert route_table_backward(kernels, True) is False
         run_step(ours, indices, offsets, grad)
-        assert cpu_kernels.route_fbgemm_rowwise_adagrad(False) is True
+        assert route_table_backward(None, False) is True  # routing out needs no handle
         run_step(fbgemm_again, indices, offsets, grad)
     finally:
-        cpu_kernels.route_fbgemm_rowwise_adagrad(before)
+        route_table_backward(kernels, before)
 
     assert not torch.equal(ours.weights_host, base.weights_host)  # it did update
     torch.testing.assert_close(ours.weights_host, fbgemm_run.weights_host, atol=1e-6, rtol=0)
@@ -192,17 +194,17 @@ def test_agrees_with_fbgemm_and_routing_switches_back(monkeypatch):
     assert torch.equal(fbgemm_again.weights_host, fbgemm_run.weights_host)
 
 
-def test_fbgemm_cpu_kernel_drops_weight_decay(monkeypatch):
+def test_fbgemm_cpu_kernel_drops_weight_decay(kernels):
     """Why the kernel matters beyond speed: fbgemm 1.8's CPU kernel ignores weight decay (if this
-    starts failing, fbgemm fixed it and the docs' note and shard_model's warning can go)."""
-    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+    starts failing, fbgemm fixed it and the docs' note, shard_model's warning and the refusal in
+    placement.check_table_weight_decay can go)."""
     indices, offsets = ids_and_offsets(1, 8, [6])
     grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(8))
     results = []
-    before = cpu_kernels.route_fbgemm_rowwise_adagrad(False)
+    before = route_table_backward(kernels, False)
     try:
         for routed_in in (False, True):
-            cpu_kernels.route_fbgemm_rowwise_adagrad(routed_in)
+            route_table_backward(kernels, routed_in)
             pair = []
             for decay in (0.0, 0.5):
                 mode = WeightDecayMode.L2 if decay else WeightDecayMode.NONE
@@ -211,7 +213,7 @@ def test_fbgemm_cpu_kernel_drops_weight_decay(monkeypatch):
                 pair.append(tbe.weights_host.clone())
             results.append(torch.equal(pair[0], pair[1]))
     finally:
-        cpu_kernels.route_fbgemm_rowwise_adagrad(before)
+        route_table_backward(kernels, before)
     assert results == [True, False]  # fbgemm: decay changes nothing; this kernel: it does
 
 
@@ -233,16 +235,17 @@ def test_out_of_range_id_names_the_table(routed):
     assert torch.equal(tbe.weights_host, before[0]) and torch.equal(tbe.momentum1_host, before[1])
 
 
-def test_routing_is_a_no_op_when_switched_off(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
-    assert cpu_kernels.route_fbgemm_rowwise_adagrad(True) is False
+def test_routing_in_needs_the_loaded_kernels():
+    with pytest.raises(ValueError, match="the CPU kernels are not loaded"):
+        route_table_backward(None, True)
 
 
 
-@pytest.mark.parametrize("optimizer,kernels", [("rowwise_adagrad", False), ("adagrad", True), ("sgd", True)])
-def test_shard_model_warns_where_fbgemm_drops_the_decay(monkeypatch, tmp_path, optimizer, kernels):
+@pytest.mark.parametrize("optimizer,given", [("rowwise_adagrad", False), ("adagrad", True), ("sgd", True)])
+def test_shard_model_warns_where_fbgemm_drops_the_decay(monkeypatch, tmp_path, optimizer, given, kernels):
     """fbgemm's CPU kernels leave weight decay out (row-wise Adagrad without this package's
-    kernel, Adagrad, SGD): the configured decay would silently do nothing, so say so."""
+    kernel, Adagrad, SGD): the configured decay would silently do nothing, so say so (training
+    runs refuse such configs earlier: test_kernel_setting.py)."""
     import torch.distributed as dist
 
     from tf4ctr_dist.config import LossConfig, ModelConfig
@@ -250,7 +253,6 @@ def test_shard_model_warns_where_fbgemm_drops_the_decay(monkeypatch, tmp_path, o
     from tf4ctr_dist.distributed.sharding import resolve_placement, shard_model
     from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
 
-    monkeypatch.setattr(cpu_kernels, "ENABLED", kernels)
     warnings: list[str] = []  # recorded at the call: other tests may change logging's levels
     monkeypatch.setattr(sharding.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     fields = [("a", 11), ("b", 7)]
@@ -263,7 +265,7 @@ def test_shard_model_warns_where_fbgemm_drops_the_decay(monkeypatch, tmp_path, o
             module = TF4CTRTrain(tf4ctr(fields, cfg, device="meta"), Objective(LossConfig()))
             shard_model(module, embedding_tables(fields, cfg), resolve_placement("table_wise", optimizer, "cpu"),
                         device=torch.device("cpu"), embedding_lr=0.05, embedding_weight_decay=decay,
-                        local_batch_size=4)
+                        local_batch_size=4, table_kernel=kernels if given else None)
             assert any(f"weight decay 1e-05 will not be applied: fbgemm's CPU {optimizer} kernel" in w
                        for w in warnings) is warned
     finally:

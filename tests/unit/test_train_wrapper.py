@@ -72,11 +72,11 @@ def test_bce_objective_ignores_the_twin_logits() -> None:
     assert not bce.requires_grad  # ... bce does not touch them (z itself needs no grad here)
 
 
-@pytest.mark.parametrize("loss", ["tf", "bce", "focal", "rce"])
+@pytest.mark.parametrize("loss", ["tf", "bce", "focal", "rce", "tce"])
 def test_padding_rows_do_not_change_the_loss(loss: str) -> None:
     z, z_s, z_c, y = _logits()
-    # Training mode, one step each: R-CE then drops the floor(0.2 * 5) = 1 worst valid sample.
-    cfg = LossConfig(loss=loss, rce_num_gradual=1, rce_max_drop_rate=0.2)
+    # Training mode, one step each: T-CE then drops the floor(0.2 * 5) = 1 worst valid sample.
+    cfg = LossConfig(loss=loss, tce_num_gradual=1, tce_max_drop_rate=0.2)
     real = Objective(cfg)(z, z_s, z_c, y, torch.ones_like(y))
     objective = Objective(cfg)
     pad = lambda t, v: torch.cat([t, torch.full((3, 1), v, dtype=t.dtype)])  # noqa: E731
@@ -94,10 +94,10 @@ def test_focal_objective_is_focal_loss_on_the_fused_logit() -> None:
     assert float(got) < float(bce_loss(z, y, valid))
 
 
-def test_rce_objective_counts_training_steps_only() -> None:
+def test_tce_objective_counts_training_steps_only() -> None:
     z, z_s, z_c, y = _logits()
     valid = torch.ones_like(y)
-    objective = Objective(LossConfig(loss="rce", rce_max_drop_rate=0.4, rce_num_gradual=2))
+    objective = Objective(LossConfig(loss="tce", tce_max_drop_rate=0.4, tce_num_gradual=2))
     objective.train()
     first = objective(z, z_s, z_c, y, valid)  # step 1: rate 0.2 -> drop 1 of 5
     second = objective(z, z_s, z_c, y, valid)  # step 2: rate 0.4 -> drop 2 of 5

@@ -51,6 +51,7 @@ def run_guarded(func, args: argparse.Namespace, parser: argparse.ArgumentParser)
     """Call a command; the errors a user can fix become one line on stderr and an exit code."""
     from tf4ctr_dist.config import ConfigError
     from tf4ctr_dist.data.errors import DataError
+    from tf4ctr_dist.data.storage import StorageUnavailable
     from tf4ctr_dist.distributed.placement import ShardingError
 
     try:
@@ -58,7 +59,7 @@ def run_guarded(func, args: argparse.Namespace, parser: argparse.ArgumentParser)
     except (ConfigError, ShardingError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, StorageUnavailable) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except KeyboardInterrupt:

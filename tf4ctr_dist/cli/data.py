@@ -30,6 +30,6 @@ def _forward(command: str):
         os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
         from data_tools import cli
 
-        return int(cli.main([command, *args.args]) or 0)
+        return int(cli.main([command, *args.args], prog="tf4ctr") or 0)
 
     return run

@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping
 import pyarrow as pa
 
 from .errors import DataError
-from .storage import resolve
+from .storage import StorageUnavailable, relative_problem, resolve
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -54,6 +54,9 @@ class PartInfo:
     rows: int
     row_groups: list[int]  # rows per row group, in file order
     sha256: str
+    # [end byte, sha256] of each row group's bytes and then of the footer; a span starts where
+    # the previous one ends (the first at 0). The reader verifies each span as it reads it.
+    spans: list[list] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,12 +119,16 @@ class Manifest:
         return _parse(data, source)
 
 
-def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
-    """Read `{url}/manifest.json`. DataError if absent, unreadable or malformed."""
-    loc = resolve(url, storage_options)
+def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None,
+                  retry_seconds: float | None = None) -> Manifest:
+    """Read `{url}/manifest.json`. DataError if absent, unreadable or malformed;
+    StorageUnavailable if the storage stays unreachable for retry_seconds (see storage.resolve)."""
+    loc = resolve(url, storage_options, retry_seconds)
     path = loc.path(MANIFEST_NAME)
     try:
-        text = loc.fs.cat_file(path)
+        text = loc.retry(lambda: loc.fs.cat_file(path), loc.url_of(MANIFEST_NAME))
+    except StorageUnavailable:
+        raise
     except FileNotFoundError:
         raise loc.error(
             f"no {MANIFEST_NAME} at {loc.url}: dataset missing or not completely written"
@@ -142,6 +149,26 @@ def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wher
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
         raise DataError(f"{where}: key {key!r} should be {_kind_name(kind)}, got {value!r}")
     return value
+
+
+def _inside(rel: Any, where: str) -> str:
+    """`rel` if it names a file below the dataset root; a DataError otherwise."""
+    why = relative_problem(rel)
+    if why is not None:
+        raise DataError(f"{where}: path {rel!r} leaves the dataset root: {why}")
+    return rel
+
+
+def _spans(raw: Any, groups: int, where: str) -> list[list] | None:
+    if raw is None:
+        return None
+    ok = isinstance(raw, list) and len(raw) == groups + 1 and all(
+        isinstance(s, list) and len(s) == 2 and isinstance(s[0], int) and not isinstance(s[0], bool)
+        and isinstance(s[1], str) and len(s[1]) == 64 for s in raw)
+    ends = [s[0] for s in raw] if ok else []
+    if not ok or any(b <= a for a, b in zip([0, *ends], ends)):
+        raise DataError(f"{where}: spans should be {groups + 1} [end byte, sha256] pairs with increasing ends")
+    return [list(s) for s in raw]
 
 
 def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -191,6 +218,7 @@ def _parse(data: Any, source: str) -> Manifest:
     splits: dict[str, SplitInfo] = {}
     for split, info in _need(data, "splits", Mapping, source).items():
         where = f"{source}: splits.{split}"
+        _inside(str(split), where)  # split names double as folder names (check, leftovers)
         parts = []
         for j, p in enumerate(_need(info, "parts", list, where)):
             pw = f"{where}.parts[{j}]"
@@ -200,7 +228,8 @@ def _parse(data: Any, source: str) -> Manifest:
             rows = _need(p, "rows", int, pw)
             if rows != sum(row_groups):
                 raise DataError(f"{pw}: rows {rows} != sum of row_groups {sum(row_groups)}")
-            parts.append(PartInfo(_need(p, "path", str, pw), rows, list(row_groups), _need(p, "sha256", str, pw)))
+            parts.append(PartInfo(_inside(_need(p, "path", str, pw), pw), rows, list(row_groups), _need(p, "sha256", str, pw),
+                                  _spans(p.get("spans"), len(row_groups), pw)))
         rows = _need(info, "rows", int, where)
         if rows != sum(p.rows for p in parts):
             raise DataError(f"{where}: rows {rows} != sum over parts {sum(p.rows for p in parts)}")
@@ -209,5 +238,10 @@ def _parse(data: Any, source: str) -> Manifest:
     spec = data.get("spec") or {}
     if not isinstance(spec, Mapping):
         raise DataError(f"{source}: key 'spec' should be an object")
+    vocab = spec.get("vocab")
+    for name, info in (vocab.items() if isinstance(vocab, Mapping) else ()):
+        file = info.get("file") if isinstance(info, Mapping) else None
+        if isinstance(file, Mapping) and "path" in file:
+            _inside(file["path"], f"{source}: spec.vocab.{name}.file")
     created_by = data.get("created_by") or ""
     return Manifest(fields, label, group, splits, dict(spec), str(created_by), version)

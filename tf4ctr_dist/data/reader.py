@@ -18,6 +18,8 @@ Sharding (exact distributed eval, resumable training):
 from __future__ import annotations
 
 import bisect
+import hashlib
+import hmac
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from .batch import Batch
 from .errors import DataError
 from .manifest import GROUP_COLUMN, FieldSpec, Manifest
-from .storage import Location, describe, resolve
+from .storage import Location, StorageUnavailable, describe, resolve
 from .validate import check_part, validate_row_group
 
 
@@ -75,6 +77,56 @@ class _Rows:
             np.concatenate([p.ids for p in parts], axis=1),
             tuple(pa.concat_arrays([p.lists[i] for p in parts]) for i in range(len(parts[0].lists))),
         )
+
+
+class _VerifiedFile:
+    """A read-only file that serves only byte ranges whose sha256 matched the manifest. pyarrow
+    parses exactly the bytes that were verified; a read outside them is an error, never a
+    silent fetch of unverified data."""
+
+    def __init__(self, size: int, where: str) -> None:
+        self._size, self._where = size, where
+        self._spans: dict[int, bytes] = {}
+        self._pos = 0
+        self.closed = False
+
+    def add(self, start: int, data: bytes) -> None:
+        self._spans[start] = data
+
+    def drop(self, start: int) -> None:
+        self._spans.pop(start, None)
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n is None or n < 0 else n
+        for start, data in self._spans.items():
+            if start <= self._pos and self._pos + n <= start + len(data):
+                out = data[self._pos - start : self._pos - start + n]
+                self._pos += n
+                return out
+        raise DataError(f"{self._where}: read of bytes [{self._pos}, {self._pos + n}) outside the verified row groups")
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+        self._spans.clear()
 
 
 @dataclass(frozen=True)
@@ -128,6 +180,8 @@ class ParquetSplitReader:
         prefetch: bool = True,
         max_open_files: int = 16,
         pad_tail: bool = True,
+        verify: bool = True,
+        retry_seconds: float | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -135,7 +189,9 @@ class ParquetSplitReader:
             raise ValueError(f"local_batch_size must be >= 1, got {local_batch_size}")
         if shuffle_buffer_row_groups < 1:
             raise ValueError(f"shuffle_buffer_row_groups must be >= 1, got {shuffle_buffer_row_groups}")
-        self.loc: Location = resolve(dataset_url, storage_options)
+        # retry_seconds: transient storage errors (refused connections, timeouts, 5xx,
+        # throttling) are retried for this long before the read fails (None: the default).
+        self.loc: Location = resolve(dataset_url, storage_options, retry_seconds)
         self.manifest = manifest
         self.split = split
         self.info = manifest.split(split)
@@ -145,6 +201,10 @@ class ParquetSplitReader:
         self.shuffle_buffer_row_groups = shuffle_buffer_row_groups
         self.shuffle_buffer_rows = shuffle_buffer_rows
         self.pad_tail = pad_tail
+        # Checksums while reading: each row group's bytes against the manifest's spans (or,
+        # for manifests written before spans existed, each part's sha256 when first opened).
+        self.verify = verify
+        self._verified_parts: set[int] = set()
         self.max_open_files = max(1, max_open_files)
         self._fields: list[FieldSpec] = list(manifest.fields)
         self._cat = [f.name for f in self._fields if f.kind == "categorical"]
@@ -307,10 +367,22 @@ class ParquetSplitReader:
         group = piece.group
         pf = self._file(group.part)
         where = f"{self._url(group.part)} row group {group.index}"
+        handle = self._files[group.part][0]
+        span_start = None
+        if isinstance(handle, _VerifiedFile):
+            span_start = self._load_span(group.part, group.index, handle)
         try:
-            table = pf.read_row_group(group.index, columns=self._columns)
+            if span_start is None:  # reads through the fsspec handle: may meet an outage
+                table = self.loc.retry(lambda: pf.read_row_group(group.index, columns=self._columns), where)
+            else:  # verified bytes already in memory
+                table = pf.read_row_group(group.index, columns=self._columns)
+        except (DataError, StorageUnavailable):
+            raise
         except Exception as exc:
             raise DataError(f"{where}: cannot read ({describe(exc, self.loc.storage_options)}); corrupt or truncated Parquet?") from None
+        finally:
+            if span_start is not None:
+                handle.drop(span_start)
         if table.num_rows != group.rows:
             raise DataError(f"{where}: has {table.num_rows} rows, manifest says {group.rows}")
         validate_row_group(table, self.manifest, where)
@@ -332,6 +404,73 @@ class ParquetSplitReader:
     def _url(self, part: int) -> str:
         return self.loc.url_of(self.info.parts[part].path)
 
+    def _fetch(self, part: int, start: int, end: int) -> bytes:
+        info, url = self.info.parts[part], self._url(part)
+        path = self.loc.path(info.path)
+        try:
+            data = self.loc.retry(lambda: self.loc.fs.cat_file(path, start=start, end=end), url)
+        except FileNotFoundError:
+            raise DataError(f"{url}: part file missing (listed in the manifest)") from None
+        except (DataError, StorageUnavailable):
+            raise
+        except Exception as exc:
+            raise self.loc.error(f"{url}: cannot read bytes [{start}, {end})", exc) from None
+        return data
+
+    def _checked(self, part: int, index: int, data: bytes, start: int) -> None:
+        end, digest = self.info.parts[part].spans[index]
+        what = "footer" if index == len(self.info.parts[part].row_groups) else f"row group {index}"
+        if len(data) != end - start or not hmac.compare_digest(hashlib.sha256(data).hexdigest(), digest):
+            raise DataError(
+                f"{self._url(part)} {what} does not match its sha256 in the manifest "
+                "(the part was changed or swapped after prepare; run `check` on the dataset)"
+            )
+
+    def _load_span(self, part: int, index: int, handle: _VerifiedFile) -> int:
+        spans = self.info.parts[part].spans
+        start = spans[index - 1][0] if index else 0
+        data = self._fetch(part, start, spans[index][0])
+        self._checked(part, index, data, start)
+        handle.add(start, data)
+        return start
+
+    def _open_verified(self, part: int) -> tuple[_VerifiedFile, pq.ParquetFile]:
+        info, url = self.info.parts[part], self._url(part)
+        spans = info.spans
+        start, end = spans[-2][0], spans[-1][0]
+        footer = self._fetch(part, start, end)
+        self._checked(part, len(spans) - 1, footer, start)
+        try:
+            metadata = pq.read_metadata(pa.BufferReader(footer))
+            handle = _VerifiedFile(end, url)
+            pf = pq.ParquetFile(handle, metadata=metadata, pre_buffer=False)
+        except Exception as exc:
+            raise DataError(f"{url}: not a readable Parquet file ({describe(exc, self.loc.storage_options)}); corrupt or truncated?") from None
+        return handle, pf
+
+    def _verify_whole(self, part: int) -> None:
+        """Manifests without spans: the part's sha256, streamed once per reader."""
+        info, url = self.info.parts[part], self._url(part)
+
+        def stream() -> str:  # whole, so a retry starts the digest over
+            digest = hashlib.sha256()
+            with self.loc.fs.open(self.loc.path(info.path), "rb") as f:
+                while chunk := f.read(8 << 20):
+                    digest.update(chunk)
+            return digest.hexdigest()
+
+        try:
+            hexdigest = self.loc.retry(stream, url)
+        except FileNotFoundError:
+            raise DataError(f"{url}: part file missing (listed in the manifest)") from None
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            raise self.loc.error(f"{url}: cannot read", exc) from None
+        if not hmac.compare_digest(hexdigest, info.sha256):
+            raise DataError(f"{url}: sha256 does not match the manifest (the part was changed or swapped after prepare)")
+        self._verified_parts.add(part)
+
     def _file(self, part: int) -> pq.ParquetFile:
         """Open each part once and keep a few open (bounded: one handle per part would not scale)."""
         if part in self._files:
@@ -339,24 +478,45 @@ class ParquetSplitReader:
             return self._files[part][1]
         info, url = self.info.parts[part], self._url(part)
         path = self.loc.path(info.path)
-        try:
+        if self.verify and info.spans is not None:
+            handle, pf = self._open_verified(part)
+            check_part(pf, self.manifest, url, info.row_groups)
+            self._remember(part, handle, pf)
+            return pf
+        if self.verify and part not in self._verified_parts:
+            self._verify_whole(part)
+        opened = [False]  # whether the failing attempt got as far as parsing
+
+        def open_part() -> tuple[Any, pq.ParquetFile]:
             # No fsspec read cache: pyarrow coalesces a row group's column reads (pre_buffer).
+            opened[0] = False
             handle = self.loc.fs.open(path, "rb", **({} if self.loc.is_local else {"cache_type": "none"}))
+            opened[0] = True
+            try:
+                return handle, pq.ParquetFile(handle, pre_buffer=True)
+            except BaseException:
+                handle.close()
+                raise
+
+        try:
+            handle, pf = self.loc.retry(open_part, url)
         except FileNotFoundError:
             raise DataError(f"{url}: part file missing (listed in the manifest)") from None
+        except StorageUnavailable:
+            raise
         except Exception as exc:
-            raise self.loc.error(f"{url}: cannot open", exc) from None
-        try:
-            pf = pq.ParquetFile(handle, pre_buffer=True)
-        except Exception as exc:
-            handle.close()
+            if not opened[0]:
+                raise self.loc.error(f"{url}: cannot open", exc) from None
             raise DataError(f"{url}: not a readable Parquet file ({describe(exc, self.loc.storage_options)}); corrupt or truncated?") from None
         check_part(pf, self.manifest, url, info.row_groups)
+        self._remember(part, handle, pf)
+        return pf
+
+    def _remember(self, part: int, handle: Any, pf: pq.ParquetFile) -> None:
         self._files[part] = (handle, pf)
         while len(self._files) > self.max_open_files:
             _, (old, _) = self._files.popitem(last=False)
             old.close()
-        return pf
 
     def close(self) -> None:
         if self._pool is not None:  # first: the read-ahead thread may be using the files

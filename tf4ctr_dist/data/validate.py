@@ -59,3 +59,49 @@ def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
     if pa.types.is_floating(want):
         return pa.types.is_floating(got) or pa.types.is_integer(got)
     return pa.types.is_integer(got)
+
+
+def check_label_classes(url: str, manifest: Manifest, splits: list[str], storage_options=None,
+                        retry_seconds: float | None = None) -> None:
+    """Refuse splits whose metrics (or training) are undefined: an empty split, or one whose
+    labels are all 0 or all 1 (AUC needs both classes). Reads only the label column, row group
+    by row group, until both classes have been seen (usually the first row group)."""
+    from .storage import StorageUnavailable, describe, resolve
+
+    loc = resolve(url, storage_options, retry_seconds)
+    for name in splits:
+        info = manifest.split(name)
+        if info.rows == 0:
+            raise DataError(f"split {name!r} of {loc.url} is empty: its AUC/logloss are undefined; "
+                            "prepare the dataset with rows in every split")
+        seen: set[float] = set()
+        for part in info.parts:
+            path = loc.path(part.path)
+
+            def labels_of_part(path: str = path) -> set[float]:
+                found: set[float] = set()
+                with loc.fs.open(path, "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    for g in range(pf.num_row_groups):
+                        labels = pf.read_row_group(g, columns=[manifest.label]).column(0)
+                        found.update(v for v in pc.unique(labels).to_pylist() if v is not None)
+                        if len(seen | found) >= 2:
+                            break
+                return found
+
+            try:
+                seen |= loc.retry(labels_of_part, loc.url_of(part.path))
+            except (DataError, StorageUnavailable):
+                raise
+            except Exception as exc:
+                raise DataError(f"{loc.url_of(part.path)}: cannot read column {manifest.label!r} "
+                                f"({describe(exc, loc.storage_options)})") from None
+            if len(seen) >= 2:
+                break
+        if len(seen) < 2:
+            only = ", ".join(f"{v:g}" for v in sorted(seen)) or "none"
+            raise DataError(
+                f"split {name!r} of {loc.url}: all {info.rows} rows have label {only}; "
+                f"{'training learns nothing from' if name == 'train' else 'AUC is undefined on'} a split with one class. "
+                "Prepare the dataset with both classes in every split (or another split: data.train_split/valid_split/test_split)"
+            )

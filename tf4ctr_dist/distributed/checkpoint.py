@@ -5,7 +5,8 @@ Layout under the checkpoint root (a local path or any fsspec URL, e.g. s3://):
     index.json              the committed checkpoints, oldest first: the only file readers trust
     e0002-s000150/          one checkpoint (epoch index 2, 150 batches of it trained)
         .metadata *.distcp  DCP: sharded tables, fused optimizer state, dense weights + Adam
-        rank-00001.pt       one rank's private state: RNG, partial epoch sums, sample counts
+        rank-00001.pt       one rank's private tensors (RNG, sample counts, BatchNorm buffers)
+        rank-00001.json     one rank's other private state (partial epoch sums, counts)
         train_state.json    epoch, step, lr, early stopping, history, plan, world size
 
 Every rank writes its DCP shards and its rank file; after a barrier rank 0 writes
@@ -13,17 +14,30 @@ train_state.json and then replaces index.json atomically. A checkpoint therefore
 readers only once all of it is on storage; folders that index.json does not list are debris
 of a crash and are deleted at the next commit. The last ``keep`` checkpoints are kept, plus
 the one marked best.
+
+Checkpoints are data, never code. index.json records the sha256 of every file of a checkpoint;
+nothing of a checkpoint is parsed before its digest matches (a mismatch names the file). The
+rank files are tensors loaded with ``weights_only=True`` plus JSON; DCP's own ``.metadata`` (a
+pickle) is verified and then unpickled with an allow-list of DCP's metadata classes. When the
+environment variable ``TF4CTR_CHECKPOINT_KEY`` is set, index.json also carries an HMAC-SHA256
+under that key, and an index without a valid one is refused (for checkpoint roots that others
+can write to).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import logging
+import os
+import pickle
 import posixpath
 import time
 import uuid
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import fsspec
@@ -36,6 +50,13 @@ logger = logging.getLogger("tf4ctr_dist")
 
 INDEX = "index.json"
 TRAIN_STATE = "train_state.json"
+KEY_ENV = "TF4CTR_CHECKPOINT_KEY"
+_DCP_METADATA = ".metadata"
+
+
+class CheckpointIntegrityError(ConfigError):
+    """A checkpoint file does not match the digest its index recorded, or the index is not
+    authenticated: the checkpoint was changed after it was written (or by someone else)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +69,7 @@ class CheckpointEntry:
     world_size: int
     best: bool = False  # the weights early stopping chose so far
     finished: bool = False  # training ended here (last epoch or early stop)
+    files: dict = field(default_factory=dict)  # file name -> sha256, every file of the checkpoint
 
     @staticmethod
     def name_for(epoch: int, step: int) -> str:
@@ -62,16 +84,25 @@ class CheckpointStore:
     """Reads and writes the checkpoints of one run. All ranks call every method (collectives run
     on ``pg``, a gloo group of its own, so they never interleave with the pipeline's traffic)."""
 
-    def __init__(self, url: str, rank: int, world_size: int, keep: int = 2, pg: Optional[Any] = None):
+    def __init__(self, url: str, rank: int, world_size: int, keep: int = 2, pg: Optional[Any] = None,
+                 retry_seconds: Optional[float] = None):
+        """retry_seconds: how long reads and writes ride out transient storage errors (refused
+        connections, timeouts, 5xx, throttling); None: $TF4CTR_STORAGE_RETRY_SECONDS or 300."""
         if keep < 1:
             raise ConfigError(f"checkpoint.keep must be >= 1, got {keep}")
+        from tf4ctr_dist.data.storage import credentials_message, has_credentials, retry_window
+
+        if has_credentials(url):
+            raise ConfigError(credentials_message(url, "checkpoint location"))
         self.url = url.rstrip("/")
         self.rank = rank
         self.world_size = world_size
         self.keep = keep
         self.pg = pg
+        self.retry_seconds = retry_window(retry_seconds)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self._entries: Optional[list[CheckpointEntry]] = None
+        self._verified: set[str] = set()  # checkpoints whose files matched their digests
 
     # ---- reading -----------------------------------------------------------------------------
     def entries(self) -> list[CheckpointEntry]:
@@ -79,7 +110,7 @@ class CheckpointStore:
         if self._entries is None:
             raw = self._read_index() if self.rank == 0 else None
             raw = self._broadcast(raw)
-            self._entries = [CheckpointEntry(**e) for e in raw]
+            self._entries = [_entry_from(e, f"{self.url}/{INDEX}") for e in raw]
         return list(self._entries)
 
     def latest(self) -> Optional[CheckpointEntry]:
@@ -92,41 +123,99 @@ class CheckpointStore:
 
     def _read_index(self) -> list[dict]:
         path = f"{self.root}/{INDEX}"
-        if not self.fs.exists(path):
+        if not self._retry(lambda: self.fs.exists(path), f"{self.url}/{INDEX}"):
             return []
+        raw = self._retry(lambda: self.fs.cat_file(path), f"{self.url}/{INDEX}")
         try:
-            return json.loads(self.fs.cat_file(path))["checkpoints"]
-        except (ValueError, KeyError) as e:
+            index = json.loads(raw)
+            checkpoints = index["checkpoints"]
+        except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{self.url}/{INDEX} is not a checkpoint index ({e}); move it away to start over") from None
+        key = _key()
+        if key is not None:
+            mac = index.get("hmac")
+            if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, checkpoints)):
+                raise CheckpointIntegrityError(
+                    f"{self.url}/{INDEX} is not authenticated by the key in ${KEY_ENV} "
+                    f"({'no hmac' if mac is None else 'hmac mismatch'}): it was written without that key "
+                    "or changed since; refusing to read any checkpoint under it"
+                )
+        return checkpoints
+
+    def _verified_bytes(self, entry: CheckpointEntry, name: str) -> bytes:
+        """The file's bytes, once they match the digest recorded at commit."""
+        self.verify(entry)
+        data = self._retry(lambda: self.fs.cat_file(f"{self.root}/{entry.name}/{name}"), f"{self.url}/{entry.name}/{name}")
+        _check_digest(data, entry, name, self.url)
+        return data
 
     def train_state(self, entry: CheckpointEntry) -> dict:
-        with self.fs.open(f"{self.root}/{entry.name}/{TRAIN_STATE}", "r") as f:
-            return json.load(f)
+        return json.loads(self._verified_bytes(entry, TRAIN_STATE))
 
     def rank_state(self, entry: CheckpointEntry) -> dict:
-        with self.fs.open(f"{self.root}/{entry.name}/rank-{self.rank:05d}.pt", "rb") as f:
-            return torch.load(io.BytesIO(f.read()), weights_only=False)
+        tree = json.loads(self._verified_bytes(entry, _rank_file(self.rank, "json")))
+        # weights_only: a plain dict of tensors; nothing in the file can name code to run.
+        name = _rank_file(self.rank, "pt")
+        try:
+            tensors = torch.load(io.BytesIO(self._verified_bytes(entry, name)), weights_only=True)
+            return _join_tensors(tree, tensors)
+        except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError) as e:
+            raise CheckpointIntegrityError(f"checkpoint file {self.url}/{entry.name}/{name} is not plain tensors ({e})") from None
 
     def load(self, entry: CheckpointEntry, app_state: dict[str, Any]) -> None:
         """Fill ``app_state`` (e.g. {"model": dmp.state_dict(), "optim": ...}) in place from
         ``entry``. DCP reshards: tables saved table-wise by 4 ranks load into any other layout."""
         import torch.distributed.checkpoint as dcp
 
+        self.verify(entry)
         dcp.load(app_state, storage_reader=self._reader(entry), process_group=self.pg)
 
     def tensor_shapes(self, entry: CheckpointEntry) -> dict[str, tuple[int, ...]]:
         """Global shape of every tensor in ``entry`` (from its DCP metadata)."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+        self.verify(entry)
         meta = self._reader(entry).read_metadata()
         return {k: tuple(v.size) for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+    def verify(self, entry: CheckpointEntry) -> None:
+        """Compare every file of ``entry`` with the digests index.json recorded; the ranks share
+        the hashing and all raise together (a CheckpointIntegrityError naming the files)."""
+        if entry.name in self._verified:
+            return
+        if not entry.files:
+            problems = [f"{INDEX} records no file digests for it (written by an older version?)"]
+        else:
+            problems = []
+            for i, name in enumerate(sorted(entry.files)):
+                if i % self.world_size != self.rank:
+                    continue
+                try:
+                    data = self._retry(lambda: self.fs.cat_file(f"{self.root}/{entry.name}/{name}"),
+                                       f"{self.url}/{entry.name}/{name}")
+                    _check_digest(data, entry, name, self.url)
+                except FileNotFoundError:
+                    problems.append(f"{name} is missing")
+                except CheckpointIntegrityError:
+                    problems.append(f"{name} does not match its sha256 in {INDEX}")
+        if self.world_size > 1 and dist.is_initialized():
+            gathered: list = [None] * self.world_size
+            dist.all_gather_object(gathered, problems, group=self.pg)
+            problems = sorted({p for ps in gathered for p in ps})
+        if problems:
+            raise CheckpointIntegrityError(
+                f"checkpoint {self.url}/{entry.name} was changed after it was written: {'; '.join(problems)}. "
+                "Refusing to read it"
+            )
+        self._verified.add(entry.name)
 
     def _reader(self, entry: CheckpointEntry):
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
         path = f"{self.url}/{entry.name}"
-        return FileSystemReader(path.removeprefix("file://")) if _is_local(self.url) else FsspecReader(path)
+        base = FileSystemReader if _is_local(self.url) else FsspecReader
+        return _verifying_reader(base, entry, self.url)(path.removeprefix("file://") if _is_local(self.url) else path)
 
     # ---- writing -----------------------------------------------------------------------------
     def save(
@@ -150,26 +239,64 @@ class CheckpointStore:
             if _is_local(self.url)
             else FsspecWriter(path, single_file_per_rank=True, sync_files=False, overwrite=True)
         )
-        dcp.save(app_state, storage_writer=writer, process_group=self.pg)
+
+        def save_shards() -> None:
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            try:
+                dcp.save(app_state, storage_writer=writer, process_group=self.pg)
+            except CheckpointException as e:  # a BaseException: make it retryable
+                failures = "; ".join(f"rank {r}: {type(f[0]).__name__}: {f[0]}" for r, f in sorted(e.failures.items()))
+                raise _SaveFailed(f"DCP save failed ({failures})") from e
+
+        # DCP gathers every rank's write errors, so all ranks fail (and retry) together.
+        self._retry(save_shards, path, collective=True)
+        tree, tensors = _split_tensors(rank_state)
         buf = io.BytesIO()
-        torch.save(rank_state, buf)
-        with self.fs.open(f"{self.root}/{entry.name}/rank-{self.rank:05d}.pt", "wb") as f:
-            f.write(buf.getvalue())
+        torch.save(tensors, buf)
+        for name, data in ((_rank_file(self.rank, "pt"), buf.getvalue()), (_rank_file(self.rank, "json"), json.dumps(tree).encode())):
+            self._retry(lambda: self.fs.pipe_file(f"{self.root}/{entry.name}/{name}", data), f"{path}/{name}")
         if before_commit is not None:
             before_commit()
         self._barrier()
+        digests = self._digest_files(entry)
         entries = self.entries()
         if self.rank == 0:
-            self._write_atomic(f"{self.root}/{entry.name}/{TRAIN_STATE}", json.dumps(train_state, default=str))
+            state_text = json.dumps(train_state, default=str)
+            self._write_atomic(f"{self.root}/{entry.name}/{TRAIN_STATE}", state_text)
+            digests[TRAIN_STATE] = hashlib.sha256(state_text.encode()).hexdigest()
+            entry = dataclasses.replace(entry, files=dict(sorted(digests.items())))
             entries = [e for e in entries if e.name != entry.name] + [entry]
             kept = self._retained(entries)
-            self._write_atomic(f"{self.root}/{INDEX}", json.dumps({"checkpoints": [asdict(e) for e in kept]}, indent=1))
+            checkpoints = [asdict(e) for e in kept]
+            index: dict[str, Any] = {"checkpoints": checkpoints}
+            key = _key()
+            if key is not None:
+                index["hmac"] = _mac(key, checkpoints)
+            self._write_atomic(f"{self.root}/{INDEX}", json.dumps(index, indent=1))
             self._remove_unlisted({e.name for e in kept})
-        else:
-            entries = self._retained([e for e in entries if e.name != entry.name] + [entry])
-        self._entries = entries
+            entries = kept
+        # Rank 0 alone knows the digests: every rank takes its list.
+        self._entries = self._broadcast(entries if self.rank == 0 else None)
+        self._verified.add(entry.name)  # this process wrote it
         self._barrier()
         return time.perf_counter() - t0
+
+    def _digest_files(self, entry: CheckpointEntry) -> dict[str, str]:
+        """sha256 of every file now in the checkpoint folder (the ranks share the reading);
+        the result is complete on rank 0."""
+        folder = f"{self.root}/{entry.name}"
+        self.fs.invalidate_cache(folder)
+        listing = self._retry(lambda: self.fs.ls(folder, detail=True), f"{self.url}/{entry.name}")
+        names = sorted(posixpath.basename(i["name"].rstrip("/")) for i in listing if i["type"] == "file")
+        names = [n for n in names if n != TRAIN_STATE and ".tmp-" not in n]
+        mine = {n: hashlib.sha256(self._retry(lambda: self.fs.cat_file(f"{folder}/{n}"), f"{self.url}/{entry.name}/{n}")).hexdigest()
+                for i, n in enumerate(names) if i % self.world_size == self.rank}
+        if self.world_size > 1 and dist.is_initialized():
+            gathered: list = [None] * self.world_size
+            dist.all_gather_object(gathered, mine, group=self.pg)
+            mine = {k: v for d in gathered for k, v in d.items()}
+        return mine
 
     def _retained(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
         best = self._last_best(entries)
@@ -213,9 +340,22 @@ class CheckpointStore:
     def _write_atomic(self, path: str, text: str) -> None:
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "w") as f:
-            f.write(text)
-        self.fs.mv(tmp, path)
+        shown = f"{self.url}/{posixpath.relpath(path, self.root)}"
+        self._retry(lambda: self.fs.pipe_file(tmp, text.encode()), shown)
+        self._retry(lambda: self.fs.mv(tmp, path), shown)
+
+    def _retry(self, fn, what: str, collective: bool = False):
+        """fn() riding out transient storage errors for retry_seconds (storage.with_retries);
+        collective: every rank runs fn and all decide together whether to try again."""
+        from tf4ctr_dist.data.storage import with_retries
+
+        agree = None
+        if collective and self.world_size > 1 and dist.is_initialized():
+            def agree(mine: bool) -> bool:
+                flags: list = [None] * self.world_size
+                dist.all_gather_object(flags, mine, group=self.pg)
+                return all(flags)
+        return with_retries(fn, what, self.retry_seconds, agree=agree)
 
     # ---- collectives -------------------------------------------------------------------------
     def _broadcast(self, obj: Any) -> Any:
@@ -230,9 +370,124 @@ class CheckpointStore:
             dist.barrier(group=self.pg)
 
 
+class _SaveFailed(RuntimeError):
+    """DCP's CheckpointException (a BaseException) as an Exception; the original is its cause."""
+
+
 def _looks_like_checkpoint(name: str) -> bool:
     head, _, tail = name.partition("-")
     return len(head) == 5 and head[0] == "e" and head[1:].isdigit() and tail[:1] == "s" and tail[1:].isdigit()
+
+
+def _rank_file(rank: int, ext: str) -> str:
+    return f"rank-{rank:05d}.{ext}"
+
+
+def _key() -> Optional[bytes]:
+    key = os.environ.get(KEY_ENV)
+    return key.encode() if key else None
+
+
+def _mac(key: bytes, checkpoints: list) -> str:
+    text = json.dumps(checkpoints, sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def _entry_from(raw: Any, where: str) -> CheckpointEntry:
+    """An index row, checked: its folder and file names must stay inside the checkpoint root."""
+    try:
+        entry = CheckpointEntry(**raw)
+    except TypeError as e:
+        raise ConfigError(f"{where} is not a checkpoint index ({e}); move it away to start over") from None
+    bad = [n for n in entry.files if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", "..")]
+    if not _looks_like_checkpoint(entry.name) or bad or not isinstance(entry.files, dict):
+        raise CheckpointIntegrityError(f"{where} names a checkpoint or file outside its folder ({entry.name!r}, {bad})")
+    return entry
+
+
+def _check_digest(data: bytes, entry: CheckpointEntry, name: str, url: str) -> None:
+    expected = entry.files.get(name)
+    if expected is None or not hmac.compare_digest(hashlib.sha256(data).hexdigest(), str(expected)):
+        why = f"not listed in {INDEX}" if expected is None else f"does not match its sha256 in {INDEX}"
+        raise CheckpointIntegrityError(f"checkpoint file {url}/{entry.name}/{name} {why}; refusing to read it")
+
+
+def _split_tensors(tree: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """(JSON-able tree with {"__tensor__": key} in place of tensors, {key: tensor})."""
+    if isinstance(tree, torch.Tensor):
+        return {"__tensor__": prefix}, {prefix: tree.detach().cpu()}
+    if isinstance(tree, dict):
+        out, tensors = {}, {}
+        for k, v in tree.items():
+            if not isinstance(k, str):
+                raise TypeError(f"rank state keys must be strings, got {k!r}")
+            out[k], sub = _split_tensors(v, f"{prefix}/{k}")
+            tensors.update(sub)
+        return out, tensors
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree, {}
+    raise TypeError(f"rank state at {prefix or '/'}: {type(tree).__name__} is neither a tensor nor JSON")
+
+
+def _join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in tree.items()}
+    return tree
+
+
+# What DCP's .metadata pickle may name: its own metadata classes, torch.Size, dtypes, layouts.
+_METADATA_GLOBALS = {
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        obj = None
+        if (module, name) in _METADATA_GLOBALS:
+            obj = super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
+            obj = getattr(torch, name)
+        elif module == "torch.distributed.checkpoint.metadata":
+            import torch.distributed.checkpoint.metadata as m
+
+            candidate = getattr(m, name, None)
+            if isinstance(candidate, type) and candidate.__module__ == module:
+                obj = candidate
+            elif name == "_MEM_FORMAT_ENCODING":
+                obj = candidate
+        if obj is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return obj
+
+
+def _verifying_reader(base: type, entry: CheckpointEntry, url: str) -> type:
+    """``base`` (a DCP storage reader) whose metadata is read once, checked against the digest
+    recorded at commit, and only then unpickled (allow-listed classes only)."""
+
+    class VerifyingReader(base):  # type: ignore[misc, valid-type]
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            if kwargs.get("rank") is not None:
+                raise CheckpointIntegrityError("per-rank DCP metadata is not used by tf4ctr_dist checkpoints")
+            with self.fs.create_stream(self._get_metadata_path(None), "rb") as f:
+                data = f.read()
+            _check_digest(data, entry, _DCP_METADATA, url)
+            try:
+                metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+            except Exception as e:
+                raise CheckpointIntegrityError(f"checkpoint file {url}/{entry.name}/{_DCP_METADATA}: {e}") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return VerifyingReader
 
 
 @torch.no_grad()

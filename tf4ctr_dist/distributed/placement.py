@@ -96,4 +96,34 @@ def check_run_config(cfg: RunConfig, device_type: str, world_size: int) -> Embed
             f"embedding_dim={cfg.model.embedding_dim}: fbgemm's fused tables need every table dim to be a multiple "
             f"of 4 (with ssem=ser the easy tables have dim d/2), so use a multiple of 8, or sharding=data_parallel"
         )
+    # On the driver "auto" may still build: the worker checks again with what it loaded.
+    check_table_weight_decay(cfg, placement, device_type, table_kernel=cfg.train.cpu_kernels != "off")
     return placement
+
+
+def check_table_weight_decay(cfg: RunConfig, placement: EmbeddingPlacement, device_type: str,
+                             table_kernel: bool) -> None:
+    """Refuse embedding weight decay on fused CPU tables that fbgemm's kernel would train.
+
+    fbgemm's CPU backward kernels (row-wise Adagrad, Adagrad, SGD) leave weight decay out of the
+    update; this package's row-wise Adagrad kernel applies it. Without this check the same config
+    would train different maths on a machine that can build the kernels and one that cannot.
+    ``table_kernel``: whether this package's kernel will train the tables (loaded and not off)."""
+    if device_type != "cpu" or not placement.fused or cfg.train.emb_reg <= 0:
+        return
+    if placement.optimizer in ("adagrad", "sgd"):
+        raise ConfigError(
+            f"emb_reg={cfg.train.emb_reg:g} with embedding_optimizer={placement.optimizer} on fused CPU tables: "
+            f"fbgemm's CPU {placement.optimizer} kernel ignores weight decay, so the penalty would silently not "
+            "be applied. Use embedding_optimizer=rowwise_adagrad (this package's kernel applies it), "
+            "sharding=data_parallel, or emb_reg=0"
+        )
+    if placement.optimizer == "rowwise_adagrad" and not table_kernel:
+        why = ("cpu_kernels=off" if cfg.train.cpu_kernels == "off"
+               else "the CPU kernels could not be built on this machine (see the warning above)")
+        raise ConfigError(
+            f"emb_reg={cfg.train.emb_reg:g} on fused CPU row-wise Adagrad tables needs this package's table "
+            f"kernel, but {why}: fbgemm's CPU kernel would silently drop the weight decay, and the run would "
+            "train different maths than where the kernel runs. Use cpu_kernels=on (or auto with a C++ compiler "
+            "and ninja), sharding=data_parallel, or emb_reg=0"
+        )

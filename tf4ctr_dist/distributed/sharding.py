@@ -28,7 +28,8 @@ from tf4ctr_dist.distributed.placement import (  # noqa: F401  (re-exported: cal
     ShardingError,
     resolve_placement,
 )
-from tf4ctr_dist.modules import cpu_kernels
+from tf4ctr_dist.distributed.table_kernel import route_table_backward, uses_table_kernel  # noqa: F401
+from tf4ctr_dist.kernels import CpuKernels
 from tf4ctr_dist.modules.tf4ctr import TF4CTR
 
 logger = logging.getLogger(__name__)
@@ -144,15 +145,6 @@ def training_topology(world_size: int, device_type: str) -> Topology:
     return Topology(world_size=world_size, compute_device=device_type, local_world_size=local, **kwargs)
 
 
-def uses_table_kernel(placement: EmbeddingPlacement, device: torch.device) -> bool:
-    """Whether fused CPU tables train with this package's backward + row-wise Adagrad kernel
-    (`cpu_kernels.route_fbgemm_rowwise_adagrad`) instead of fbgemm's: CPU, fused row-wise Adagrad,
-    kernels switched on and built. fbgemm's CPU kernel runs on one core at about 600 ns per
-    distinct row and drops weight decay; on a GPU fbgemm's own kernel runs."""
-    return (device.type == "cpu" and placement.fused and placement.optimizer == "rowwise_adagrad"
-            and cpu_kernels.available())
-
-
 def shard_model(
     module: nn.Module,
     tables: list[EmbeddingBagConfig],
@@ -165,11 +157,16 @@ def shard_model(
     pg: Optional[dist.ProcessGroup] = None,
     table_precision: str = "fp32",
     concurrent_table_backward: Optional[bool] = None,
+    table_kernel: Optional[CpuKernels] = None,
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan and wrap ``module`` (built on ``meta``) in DistributedModelParallel.
 
-    Fused row-wise Adagrad tables on the CPU train with this package's table kernel
-    (`uses_table_kernel`), routed in for the whole process.
+    table_kernel: the loaded CPU kernels (`tf4ctr_dist.kernels.load`), or None. Given, fused
+    row-wise Adagrad tables on the CPU train with this package's backward + update kernel in
+    place of fbgemm's; None, with fbgemm's. Either way the routing is set for the whole process
+    (`table_kernel.route_table_backward`: the dispatcher has one kernel per op). fbgemm's CPU
+    kernels drop weight decay: this logs a warning where that happens; training runs refuse
+    such a config before they get here (`placement.check_table_weight_decay`).
 
     concurrent_table_backward: whether the TF4CTR models in ``module`` run their two table sets'
     backward passes on two threads (`backward_concurrently`). None: where it helps and is safe,
@@ -180,12 +177,11 @@ def shard_model(
     """
     pg = pg or dist.group.WORLD
     world_size = dist.get_world_size(pg)
-    table_kernel = uses_table_kernel(placement, device)
-    if table_kernel:
-        cpu_kernels.route_fbgemm_rowwise_adagrad(True)
-    elif device.type == "cpu" and placement.fused and embedding_weight_decay > 0:
+    routed = uses_table_kernel(placement, device, table_kernel)
+    route_table_backward(table_kernel if routed else None, routed)
+    if not routed and device.type == "cpu" and placement.fused and embedding_weight_decay > 0:
         # fbgemm 1.8's CPU kernels (row-wise Adagrad, Adagrad, SGD) leave weight decay out of the update
-        why = ("tf4ctr_dist's table kernel is off (TF4CTR_CPU_KERNELS=0) or could not be built"
+        why = ("tf4ctr_dist's table kernel was not given (cpu_kernels=off, or not built)"
                if placement.optimizer == "rowwise_adagrad" else "use embedding_optimizer=rowwise_adagrad for it")
         logger.warning(
             "embedding weight decay %g will not be applied: fbgemm's CPU %s kernel ignores it; %s",
@@ -194,7 +190,7 @@ def shard_model(
     if concurrent_table_backward is None:
         concurrent_table_backward = (
             world_size == 1 and device.type == "cpu" and placement.fused and torch.get_num_threads() > 1
-            and not table_kernel
+            and not routed
         )
     for m in module.modules():
         if isinstance(m, TF4CTR):

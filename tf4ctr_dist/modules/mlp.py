@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tf4ctr_dist.modules import cpu_kernels
 from tf4ctr_dist.modules.init import init_linear
+
+if TYPE_CHECKING:  # modules/ never loads the kernels itself: builders pass the handle in
+    from tf4ctr_dist.kernels import CpuKernels
 
 # Dropout keep masks on CPU are drawn 16 bits at a time: p is rounded to a multiple of 2**-16.
 _MASK_BITS = 16
@@ -18,7 +20,7 @@ _MASK_LEVELS = 1 << _MASK_BITS
 
 # Where dropout_keep_mask's random words come from: "sfc64" (numpy, seeded by torch; the default)
 # or "torch" (torch's own generator, the slower earlier path; kept for A/B timing).
-KEEP_MASK_WORDS = "sfc64"
+MASK_WORDS = ("sfc64", "torch")
 
 
 def dropout_threshold(p: float) -> tuple[int, float]:
@@ -39,7 +41,8 @@ def keep_mask_generator() -> np.random.SFC64:
     return np.random.SFC64(int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64)))
 
 
-def dropout_keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def dropout_keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu",
+                      words: str = "sfc64") -> torch.Tensor:
     """Bool keep mask of `shape`, P(keep) = 1 - p (p rounded to 2**-16), driven by torch's seed.
 
     Why not torch's generator: CPU `bernoulli_` draws one 32-bit number and a float conversion
@@ -50,12 +53,13 @@ def dropout_keep_mask(shape: Sequence[int], p: float, device: torch.device | str
     each word gives four 16-bit lanes compared against a threshold. Deterministic under
     `torch.manual_seed` (and captured by torch's RNG state in checkpoints); same distribution up
     to the 2**-16 rounding of p, a different random stream from torch's dropout.
+    words="torch": the 64-bit words from torch's generator instead (the earlier, slower path).
     """
     threshold, _ = dropout_threshold(p)
     n = 1
     for s in shape:
         n *= int(s)
-    if KEEP_MASK_WORDS == "torch":
+    if words == "torch":
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
         return words.view(torch.int16)[:n].view(tuple(shape)) >= threshold
     words = keep_mask_generator().random_raw((n + 3) // 4)  # uint64, (ceil(n/4),)
@@ -98,8 +102,10 @@ class _ReLUDropout(torch.autograd.Function):
         return grad * kf, None, None
 
 
-def relu_dropout(x: torch.Tensor, p: float, training: bool, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """ReLU then (in training, p > 0) inverted dropout; `keep` overrides the random mask (tests).
+def relu_dropout(x: torch.Tensor, p: float, training: bool, keep: Optional[torch.Tensor] = None,
+                 words: str = "sfc64") -> torch.Tensor:
+    """ReLU then (in training, p > 0) inverted dropout; `keep` overrides the random mask (tests);
+    `words`: where the mask's random words come from (`dropout_keep_mask`).
 
     CPU: one fused autograd op with the cheap 16-bit keep mask. Other devices: F.relu + F.dropout
     (their dropout kernels are already fused).
@@ -110,7 +116,7 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool, keep: Optional[torch
         return F.dropout(F.relu(x), p, True)
     _, scale = dropout_threshold(p)
     if keep is None:
-        keep = dropout_keep_mask(x.shape, p, x.device)
+        keep = dropout_keep_mask(x.shape, p, x.device, words)
     return _ReLUDropout.apply(x, keep, scale)
 
 
@@ -120,22 +126,22 @@ torch.fx.wrap("relu_dropout")
 
 
 def linear_batch_norm_relu_dropout(
-    x: torch.Tensor, linear: nn.Linear, bn: nn.BatchNorm1d, p: float, training: bool
+    x: torch.Tensor, linear: nn.Linear, bn: nn.BatchNorm1d, p: float, training: bool,
+    kernels: Optional["CpuKernels"] = None, words: str = "sfc64",
 ) -> torch.Tensor:
     """relu_dropout(bn(linear(x)), p, training): x (B, in) -> (B, out).
 
-    On CPU, float32, in training: the matmul, then one compiled kernel for the rest
-    (`cpu_kernels`): the same BatchNorm math and running-statistics update, the same dropout
-    masks as `relu_dropout` (the kernel runs the same SFC64 generator), and the Linear's bias
-    handled inside BatchNorm, where it cancels: its gradient is exactly zero instead of rounding
-    noise. Elsewhere, or where the kernel cannot be built: the eager ops.
+    With ``kernels`` (the loaded CPU kernels, `tf4ctr_dist.kernels`), on CPU, float32, in
+    training: the matmul, then one compiled kernel for the rest: the same BatchNorm math and
+    running-statistics update, the same dropout masks as `relu_dropout` (the kernel runs the same
+    SFC64 generator), and the Linear's bias handled inside BatchNorm, where it cancels: its
+    gradient is exactly zero instead of rounding noise. Otherwise: the eager ops.
     """
-    applies = (cpu_kernels.ENABLED and KEEP_MASK_WORDS == "sfc64" and training and bn.training
+    applies = (kernels is not None and words == "sfc64" and training and bn.training
                and x.device.type == "cpu" and x.dim() == 2 and bn.affine and bn.running_mean is not None
                and x.dtype == linear.weight.dtype == bn.weight.dtype == torch.float32)
-    ext = cpu_kernels.cpu_extension() if applies else None
-    if ext is None:
-        return relu_dropout(bn(linear(x)), p, training)
+    if not applies:
+        return relu_dropout(bn(linear(x)), p, training, words=words)
     # nn.BatchNorm1d's bookkeeping (its forward does not run here)
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:
@@ -150,8 +156,8 @@ def linear_batch_norm_relu_dropout(
     # ops keep; no draw without dropout (the eager ops draw none either)
     state = (keep_mask_generator().state["state"]["state"] if drop_levels > 0 else [0, 0, 0, 0])
     sfc64_state = torch.from_numpy(np.asarray(state, dtype=np.uint64).view(np.int64))  # (4,): a, b, c, counter
-    return cpu_kernels.BatchNormReLUDropout.apply(
-        h, shift, bn.weight, bn.bias, bn.running_mean, bn.running_var, ext, float(momentum), float(bn.eps),
+    return kernels.batch_norm_relu_dropout(  # type: ignore[union-attr]
+        h, shift, bn.weight, bn.bias, bn.running_mean, bn.running_var, float(momentum), float(bn.eps),
         drop_levels, scale, sfc64_state)
 
 
@@ -173,6 +179,10 @@ class MLPEncoder(nn.Module):
     compute_dtype (fused only): e.g. torch.bfloat16 runs the Linear layers, BatchNorm (fp32
     statistics and affine parameters) and ReLU/dropout in that dtype; parameters and their
     gradients stay fp32 and the output is cast back to the input dtype.
+    bn_relu_dropout (fused only): the loaded CPU kernels (`tf4ctr_dist.kernels.load`) to run
+    BatchNorm -> ReLU -> dropout as one kernel on CPU in float32 training, or None (eager ops).
+    keep_mask_words (fused only): "sfc64" (default) or "torch", see `dropout_keep_mask`; the
+    kernel runs only with "sfc64" (it draws the same words itself).
     """
 
     def __init__(
@@ -183,10 +193,14 @@ class MLPEncoder(nn.Module):
         batch_norm: bool = True,
         fused: bool = False,
         compute_dtype: Optional[torch.dtype] = None,
+        bn_relu_dropout: Optional["CpuKernels"] = None,
+        keep_mask_words: str = "sfc64",
     ) -> None:
         super().__init__()
         if compute_dtype is not None and not fused:
             raise ValueError("compute_dtype needs fused=True")
+        if keep_mask_words not in MASK_WORDS:
+            raise ValueError(f"keep_mask_words={keep_mask_words!r}: expected one of {MASK_WORDS}")
         layers: list[nn.Module] = []
         blocks: list[tuple[int, int]] = []  # (index of the Linear, index of its BatchNorm or -1)
         prev = in_dim
@@ -205,6 +219,8 @@ class MLPEncoder(nn.Module):
         self.dropout = float(dropout)
         self.fused = fused
         self.compute_dtype = compute_dtype
+        self.bn_relu_dropout = bn_relu_dropout if fused else None
+        self.keep_mask_words = keep_mask_words
         self._blocks = blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +233,8 @@ class MLPEncoder(nn.Module):
         for li, bi in self._blocks:
             lin = self.net[li]
             if dt is None and bi >= 0:
-                x = linear_batch_norm_relu_dropout(x, lin, self.net[bi], self.dropout, self.training)
+                x = linear_batch_norm_relu_dropout(x, lin, self.net[bi], self.dropout, self.training,
+                                                   self.bn_relu_dropout, self.keep_mask_words)
                 continue
             if dt is None:
                 x = lin(x)
@@ -225,5 +242,5 @@ class MLPEncoder(nn.Module):
                 x = F.linear(x, lin.weight.to(dt), lin.bias.to(dt) if lin.bias is not None else None)
             if bi >= 0:
                 x = self.net[bi](x)
-            x = relu_dropout(x, self.dropout, self.training)
+            x = relu_dropout(x, self.dropout, self.training, words=self.keep_mask_words)
         return x.to(out_dtype) if dt is not None else x

@@ -10,6 +10,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from tf4ctr_dist.modules.concurrent import backward_concurrently
+from tf4ctr_dist.modules.encoders import first_order_weights
 from tf4ctr_dist.modules.init import init_linear, reset_dense
 from tf4ctr_dist.modules.ssem import ShareSSEM
 
@@ -52,10 +53,15 @@ class TF4CTR(nn.Module):
                     values() are h (B, F*d), or h_es (B, F*d/2) when `hard_embedding` is given.
     hard_embedding: the second table set of SSEM `ser` (dim d), giving h_hs (B, F*d); None otherwise.
     ssem:           maps h -> (h_es, h_hs); must be None or ShareSSEM with `ser`.
-    simple_encoder / complex_encoder: modules with `out_dim`, (B, in) -> (B, out_dim).
+    simple_encoder / complex_encoder: modules with `out_dim`, (B, in) -> (B, out_dim); one with
+                    `uses_first_order` is called as encoder(h, w), w (B, F) (modules/encoders.py).
     fusion:         DFM module, (z_s, z_c, v_s, v_c) -> z (B, 1).
     device:         where to create the two heads; default: the device of simple_encoder's
                     parameters (so a model built on "meta" gets meta heads), else cpu.
+    linear_embedding: the first-order (LR) table set, one FIRST_ORDER_DIM table per field, in
+                    field order; needed iff an encoder `uses_first_order`.
+    simple_head / complex_head: the branch heads, (B, out_dim) -> (B, 1) logit; default
+                    Linear(out_dim, 1) (xavier). nn.Identity for an encoder that `emits_logit`.
 
     forward(features: KJT) -> (z, z_s, z_c), each (B, 1) logits.
 
@@ -74,6 +80,9 @@ class TF4CTR(nn.Module):
         complex_encoder: nn.Module,
         fusion: nn.Module,
         device: Optional[torch.device] = None,
+        linear_embedding: Optional[EmbeddingBagCollection] = None,
+        simple_head: Optional[nn.Module] = None,
+        complex_head: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         if ssem is None:
@@ -87,8 +96,18 @@ class TF4CTR(nn.Module):
         self.ssem = ssem
         self.simple_encoder = simple_encoder
         self.complex_encoder = complex_encoder
-        self.simple_head = init_linear(nn.Linear(simple_encoder.out_dim, 1, device=device))
-        self.complex_head = init_linear(nn.Linear(complex_encoder.out_dim, 1, device=device))
+        self._simple_first_order = bool(getattr(simple_encoder, "uses_first_order", False))
+        self._complex_first_order = bool(getattr(complex_encoder, "uses_first_order", False))
+        if (self._simple_first_order or self._complex_first_order) != (linear_embedding is not None):
+            raise ValueError("linear_embedding (the first-order tables) is needed exactly when an encoder uses_first_order")
+        self.linear_embedding = linear_embedding
+        self._linear_keys = _feature_order(linear_embedding)
+        if simple_head is None:
+            simple_head = init_linear(nn.Linear(simple_encoder.out_dim, 1, device=device))
+        if complex_head is None:
+            complex_head = init_linear(nn.Linear(complex_encoder.out_dim, 1, device=device))
+        self.simple_head = simple_head
+        self.complex_head = complex_head
         self.fusion = fusion
         self._easy_keys = _feature_order(embedding)
         self._hard_keys = _feature_order(hard_embedding)
@@ -125,8 +144,14 @@ class TF4CTR(nn.Module):
             h_hs = _in_order(self.hard_embedding(features), self._hard_keys, reuse)  # (B, F*d)
             if self.concurrent_table_backward:
                 h_es, h_hs = backward_concurrently(h_es, h_hs)
-        v_s = self.simple_encoder(h_es)  # (B, last_s)
-        v_c = self.complex_encoder(h_hs)  # (B, last_c)
+        if self.linear_embedding is None:
+            v_s = self.simple_encoder(h_es)  # (B, last_s)
+            v_c = self.complex_encoder(h_hs)  # (B, last_c)
+        else:
+            lin = _in_order(self.linear_embedding(features), self._linear_keys, self.reuse_ordered_embeddings)
+            w = first_order_weights(lin, len(self._linear_keys))  # (B, F)
+            v_s = self.simple_encoder(h_es, w) if self._simple_first_order else self.simple_encoder(h_es)
+            v_c = self.complex_encoder(h_hs, w) if self._complex_first_order else self.complex_encoder(h_hs)
         z_s = self.simple_head(v_s)  # (B, 1)
         z_c = self.complex_head(v_c)  # (B, 1)
         z = self.fusion(z_s, z_c, v_s, v_c)  # (B, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import fsspec
@@ -36,23 +37,41 @@ def _ray_worker(loop_config: dict) -> None:
     train_worker(cfg, ctx)
 
 
+# Ray reads this once, when it is first imported: "0" keeps a local cluster's node address at
+# 127.0.0.1 instead of resolving it to the machine's address, and with that address the GCS,
+# raylet, workers and agents listen on the loopback interface only.
+_LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def _init_ray(cfg: RunConfig) -> None:
+    address = cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address and "ray" not in sys.modules:
+        # Dev mode: nothing outside this machine may reach the local cluster (it runs any code
+        # it is sent). Set before ray's first import; its processes inherit it.
+        os.environ[_LOOPBACK_ONLY_ENV] = "0"
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        print(f"[tf4ctr] warning: ray was imported before the local cluster was started, so its "
+              f"processes listen on this machine's network address too (set {_LOOPBACK_ONLY_ENV}=0 "
+              f"before importing ray to keep them on 127.0.0.1)", file=sys.stderr, flush=True)
     # Dev mode: a local cluster sized so every worker is schedulable even on a 2-core laptop.
     cpus = max(os.cpu_count() or 1, int(cfg.cluster.workers * cfg.cluster.cpus_per_worker) + 1)
     # With the dashboard: Ray Train's placement-group cleaner polls the State API, which the
     # dashboard serves, and without it logs a warning every second of the run (about 5 s more
-    # start-up).
-    ray.init(num_cpus=cpus, include_dashboard=True, log_to_driver=True,
+    # start-up). address="local": never join a cluster that someone else started on this machine.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
-    print(f"[tf4ctr] started a local Ray cluster ({cpus} CPUs) for {cfg.cluster.workers} worker(s)", flush=True)
+    print(f"[tf4ctr] started a local Ray cluster ({cpus} CPUs, listening on 127.0.0.1 only) "
+          f"for {cfg.cluster.workers} worker(s)", flush=True)
 
 
 def _storage_path(out: str) -> str:
@@ -62,12 +81,15 @@ def _storage_path(out: str) -> str:
 
 
 def _expected_error(exc: BaseException) -> BaseException | None:
-    """The first ConfigError / DataError / ShardingError behind a Ray Train failure (worker
-    failures are keyed by rank and may be wrapped in Ray's task errors)."""
+    """The first error behind a Ray Train failure that no restart can fix: a ConfigError,
+    DataError or ShardingError, a missing file or bucket (FileNotFoundError) or denied access
+    (PermissionError, which s3fs raises for AccessDenied). Worker failures are keyed by rank and
+    may be wrapped in Ray's task and controller errors."""
     from tf4ctr_dist.config import ConfigError
     from tf4ctr_dist.data.errors import DataError
-    from tf4ctr_dist.distributed.sharding import ShardingError
+    from tf4ctr_dist.distributed.placement import ShardingError
 
+    permanent = (ConfigError, DataError, ShardingError, FileNotFoundError, PermissionError)
     seen: set[int] = set()
     todo: list = [exc]
     while todo:
@@ -75,7 +97,7 @@ def _expected_error(exc: BaseException) -> BaseException | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (ConfigError, DataError, ShardingError)):
+        if isinstance(e, permanent):
             return e
         failures = getattr(e, "worker_failures", None) or {}
         todo.extend(failures[k] for k in sorted(failures))
@@ -83,13 +105,34 @@ def _expected_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _stop_on_permanent_errors():
+    """A Ray Train callback (run on the controller) that ends the run at the first worker error
+    `_expected_error` calls permanent, whatever `max_failures` allows.
+
+    Ray Train 2.60's failure policy retries every worker-group error, but an error raised by a
+    controller callback becomes a ControllerError, which it does not retry: the run stops, the
+    other workers are shut down (even those blocked in a collective) and the driver gets the
+    original error as `controller_failure`. The class is built here so that importing this
+    module does not import ray (see `_init_ray`)."""
+    from ray.train import UserCallback
+
+    class StopOnPermanentErrors(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank in sorted(worker_exceptions):
+                error = _expected_error(worker_exceptions[rank])
+                if error is not None:
+                    raise error
+
+    return StopOnPermanentErrors()
+
+
 def run_training(cfg: RunConfig) -> dict[str, Any]:
     """Launch ``cfg.cluster.workers`` Ray Train workers and return RUN_DIR/result.json."""
+    _init_ray(cfg)  # first: it decides how ray is imported
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    _init_ray(cfg)
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": cfg.to_dict()},
@@ -103,11 +146,12 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
             name=cfg.name,
             storage_path=_storage_path(cfg.out),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            callbacks=[_stop_on_permanent_errors()],
         ),
     )
     try:
         trainer.fit()
-    except Exception as e:  # noqa: BLE001 - re-raised below
+    except Exception as e:  # re-raised below
         ours = _expected_error(e)
         if ours is not None:  # bad config or data found inside a worker: one clear message
             raise ours from None

@@ -132,6 +132,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
             result[f"{name}_difficulty"] = metrics.get("difficulty")
     result["config"] = cfg.to_dict()
     result["embedding_placement"] = placement.describe()
+    result["cpu_kernels"] = parts.cpu_kernels
     result["history"] = progress.history
     run.write_json("result.json", result)
     _log(ctx, f"best epoch {result['best_epoch']}: valid {_fmt(result['valid'])}")

@@ -47,6 +47,14 @@ class EarlyStopping:
 
     def update(self, score: float, epoch: int) -> bool:
         """Returns True when ``score`` improved on the best so far."""
+        if not math.isfinite(score):
+            # NaN compares false with everything: it would silently count as "no improvement",
+            # decay the lr and stop early. The splits are checked before training, so this is a
+            # diverged model (or a metric that cannot be computed): stop with the reason.
+            raise ValueError(
+                f"the monitored validation score is {score} after epoch {epoch + 1}: the model diverged "
+                "(try a lower lr or train.clip_grad_norm) or a validation metric is undefined"
+            )
         if score > self.best + 1e-6:
             self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
             return True
@@ -130,7 +138,8 @@ class Checkpointing:
         # all-to-alls (which may be in flight for the batches it has read ahead).
         pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.root = checkpoint_root(cfg.out, cfg.checkpoint.root)
-        self.store = CheckpointStore(self.root, ctx.rank, ctx.world_size, keep=cfg.checkpoint.keep, pg=pg)
+        self.store = CheckpointStore(self.root, ctx.rank, ctx.world_size, keep=cfg.checkpoint.keep, pg=pg,
+                                     retry_seconds=cfg.data.storage_retry_seconds)
         self.objective = next((m for m in dmp.modules() if isinstance(m, Objective)), None)
         self._optimizer_ready = False
 

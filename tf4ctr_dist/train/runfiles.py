@@ -7,6 +7,7 @@ half-written file. Only one process (rank 0) writes; others get a disabled RunDi
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from typing import Any
 
@@ -25,6 +26,22 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None: the run files are strict JSON (a bare NaN is
+    rejected by most JSON parsers) and an undefined metric reads as null, not as a number."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def _dumps(obj: Any, **kw: Any) -> str:
+    return json.dumps(finite(redact(obj)), allow_nan=False, default=str, **kw)
 
 
 class RunDir:
@@ -48,10 +65,10 @@ class RunDir:
         self.fs.mv(tmp, final)
 
     def write_json(self, name: str, obj: Any) -> None:
-        self.write_text(name, json.dumps(redact(obj), indent=2, sort_keys=False, default=str) + "\n")
+        self.write_text(name, _dumps(obj, indent=2, sort_keys=False) + "\n")
 
     def write_jsonl(self, name: str, records: list) -> None:
-        self.write_text(name, "".join(json.dumps(redact(r), default=str) + "\n" for r in records))
+        self.write_text(name, "".join(_dumps(r) + "\n" for r in records))
 
     def append_jsonl(self, name: str, obj: Any) -> None:
         """Rewrites the whole file (object stores cannot append); files here stay small."""
@@ -59,4 +76,4 @@ class RunDir:
             return
         final = self.path(name)
         old = self.fs.cat_file(final).decode() if self.fs.exists(final) else ""
-        self.write_text(name, old + json.dumps(redact(obj), default=str) + "\n")
+        self.write_text(name, old + _dumps(obj) + "\n")

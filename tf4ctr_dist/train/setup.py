@@ -17,15 +17,12 @@ import torch
 
 from tf4ctr_dist.config import RunConfig
 from tf4ctr_dist.data.manifest import Manifest, load_manifest
+from tf4ctr_dist.data.validate import check_label_classes
 from tf4ctr_dist.data.reader import ParquetSplitReader
-from tf4ctr_dist.distributed.placement import EmbeddingPlacement, check_run_config
-from tf4ctr_dist.distributed.sharding import (
-    build_optimizer,
-    describe_plan,
-    shard_model,
-    summarize_plan,
-    uses_table_kernel,
-)
+from tf4ctr_dist.distributed.placement import EmbeddingPlacement, check_run_config, check_table_weight_decay
+from tf4ctr_dist.distributed.sharding import build_optimizer, describe_plan, shard_model, summarize_plan
+from tf4ctr_dist.distributed.table_kernel import uses_table_kernel
+from tf4ctr_dist.kernels import CpuKernels, load
 from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
 
 
@@ -45,6 +42,7 @@ class TrainingParts:
     plan_text: str  # what plan.txt says: tables per rank, kernels, dtypes
     plan_summary: str  # a few console lines: tables per sharding type and rank, kernels
     local_batch: int
+    cpu_kernels: dict  # what ran: {"setting", "bn_relu_dropout", "table_backward"} (result.json)
 
     @property
     def parameter_counts(self) -> tuple[int, int]:
@@ -58,6 +56,27 @@ def set_threads(cfg: RunConfig) -> int:
     threads = cfg.train.intra_op_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.cluster.workers))
     torch.set_num_threads(threads)
     return threads
+
+
+def load_cpu_kernels(cfg: RunConfig, placement: EmbeddingPlacement,
+                     device: torch.device) -> tuple[Optional[CpuKernels], dict]:
+    """The compiled kernels for ``train.cpu_kernels`` on ``device`` and the record of what runs.
+
+    On a GPU they are not loaded (they are CPU kernels; fbgemm's GPU kernels apply weight decay).
+    Refuses (ConfigError) a run whose fused CPU tables would lose their weight decay to fbgemm's
+    kernel because this package's could not be built here (``auto`` on a machine without a
+    compiler): the driver has already refused the cases it can know (``off``, adagrad/sgd)."""
+    kernels = load(cfg.train.cpu_kernels) if device.type == "cpu" else None
+    table_kernel = uses_table_kernel(placement, device, kernels)
+    check_table_weight_decay(cfg, placement, device.type, table_kernel)
+    record = {
+        "setting": cfg.train.cpu_kernels,
+        # float32 only: with dense_precision=bf16 the eager ops run
+        "bn_relu_dropout": kernels is not None and cfg.model.dense_precision == "fp32",
+        # fused tables: whose backward + optimizer kernel; data-parallel ones: torch's autograd and optimizer
+        "table_backward": "tf4ctr" if table_kernel else "fbgemm" if placement.fused else "torch",
+    }
+    return kernels, record
 
 
 def build_training(
@@ -77,7 +96,12 @@ def build_training(
     """
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    manifest = manifest or load_manifest(cfg.data.url, storage_options)
+    manifest = manifest or load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
+    wanted = [s for s in splits or (cfg.data.train_split, cfg.data.valid_split, cfg.data.test_split)
+              if s in manifest.splits]
+    # Before any sharding work: an empty or one-class split would give NaN metrics at epoch end.
+    # The scan stops at the first row group that holds both labels.
+    check_label_classes(cfg.data.url, manifest, wanted, storage_options, cfg.data.storage_retry_seconds)
     fields = [(f.name, f.vocab_size) for f in manifest.fields]
     sequences = {f.name for f in manifest.fields if f.kind == "sequence"}
     tables = embedding_tables(fields, cfg.model, sequences)
@@ -87,8 +111,10 @@ def build_training(
     eval_local_batch = max(1, cfg.train.eval_batch_size // world_size)
     emb_lr = cfg.train.embedding_lr or cfg.train.lr
     fused_decay = cfg.train.emb_reg if placement.fused else 0.0
+    kernels, kernel_record = load_cpu_kernels(cfg, placement, device)
 
-    module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta", mean_pooled=sequences), Objective(cfg.loss))
+    module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta", mean_pooled=sequences, cpu_kernels=kernels),
+                         Objective(cfg.loss))
     dmp, plan = shard_model(
         module,
         tables,
@@ -98,6 +124,7 @@ def build_training(
         embedding_weight_decay=fused_decay,
         local_batch_size=local_batch,
         table_precision=cfg.train.table_precision,
+        table_kernel=kernels,
     )
     optimizer = build_optimizer(
         dmp,
@@ -114,7 +141,10 @@ def build_training(
     # As allocated by the sharded kernels (table_precision=fp16 must show here).
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for k, v in dmp.state_dict().items() if "embedding_bags" in k})
     notes.append(f"table weight dtype: {', '.join(dtypes)}")
-    if uses_table_kernel(placement, device):
+    notes.append(f"cpu_kernels={cfg.train.cpu_kernels}: BatchNorm/ReLU/dropout "
+                 f"{'compiled kernel' if kernel_record['bn_relu_dropout'] else 'eager ops'}, table backward "
+                 f"{kernel_record['table_backward']}")
+    if kernel_record["table_backward"] == "tf4ctr":
         threads = torch.get_num_threads()
         notes.append(f"table backward: tf4ctr row-wise Adagrad kernel on {threads} intra-op "
                      f"thread{'s' if threads != 1 else ''} (in place of fbgemm's CPU kernel)")
@@ -126,7 +156,6 @@ def build_training(
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
-    wanted = splits or (cfg.data.train_split, cfg.data.valid_split, cfg.data.test_split)
     readers = {
         split: ParquetSplitReader(
             cfg.data.url,
@@ -141,10 +170,10 @@ def build_training(
             shuffle_buffer_row_groups=1,
             shuffle_buffer_rows=cfg.data.shuffle_buffer_rows,
             pad_tail=split != cfg.data.train_split,
+            retry_seconds=cfg.data.storage_retry_seconds,
         )
         for split in wanted
-        if split in manifest.splits
     }
     return TrainingParts(manifest=manifest, tables=tables, placement=placement, module=module, dmp=dmp, plan=plan,
                          optimizer=optimizer, pipeline=pipeline, readers=readers, plan_text=plan_text,
-                         plan_summary=plan_summary, local_batch=local_batch)
+                         plan_summary=plan_summary, local_batch=local_batch, cpu_kernels=kernel_record)

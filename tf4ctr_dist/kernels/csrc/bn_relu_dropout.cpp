@@ -6,7 +6,7 @@
 // gradient is zero: leaving it out of x saves addmm's pass that writes the broadcast bias, and the
 // bias gradient's column sum.
 //
-// Built on first use by tf4ctr_dist/modules/cpu_kernels.py. The eager composition makes about ten
+// Built on first use by tf4ctr_dist/kernels/build.py. The eager composition makes about ten
 // passes over the (B, N) tensor (BatchNorm statistics and normalisation, mask words, compares,
 // mask conversion and two multiplies; in backward a mask multiply and BatchNorm's two passes);
 // this kernel makes four: one statistics pass and one output pass forward, two passes backward.

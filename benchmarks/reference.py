@@ -2,7 +2,7 @@
 
 Per-field ``nn.Embedding`` tables, one dense Adam over every parameter, the full-table
 (lambda/2)*||E||^2 penalty in the loss, gradient clipping over all parameters, batches sliced
-from in-memory tensors. Used as the yardstick for speed (jobs/benchmark.py) and for checking
+from in-memory tensors. Used as the yardstick for speed (`python -m benchmarks`) and for checking
 that the distributed system learns like the reference on the same data.
 """
 

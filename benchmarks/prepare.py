@@ -1,13 +1,14 @@
 """Scale benchmark of `python -m data_tools prepare criteo`: rows/s and peak RSS.
 
-    python -m data_tools.bench_prepare --rows 1000000 --out /tmp/bench-prepare
-    python -m data_tools.bench_prepare --rows 10000000 --out /data/bench --engines local,ray --json result.json
+    python -m benchmarks.prepare --rows 1000000 --out /tmp/bench-prepare
+    python -m benchmarks.prepare --rows 10000000 --out /data/bench --engines local,ray --json result.json
 
 1. Writes a Criteo-layout TSV of N rows (label, I1..I13, C1..C26; streamed in chunks; ids drawn
    from power laws over Criteo's raw per-field cardinalities, 8-hex-digit tokens, missing values).
 2. Prepares it with the CLI, each run in its own process so its peak RSS is its own (os.wait4):
    to a local folder with every engine asked for, then to s3:// on a moto server that this script
-   starts on 127.0.0.1 (the server lives in this process; its memory is not in the figures).
+   starts on 127.0.0.1 (tests/s3server.py's, shared with the tests; the server lives in this
+   process, so its memory is not in the figures).
 3. Checks that all runs wrote the same part files (sha256), prints a table and optionally JSON.
 """
 
@@ -17,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +36,6 @@ CRITEO_RAW_CARDINALITY = [
 ]
 MISSING_RATE = [0.0, 0.0, 0.03, 0.03, 0.0, 0.12, 0.0, 0.0, 0.0, 0.0, 0.0, 0.03, 0.0, 0.0, 0.0, 0.03,
                 0.0, 0.0, 0.44, 0.44, 0.03, 0.0, 0.0, 0.03, 0.44, 0.44]
-ACCESS_KEY, SECRET_KEY = "bench-access-key", "bench-secret-key"  # for the throwaway moto server only
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
@@ -119,7 +118,7 @@ def _shas(manifest_json: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.bench_prepare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--out", required=True, help="work folder (input file and local outputs)")
     p.add_argument("--engines", default="local", help="comma-separated: local,ray")
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"input: {raw} ({size / 2**20:,.1f} MiB, {args.rows:,} rows) in {results['generate']['seconds']}s", flush=True)
 
     base = [sys.executable, "-m", "data_tools", "prepare", "criteo", "--input", str(raw), "--overwrite"]
-    base += [x for item in args.set for x in ("--set", item)]
+    base += list(args.set)  # KEY=VALUE spec overrides
     shas: dict[str, list[str]] = {}
     for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
         out = work / f"out-{engine}"
@@ -152,34 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"{engine} -> folder", run, args.rows)
 
     if not args.no_s3:
-        import logging
+        import s3fs
 
-        import botocore.session
-        from moto.server import ThreadedMotoServer
+        from tests.s3server import local_s3_server
 
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            endpoint = f"http://127.0.0.1:{port}"
-            botocore.session.get_session().create_client(
-                "s3", endpoint_url=endpoint, region_name="us-east-1",
-                aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-            ).create_bucket(Bucket="bench")
-            env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION="us-east-1")
-            run = _run(base + ["--out", "s3://bench/criteo", "--endpoint-url", endpoint], env=env)
+        with local_s3_server("bench", set_env=False) as server:
+            env = dict(os.environ, **server.env)
+            run = _run(base + ["--out", server.url("criteo"), "--endpoint-url", server.endpoint_url], env=env)
             results["runs"]["s3-moto/local"] = run
             _report("local -> s3 (moto)", run, args.rows)
-            import s3fs
-
-            fs = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": endpoint})
-            shas["s3"] = _shas(fs.cat_file("bench/criteo/manifest.json"))
-        finally:
-            server.stop()
+            fs = s3fs.S3FileSystem(**server.storage_options)
+            shas["s3"] = _shas(fs.cat_file(f"{server.bucket}/criteo/manifest.json"))
 
     same = len({tuple(v) for v in shas.values()}) <= 1
     results["identical_parts"] = same

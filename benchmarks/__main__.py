@@ -1,0 +1,5 @@
+"""`python -m benchmarks`: the training benchmark (benchmarks/run.py)."""
+
+from benchmarks.run import main
+
+main()
