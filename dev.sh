@@ -26,7 +26,7 @@ setup() {
   echo "[setup] creating $VENV for $device (python: $($PY --version))"
   [ -d "$VENV" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -r "requirements/$device.txt" -r requirements/test.txt
+  "$VENV/bin/python" -m pip install -q -r "requirements/$device.txt" -r requirements/test.txt -r requirements/report.txt
   # torchrec declares the CUDA fbgemm-gpu as a dependency; its real needs are in common.txt.
   "$VENV/bin/python" -m pip install -q --no-deps -r requirements/torchrec.txt
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .

@@ -31,10 +31,29 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)  # the dataset is unsound
     warnings: list[str] = field(default_factory=list)  # worth knowing, not fatal
     rows_checked: int = 0
+    positives: dict[str, int] = field(default_factory=dict)  # label == 1 rows per split (read in the check)
 
     @property
     def ok(self) -> bool:
         return self.manifest is not None and not self.problems
+
+    def table1(self) -> list[str]:
+        """The dataset's row of the paper's Table 1: rows per split, fields, vocabulary per
+        field (ids incl. PAD and OOV, as the manifest sizes the tables), positive rate."""
+        m = self.manifest
+        if m is None:
+            return []
+        rows = {s: info.rows for s, info in m.splits.items()}
+        total, pos = sum(rows.values()), sum(self.positives.values())
+        rate = lambda p, n: f"{p / n:.4f}" if n else "-"  # noqa: E731
+        return [
+            f"rows: {' / '.join(f'{s} {n:,}' for s, n in rows.items())} (total {total:,})",
+            f"fields: {len(m.fields)}" + (f" (gAUC group: {m.group})" if m.group else ""),
+            "vocabulary: " + ", ".join(f"{f.name} {f.vocab_size:,}" for f in m.fields)
+            + f" (total {sum(f.vocab_size for f in m.fields):,})",
+            "positive rate: " + ", ".join(f"{s} {rate(self.positives.get(s, 0), n)}" for s, n in rows.items())
+            + f", all {rate(pos, total)}",
+        ]
 
 
 def check_dataset(
@@ -57,7 +76,7 @@ def check_dataset(
         for part in info.parts:
             if progress:
                 progress(f"{split}: {part.path} ({part.rows:,} rows)")
-            report.rows_checked += _check_part(loc, manifest, part.path, part.row_groups, part.sha256, report)
+            report.rows_checked += _check_part(loc, manifest, part.path, part.row_groups, part.sha256, report, split)
     vocab = manifest.spec.get("vocab") if isinstance(manifest.spec.get("vocab"), dict) else {}
     for f in manifest.fields:
         info = vocab.get(f.name, {}).get("file") if isinstance(vocab.get(f.name), dict) else None
@@ -141,7 +160,9 @@ def _check_vocab_file(
         )
 
 
-def _check_part(loc: Location, manifest: Manifest, rel: str, row_groups: list[int], sha256: str, report: CheckReport) -> int:
+def _check_part(
+    loc: Location, manifest: Manifest, rel: str, row_groups: list[int], sha256: str, report: CheckReport, split: str = "",
+) -> int:
     url, path = loc.url_of(rel), loc.path(rel)
     try:
         digest = hashlib.sha256()
@@ -169,6 +190,8 @@ def _check_part(loc: Location, manifest: Manifest, rel: str, row_groups: list[in
                     raise DataError(f"{where}: cannot read ({describe(exc, loc.storage_options)})") from None
                 validate_row_group(table, manifest, where)
                 rows += table.num_rows
+                positives = int(pc.sum(pc.equal(table.column(manifest.label), 1.0)).as_py() or 0)
+                report.positives[split] = report.positives.get(split, 0) + positives
     except DataError as exc:
         report.problems.append(str(exc))
     except Exception as exc:

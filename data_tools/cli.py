@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from tf4ctr_dist.data.errors import DataError
-from tf4ctr_dist.data.storage import StorageUnavailable
 
 from .options import ENGINES, FORMAT_OPTIONS, FORMATS, FormatOptions, OptionError
 
@@ -56,8 +55,9 @@ def add_prepare_arguments(prep: argparse.ArgumentParser) -> argparse.ArgumentPar
     prep.add_argument(
         "--input", action="append", default=[], metavar="PATH_OR_URL",
         help="bars-csv: a folder holding train/valid/test.csv, or three files in that order; "
-        "criteo: the raw file, or a folder or glob of day files; movielens: the ML-1M folder (ratings/users/movies.dat); "
-        "parquet-logs: the folder of dt=YYYY-MM-DD partitions; synthetic: not used",
+        "kkbox: the KKBox_x1 folder (train/valid/test.csv); avazu, ml-tag: one file (split by the BARS rule) or a folder / three files; "
+        "criteo: the raw file, or a folder or glob of day files, or the BARS x4 folder / three files (train/valid/test.csv); movielens: the ML-1M folder (ratings/users/movies.dat); "
+        "fuxictr: a FuxiCTR dataset_config YAML (dataset_id=ID picks one); parquet-logs: the folder of dt=YYYY-MM-DD partitions; synthetic: not used",
     )
     prep.add_argument("--out", required=True, metavar="URL", help="dataset root (local path, file://, s3://)")
     prep.add_argument("--spec", metavar="SPEC.yaml", help="converter options (YAML mapping of spec keys)")
@@ -110,6 +110,8 @@ def parse_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser | Non
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Run `prepare` or `check`; returns the exit status (see the module docstring). `prog`:
     the command name that help and usage errors show (e.g. "tf4ctr")."""
+    from tf4ctr_dist.data.storage import StorageUnavailable  # here: fsspec stays out of `import data_tools.cli`
+
     options: dict[str, Any] | None = None
     try:
         try:
@@ -211,6 +213,31 @@ def _bars_inputs(inputs: list[str], options: dict | None) -> list[str]:
     return found
 
 
+def _one_or_three(fmt: str, inputs: list[str], options: dict | None) -> list[str]:
+    """One file (split by the format's rule), or a folder / three files (train, valid, test)."""
+    from tf4ctr_dist.data.storage import resolve
+
+    if len(inputs) == 1:
+        loc = resolve(inputs[0], options)
+        if not loc.fs.isdir(loc.path()):
+            return inputs
+    return _bars_inputs(inputs, options)
+
+
+def _criteo_inputs(inputs: list[str], options: dict | None) -> str | list[str]:
+    """Three files, or a folder holding train.csv (the BARS x4 CSVs) -> the three x4 files;
+    else one raw file, folder of day files or glob."""
+    from tf4ctr_dist.data.storage import resolve
+
+    if len(inputs) == 3:
+        return inputs
+    path = _one_input("criteo", inputs, "the raw file, a folder or glob of day files, or the x4 folder / three x4 CSVs")
+    loc = resolve(path, options)
+    if loc.fs.isdir(loc.path()) and any(loc.fs.exists(loc.path("train" + suffix)) for suffix in BARS_SUFFIXES):
+        return _bars_inputs([path], options)
+    return path
+
+
 def _prepare(args: argparse.Namespace, options: dict | None) -> int:
     opts: Any = load_options(args.spec, [*args.overrides, *args.set], args.format)
     common: dict[str, Any] = dict(overwrite=args.overwrite, storage_options=options)
@@ -223,13 +250,29 @@ def _prepare(args: argparse.Namespace, options: dict | None) -> int:
     elif args.format == "criteo":
         from .criteo import prepare_criteo
 
-        path = _one_input("criteo", args.input, "the raw file, or a folder or glob of files")
-        run = lambda engine: prepare_criteo(path, args.out, opts, **common, engine=engine)  # noqa: E731
+        crit: Any = _criteo_inputs(args.input, options)
+        run = lambda engine: prepare_criteo(crit, args.out, opts, **common, engine=engine)  # noqa: E731
     elif args.format == "movielens":
         from .movielens import prepare_movielens
 
         path = _one_input("movielens", args.input, "the ML-1M folder")
         run = lambda engine: prepare_movielens(path, args.out, opts, **common, engine=engine)  # noqa: E731
+    elif args.format == "kkbox":
+        from .bars_sets import prepare_kkbox
+
+        train, valid, test = _bars_inputs(args.input, options)
+        run = lambda engine: prepare_kkbox(train, valid, test, args.out, opts, **common, engine=engine)  # noqa: E731
+    elif args.format in ("avazu", "ml-tag"):
+        from .bars_sets import prepare_avazu, prepare_ml_tag
+
+        files = _one_or_three(args.format, args.input, options)
+        convert = prepare_avazu if args.format == "avazu" else prepare_ml_tag
+        run = lambda engine: convert(files, args.out, opts, **common, engine=engine)  # noqa: E731
+    elif args.format == "fuxictr":
+        from .fuxictr import prepare_fuxictr
+
+        config = _one_input("fuxictr", args.input, "the FuxiCTR dataset_config YAML")
+        run = lambda engine: prepare_fuxictr(config, args.out, opts, **common, engine=engine)  # noqa: E731
     elif args.format == "parquet-logs":
         from .parquet_logs import prepare_parquet_logs
 
@@ -272,6 +315,8 @@ def _check(args: argparse.Namespace, options: dict | None) -> int:
         print(f"problem: {redact(problem, options)}")
     if report.ok:
         print(f"OK: {report.url}: {report.rows_checked:,} rows, checksums, schema and id ranges match the manifest")
+        for line in report.table1():
+            print(f"  {line}")
         return 0
     print(f"FAILED: {report.url}: {len(report.problems)} problem(s)")
     return 1

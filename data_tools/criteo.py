@@ -12,6 +12,11 @@ on the train rows only (min_count 10), or hashed (vocab_mode / field_options, se
 data_tools.fields). With the Ray engine the file is cut into byte ranges at line ends; a fast
 parallel line count gives every range its first row number, so the split of a row never depends
 on the sharding.
+
+BARS Criteo_x4 (reczoo/Datasets): `split_rule: stratified` cuts one raw input into 10 folds
+stratified by label (seed 2018; folds 8:1:1 for split 0.8/0.1/0.1; data_tools.splits), after a
+first pass that reads only the labels. Or three inputs: the already split x4 train/valid/test.csv
+(header Label,I1..I13,C1..C26, comma separated), bucketised on the way in the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .engine import Engine
 from .fields import FieldPlan, bucketize_criteo, resolve_fields
 from .options import CriteoOptions
 from .pipeline import Chunk, Source, prepare
+from .splits import folds_to_splits, stratified_folds
 
 LABEL = "label"
 NUMERIC = [f"I{i}" for i in range(1, 14)]
@@ -117,9 +123,11 @@ class CriteoSource(Source):
 
     def __init__(
         self, input_url: str, fields: list[FieldPlan], seed: int, fractions: tuple[float, float, float],
-        storage_options: Mapping[str, Any] | None, min_count: int = 10,
+        storage_options: Mapping[str, Any] | None, min_count: int = 10, split_rule: str = "hash",
     ) -> None:
         self.min_count = min_count
+        self.split_rule = split_rule
+        self._split: list[np.ndarray] | None = None  # stratified: split index per row, per input
         self.input_url = input_url
         self.inputs = [
             open_text_input(url, storage_options, delimiter=None, header=None, columns=COLUMNS)
@@ -145,12 +153,32 @@ class CriteoSource(Source):
                 else:
                     tokens[name] = batch.column(name)
             rows += batch.num_rows
-            yield Chunk(labels, tokens, split_of_rows(base + offset, batch.num_rows, self.seed, self.fractions))
+            if self.split_rule == "stratified":
+                split = self._stratified(shard.source, offset, batch.num_rows)
+            else:
+                split = split_of_rows(base + offset, batch.num_rows, self.seed, self.fractions)
+            yield Chunk(labels, tokens, split)
         check_shard_rows(inp, shard, rows)
+
+    def _stratified(self, source: int, offset: int, n: int) -> np.ndarray:
+        """Split index of rows offset..offset+n-1 of input `source`: the 10 stratified folds are
+        dealt over the labels of every input (one label-only pass, on first use)."""
+        if self._split is None:
+            labels = [
+                np.concatenate([parse_labels(inp, b.column(LABEL), o, LABEL) for o, b in inp.batches([LABEL])] or [np.zeros(0)])
+                for inp in self.inputs
+            ]
+            split = folds_to_splits(stratified_folds(np.concatenate(labels), 10, self.seed), x4_folds(self.fractions))
+            self._split = np.split(split, np.cumsum([len(x) for x in labels])[:-1])
+        part = self._split[source]
+        if offset + n > len(part):
+            raise DataError(f"{self.inputs[source].url}: changed while being read (more rows than counted)")
+        return part[offset : offset + n]
 
     def spec(self) -> dict[str, Any]:
         return {
             "format": "criteo",
+            "split_rule": self.split_rule,
             "input": display_url(self.input_url),
             **({"files": [inp.url for inp in self.inputs]} if len(self.inputs) > 1 else {}),
             "header": self.inp.header,
@@ -163,8 +191,34 @@ class CriteoSource(Source):
         }
 
 
+def x4_folds(fractions: tuple[float, float, float]) -> list[int]:
+    """Split fractions -> folds of 10 per split (0.8/0.1/0.1 -> [8, 1, 1]); DataError unless
+    every fraction is a whole number of tenths."""
+    folds = [round(f * 10) for f in fractions]
+    if any(abs(f * 10 - k) > 1e-6 for f, k in zip(fractions, folds)):
+        raise DataError(f"split_rule stratified deals 10 folds: split must be tenths (e.g. 0.8/0.1/0.1), got {list(fractions)}")
+    return folds
+
+
+def x4_csv_source(files: Sequence[str], opts: CriteoOptions, storage_options: Mapping[str, Any] | None) -> Source:
+    """The BARS Criteo_x4 train/valid/test.csv: a bars-csv source with I1..I13 numeric (Criteo
+    bucketing) and C1..C26 categorical; label column `Label` (or `label`)."""
+    from .bars_csv import BarsSource
+
+    if len(files) != 3:
+        raise DataError(f"criteo x4 CSVs: expected three files (train, valid, test), got {len(files)}")
+    header = open_text_input(files[0], storage_options, delimiter=",").columns
+    label = "label" if "label" in header and "Label" not in header else "Label"
+    entries = [*({"name": n, "kind": "numeric", "bucketing": "criteo"} for n in NUMERIC), *CATEGORICAL]
+    source = BarsSource(
+        (files[0], files[1], files[2]), label, None, entries, opts.vocab.field_defaults(), storage_options,
+        created_by="data_tools.criteo", spec_format="criteo",
+    )
+    return source
+
+
 def prepare_criteo(
-    input_url: str,
+    input_url: str | Sequence[str],
     out_url: str,
     options: CriteoOptions | None = None,
     *,
@@ -174,14 +228,23 @@ def prepare_criteo(
     **keys: Any,
 ) -> Manifest:
     """Convert a Criteo file (TSV without header, or CSV/TSV with header; .gz etc. inferred), or
-    the files of a folder or glob (see expand_inputs).
+    the files of a folder or glob (see expand_inputs); or a list of the three BARS x4
+    train/valid/test.csv files (x4_csv_source).
 
     `options` and/or its flat keys (`min_count=2`, `split=(...)`, ...; data_tools.options).
     """
     opts = CriteoOptions.build(options, keys)
-    fractions = check_split(opts.splits.split)
-    plans = resolve_fields(FIELDS, **opts.vocab.field_defaults(), kinds=("categorical",))
-    source = CriteoSource(input_url, plans, opts.splits.seed, fractions, storage_options, opts.vocab.min_count)
+    source: Source
+    if not isinstance(input_url, str):
+        source = x4_csv_source(list(input_url), opts, storage_options)
+    else:
+        fractions = check_split(opts.splits.split)
+        if opts.split_rule == "stratified":
+            x4_folds(fractions)
+        plans = resolve_fields(FIELDS, **opts.vocab.field_defaults(), kinds=("categorical",))
+        source = CriteoSource(
+            input_url, plans, opts.splits.seed, fractions, storage_options, opts.vocab.min_count, opts.split_rule,
+        )
     return prepare(
         source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
         vocab_memory_mb=opts.vocab.vocab_memory_mb,

@@ -40,7 +40,12 @@ class TextInput:
     def require(self, names: list[str]) -> None:
         missing = [n for n in names if n not in self.columns]
         if missing:
-            raise DataError(f"{self.url}: missing column(s) {missing}; the header has {self.columns}")
+            hint = ""
+            if len(self.columns) == 1:
+                other = next((sep for sep in ("\t", ",", ";", "|", "::") if sep != self.delimiter and sep in self.columns[0]), None)
+                if other:
+                    hint = f" (line 1 has one column: is the separator {other!r} instead of {self.delimiter!r}?)"
+            raise DataError(f"{self.url}: missing column(s) {missing}; the header has {self.columns}{hint}")
 
     def batches(
         self, columns: list[str], *, start: int = 0, end: int | None = None, first_row: int = 0

@@ -17,7 +17,8 @@ A spec declares fields as a name or a mapping, with spec-level defaults and per-
 Per-field keys: kind (categorical | sequence | numeric; numeric fields are bucketised, then
 stored as categorical ids), vocab_mode, min_count (counted only), buckets (hashed only),
 max_len / splitter / keep (sequence: split a string column on `splitter` or take a list column,
-drop empty items, keep the first or last max_len), bucketing (numeric: `criteo` = missing -> 0,
+drop empty items, keep the first or last max_len, or `keep: error`: a longer sequence is refused
+naming its file and line; bars-csv's default), bucketing (numeric: `criteo` = missing -> 0,
 v > 2 -> floor(ln(v)^2), else int(v); or {boundaries: [b0, b1, ...]} = number of boundaries <= v,
 missing -> the missing token).
 """
@@ -25,7 +26,7 @@ missing -> the missing token).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +39,7 @@ from .options import VOCAB_MODES
 from .vocab import HASH_NAME, MISSING, HashedVocabulary, Vocabulary, as_strings
 
 KINDS = ("categorical", "sequence", "numeric")
+KEEPS = ("first", "last", "error")  # a sequence longer than max_len: keep its first / last items, or refuse it
 FIELD_KEYS = {"name", "kind", "vocab_mode", "min_count", "buckets", "max_len", "splitter", "keep", "bucketing"}
 
 
@@ -97,11 +99,13 @@ def resolve_fields(
     field_options: Mapping[str, Any] | None = None,
     kinds: Sequence[str] = KINDS,
     fixed: Mapping[str, Mapping[str, Any]] | None = None,
+    default_keep: str = "first",
 ) -> list[FieldPlan]:
     """Field entries (name or mapping) + spec defaults + field_options -> FieldPlans.
 
     `fixed`: per-field settings a format imposes (e.g. MovieLens Genres is a sequence); a spec
-    may change their vocabulary settings but not their kind.
+    may change their vocabulary settings but not their kind. `default_keep`: a sequence field's
+    `keep` when the spec gives none ("error": a longer sequence is bad input).
     """
     if vocab_mode not in VOCAB_MODES:
         raise DataError(f"vocab_mode should be one of {list(VOCAB_MODES)}, got {vocab_mode!r}")
@@ -119,7 +123,9 @@ def resolve_fields(
             entry = {"name": entry}
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise DataError(f"fields[{i}] should be a column name or a mapping with a 'name', got {entry!r}")
-        plans.append(_plan(dict(entry), options.pop(entry["name"], None), fixed, kinds, vocab_mode, min_count, buckets))
+        plans.append(
+            _plan(dict(entry), options.pop(entry["name"], None), fixed, kinds, vocab_mode, min_count, buckets, default_keep)
+        )
     if options:
         raise DataError(f"field_options name unknown field(s) {sorted(options)}; fields are {[p.name for p in plans]}")
     names = [p.name for p in plans]
@@ -137,6 +143,7 @@ def _plan(
     vocab_mode: str,
     min_count: int,
     buckets: int | None,
+    default_keep: str = "first",
 ) -> FieldPlan:
     name = entry["name"]
     if override is not None:
@@ -177,9 +184,9 @@ def _plan(
         splitter = merged.get("splitter", "|")
         if not isinstance(splitter, str) or not splitter:
             raise DataError(f"field {name!r}: splitter should be a non-empty string, got {splitter!r}")
-        keep = merged.get("keep", "first")
-        if keep not in ("first", "last"):
-            raise DataError(f"field {name!r}: keep should be 'first' or 'last', got {keep!r}")
+        keep = merged.get("keep", default_keep)
+        if keep not in KEEPS:
+            raise DataError(f"field {name!r}: keep should be one of {list(KEEPS)}, got {keep!r}")
     else:
         for key in ("max_len", "splitter", "keep"):
             if key in entry:
@@ -281,3 +288,39 @@ def lookup_lists(vocab: Vocabulary | HashedVocabulary, lists: pa.ListArray) -> p
     """Map every item of clean list<string> rows (see clean_lists) to ids; same row lengths."""
     ids = vocab.lookup(lists.values) if len(lists.values) else np.empty(0, dtype=np.int64)
     return pa.ListArray.from_arrays(lists.offsets, pa.array(ids, pa.int64()))
+
+
+def sequence_lengths(lists: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Items per row of a list<string> column, empty and null items not counted."""
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    n = len(lists)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    items = as_strings(pc.list_flatten(lists))
+    parents = pc.list_parent_indices(lists).to_numpy()
+    good = pc.not_equal(items, MISSING).to_numpy(zero_copy_only=False)
+    return np.bincount(parents[good], minlength=n)
+
+
+def parse_floats(column: pa.Array | pa.ChunkedArray, where: Callable[[int], str], name: str) -> np.ndarray:
+    """A string column of numbers ("" = missing -> NaN) as float64; DataError naming the row
+    (`where(row)`: e.g. "FILE: line N") and the value otherwise."""
+    text = pc.utf8_trim_whitespace(as_text(column))
+    empty = pc.equal(text, "")
+    try:
+        values = pc.cast(pc.if_else(empty, pa.scalar(None, pa.string()), text), pa.float64())
+    except pa.ArrowInvalid:
+        for row, value in enumerate(text.to_pylist()):
+            try:
+                float(value) if value else None
+            except ValueError:
+                raise DataError(f"{where(row)}: column {name!r} = {value!r}; expected a number or empty") from None
+        raise
+    return values.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def as_text(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column if pa.types.is_string(column.type) else column.cast(pa.string())

@@ -5,16 +5,19 @@ Input: a folder (local path or URL) holding the ML-1M release files, "::"-separa
   users.dat    UserID::Gender::Age::Occupation::Zip-code
   movies.dat   MovieID::Title::Genres            (Genres "|"-separated, e.g. Animation|Comedy)
 
-Fields: UserID, Gender, Age, Occupation, MovieID (categorical, raw codes as tokens) and Genres
-(sequence: the movie's genres in file order, at most max_len 3). Zip-code, Title and Timestamp
-are not used.
-Label rule (as in AutoInt and most CTR papers on ML-1M): rating >= 4 -> 1 (liked), rating <= 2
--> 0 (disliked), rating 3 (neutral) is dropped.
-Split: train/valid/test 8:1:1 by a seeded splitmix64 hash of the rating's 0-based line number in
-ratings.dat (the Criteo rule; dropped and blank lines keep their numbers), so a rating's split
-never depends on anything but the file and the seed.
+Defaults follow the TF4CTR authors' logs (SPEC section 7): the paper's five fields UserID,
+Gender, Age, Occupation, MovieID (categorical, raw codes as tokens), every rating kept (1,000,209),
+label rating >= 4 -> 1 else 0, min count 2. Options (data_tools.options.MovieLensOptions):
+label_threshold; drop_neutral (drop the rating-3 rows, AutoInt's rule, about 26%); genres (a sixth
+field, Genres: the movie's genres in file order, a sequence of at most max_len 3). Zip-code, Title
+and Timestamp are not used.
+Split (split_rule exact, default): a seeded permutation of the kept ratings with exact sizes,
+valid and test ceil(n * fraction) (data_tools.splits.exact_split): 1,000,209 ratings at 8:1:1 ->
+800,167 / 100,021 / 100,021 as in the logs. It counts the kept ratings once before reading.
+split_rule hash: a seeded splitmix64 hash of the rating's 0-based line number in ratings.dat
+(the Criteo rule; streaming, sizes only close to the fractions).
 Group: UserID (the `_group` column; gAUC averages AUC per user).
-Vocabularies: counted on train (min_count 1 by default) or hashed, per field (data_tools.fields).
+Vocabularies: counted on train (min_count 2 by default) or hashed, per field (data_tools.fields).
 ratings.dat is streamed in blocks; users.dat and movies.dat (6,040 and 3,883 lines) are joined
 from memory. Every rating must name a known user and movie.
 """
@@ -37,14 +40,23 @@ from .engine import Engine
 from .fields import clean_lists, resolve_fields, split_strings
 from .options import MovieLensOptions
 from .pipeline import Chunk, Source, prepare
+from .splits import exact_split
 from .vocab import stable_hash
 
 FILES = ("ratings.dat", "users.dat", "movies.dat")
-FIELDS = ["UserID", "Gender", "Age", "Occupation", "MovieID", "Genres"]
-FIXED: dict[str, dict[str, Any]] = {name: {"kind": "categorical"} for name in FIELDS[:-1]}
-FIXED["Genres"] = {"kind": "sequence", "max_len": 3, "splitter": "|"}
+FIELDS = ["UserID", "Gender", "Age", "Occupation", "MovieID"]
+GENRES = "Genres"
+FIXED: dict[str, dict[str, Any]] = {name: {"kind": "categorical"} for name in FIELDS}
+FIXED[GENRES] = {"kind": "sequence", "max_len": 3, "splitter": "|"}
 LABEL = "label"
-LABEL_RULE = "rating >= 4 -> 1; rating <= 2 -> 0; rating 3 dropped"
+
+
+def label_rule(threshold: int = 4, drop_neutral: bool = False) -> str:
+    rule = f"rating >= {threshold} -> 1; else 0"
+    return rule + ("; rating 3 dropped" if drop_neutral else "")
+
+
+LABEL_RULE = label_rule()
 ENCODING = "latin-1"
 _BLOCK_BYTES = 4 << 20
 
@@ -97,11 +109,14 @@ class MovieLensSource(Source):
 
     def __init__(
         self, input_url: str, fields: list, seed: int, fractions: tuple[float, float, float],
-        storage_options: Mapping[str, Any] | None, min_count: int,
+        storage_options: Mapping[str, Any] | None, min_count: int, *,
+        threshold: int = 4, drop_neutral: bool = False, split_rule: str = "exact",
     ) -> None:
         self.loc = resolve(input_url, storage_options)
         self.fields = fields
         self.seed, self.fractions, self.min_count = seed, fractions, min_count
+        self.threshold, self.drop_neutral, self.split_rule = threshold, drop_neutral, split_rule
+        self._split: np.ndarray | None = None  # exact split, computed on first read
         for name in FILES:
             try:
                 exists = self.loc.fs.exists(self.loc.path(name))
@@ -135,10 +150,30 @@ class MovieLensSource(Source):
                 movies[str(_int(url, first + k, "MovieID", movie))] = genres
         return users, movies
 
+    def _kept_ratings(self) -> int:
+        """Ratings the dataset keeps (non-blank lines, minus rating 3 with drop_neutral); a bad
+        line is reported by the reading pass."""
+        n = 0
+        for _, block in _lines(self.loc, "ratings.dat"):
+            for line in block:
+                if not line.strip():
+                    continue
+                if self.drop_neutral and line.split("::")[2:3] == ["3"]:
+                    continue
+                n += 1
+        return n
+
+    def _exact_split(self) -> np.ndarray:
+        if self._split is None:
+            self._split = exact_split(self._kept_ratings(), self.seed, self.fractions)
+        return self._split
+
     def read(self, shard: _Shard, names: Sequence[str]) -> Iterator[Chunk]:
         users, movies = self._tables()
         url = self.loc.url_of("ratings.dat")
         plans = {f.name: f for f in self.fields}
+        exact = self._exact_split() if self.split_rule == "exact" else None
+        kept = 0  # kept ratings before this block (index into the exact split)
         for first, block in _lines(self.loc, "ratings.dat"):
             rows: list[int] = []
             uids: list[str] = []
@@ -158,14 +193,21 @@ class MovieLensSource(Source):
                     raise DataError(f"{url}: line {number + 1}: UserID {uid} is not in users.dat")
                 if mid not in movies:
                     raise DataError(f"{url}: line {number + 1}: MovieID {mid} is not in movies.dat")
-                if rating == 3:
+                if rating == 3 and self.drop_neutral:
                     continue
                 rows.append(number)
                 uids.append(uid)
                 mids.append(mid)
-                labels.append(1.0 if rating >= 4 else 0.0)
+                labels.append(1.0 if rating >= self.threshold else 0.0)
             if not rows:
                 continue
+            if exact is not None:
+                if kept + len(rows) > len(exact):
+                    raise DataError(f"{url}: changed while being read (more ratings than counted)")
+                split = exact[kept : kept + len(rows)]
+            else:
+                split = split_of_row_numbers(np.asarray(rows, dtype=np.uint64), self.seed, self.fractions)
+            kept += len(rows)
             user_id = pa.array(uids, pa.string())
             columns = {
                 "UserID": user_id,
@@ -177,7 +219,7 @@ class MovieLensSource(Source):
             tokens: dict[str, pa.Array] = {}
             for name in names:
                 plan = plans[name]
-                if name == "Genres":
+                if name == GENRES:
                     lists = split_strings(pa.array([movies[m] for m in mids], pa.string()), plan.splitter)
                     assert plan.max_len is not None
                     tokens[name] = clean_lists(lists, plan.max_len, plan.keep)
@@ -185,17 +227,20 @@ class MovieLensSource(Source):
                     tokens[name] = columns[name]
             groups = stable_hash(user_id).view(np.int64)
             groups[groups == 0] = 1
-            split = split_of_row_numbers(np.asarray(rows, dtype=np.uint64), self.seed, self.fractions)
             yield Chunk(np.asarray(labels, dtype=np.float32), tokens, split, groups)
 
     def spec(self) -> dict[str, Any]:
         return {
             "format": "movielens",
             "input": display_url(self.loc.url),
-            "label_rule": LABEL_RULE,
+            "label_rule": label_rule(self.threshold, self.drop_neutral),
             "group": self.group,
             "split": list(self.fractions),
-            "split_rule": "splitmix64(seed, 0-based line number in ratings.dat)",
+            "split_rule": (
+                "seeded permutation of the kept ratings; valid, test = ceil(n * fraction)"
+                if self.split_rule == "exact" else "splitmix64(seed, 0-based line number in ratings.dat)"
+            ),
+            "fields": [f.name for f in self.fields],
             "seed": self.seed,
             "min_count": self.min_count,
         }
@@ -217,8 +262,12 @@ def prepare_movielens(
     """
     opts = MovieLensOptions.build(options, keys)
     fractions = check_split(opts.splits.split)
-    plans = resolve_fields(FIELDS, **opts.vocab.field_defaults(), kinds=("categorical", "sequence"), fixed=FIXED)
-    source = MovieLensSource(input_url, plans, opts.splits.seed, fractions, storage_options, opts.vocab.min_count)
+    names = FIELDS + ([GENRES] if opts.genres else [])
+    plans = resolve_fields(names, **opts.vocab.field_defaults(), kinds=("categorical", "sequence"), fixed=FIXED)
+    source = MovieLensSource(
+        input_url, plans, opts.splits.seed, fractions, storage_options, opts.vocab.min_count,
+        threshold=opts.label_threshold, drop_neutral=opts.drop_neutral, split_rule=opts.split_rule,
+    )
     return prepare(
         source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
         vocab_memory_mb=opts.vocab.vocab_memory_mb,

@@ -222,10 +222,19 @@ def unknown_keys_message(fmt: str, unknown: Sequence[str], valid: Mapping[str, A
 
 @dataclass(frozen=True)
 class CriteoOptions(FormatOptions):
+    """split_rule (one raw input): hash (per-row seeded hash, streaming) or stratified (BARS
+    Criteo_x4: 10 label-stratified folds, seed 2018, folds 8:1:1; one extra pass over the labels).
+    Three inputs (the BARS x4 train/valid/test.csv) keep their split."""
+
     format: ClassVar[str] = "criteo"
+    split_rule: str = "hash"
     vocab: VocabOptions = field(default_factory=lambda: VocabOptions(min_count=10))
     splits: SplitOptions = field(default_factory=SplitOptions)
     write: WriteOptions = field(default_factory=lambda: WriteOptions(row_group_rows=DEFAULT_ROW_GROUP_ROWS))
+
+    def __post_init__(self) -> None:
+        if self.split_rule not in ("hash", "stratified"):
+            raise OptionError(f"split_rule should be 'hash' or 'stratified' (BARS x4), got {self.split_rule!r}")
 
 
 @dataclass(frozen=True)
@@ -244,12 +253,92 @@ class BarsCsvOptions(FormatOptions):
             raise OptionError(f"group_col should be a column name, got {self.group_col!r}")
 
 
+SPLIT_RULES = ("exact", "hash")
+
+
 @dataclass(frozen=True)
 class MovieLensOptions(FormatOptions):
+    """ML-1M as the TF4CTR authors had it by default: every rating kept, label rating >=
+    label_threshold, the five fields UserID, Gender, Age, Occupation, MovieID, min count 2, an
+    exact 8:1:1 split. drop_neutral: drop the rating-3 rows (AutoInt's rule); genres: add the
+    Genres sequence field (max_len 3); split_rule: exact (seeded permutation, exact sizes, see
+    data_tools.splits) or hash (per-line hash, streaming)."""
+
     format: ClassVar[str] = "movielens"
-    vocab: VocabOptions = field(default_factory=VocabOptions)
+    label_threshold: int = 4
+    drop_neutral: bool = False
+    genres: bool = False
+    split_rule: str = "exact"
+    vocab: VocabOptions = field(default_factory=lambda: VocabOptions(min_count=2))
     splits: SplitOptions = field(default_factory=SplitOptions)
     write: WriteOptions = field(default_factory=WriteOptions)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.label_threshold) or not 2 <= self.label_threshold <= 5:
+            raise OptionError(f"label_threshold should be an integer rating in 2..5, got {self.label_threshold!r}")
+        for key in ("drop_neutral", "genres"):
+            if not isinstance(getattr(self, key), bool):
+                raise OptionError(f"{key} should be true or false, got {getattr(self, key)!r}")
+        if self.split_rule not in SPLIT_RULES:
+            raise OptionError(f"split_rule should be one of {list(SPLIT_RULES)}, got {self.split_rule!r}")
+
+
+@dataclass(frozen=True)
+class KKBoxOptions(FormatOptions):
+    """KKBox_x1 from the BARS CSVs (train/valid/test.csv); fields fixed (data_tools.bars_sets)."""
+
+    format: ClassVar[str] = "kkbox"
+    label_col: str = "label"
+    vocab: VocabOptions = field(default_factory=lambda: VocabOptions(min_count=2))
+    write: WriteOptions = field(default_factory=WriteOptions)
+
+
+@dataclass(frozen=True)
+class AvazuOptions(FormatOptions):
+    """Avazu_x4: the raw train.csv (split by `split_rule`: stratified = BARS x4's 10 stratified
+    folds 8:1:1, seed 2018) or the BARS x4 train/valid/test.csv."""
+
+    format: ClassVar[str] = "avazu"
+    label_col: str = "click"
+    split_rule: str = "stratified"
+    vocab: VocabOptions = field(default_factory=lambda: VocabOptions(min_count=2))
+    splits: SplitOptions = field(default_factory=SplitOptions)
+    write: WriteOptions = field(default_factory=WriteOptions)
+
+    def __post_init__(self) -> None:
+        if self.split_rule not in ("stratified", "exact"):
+            raise OptionError(f"split_rule should be 'stratified' or 'exact', got {self.split_rule!r}")
+
+
+@dataclass(frozen=True)
+class MLTagOptions(FormatOptions):
+    """MovielensLatest_x1 (label, user_id, item_id, tag_id): three files, or one file split
+    exactly (data_tools.splits.exact_split) 7:2:1."""
+
+    format: ClassVar[str] = "ml-tag"
+    label_col: str = "label"
+    vocab: VocabOptions = field(default_factory=lambda: VocabOptions(min_count=2))
+    splits: SplitOptions = field(default_factory=lambda: SplitOptions(split=(0.7, 0.2, 0.1)))
+    write: WriteOptions = field(default_factory=WriteOptions)
+
+
+@dataclass(frozen=True)
+class FuxiCTROptions(FormatOptions):
+    """A FuxiCTR dataset_config YAML (the --input; data_tools.fuxictr): dataset_id picks one of
+    its datasets (needed when it holds several); fields, label and files come from the YAML;
+    min_count: the default when the YAML gives no min_categr_count (FuxiCTR's default 1)."""
+
+    format: ClassVar[str] = "fuxictr"
+    dataset_id: str | None = None
+    group_col: str | None = None
+    vocab: VocabOptions = field(default_factory=lambda: VocabOptions(min_count=1))
+    write: WriteOptions = field(default_factory=WriteOptions)
+
+    def __post_init__(self) -> None:
+        for key in ("dataset_id", "group_col"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise OptionError(f"{key} should be a name, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -314,6 +403,9 @@ class SyntheticOptions(FormatOptions):
 
 
 FORMAT_OPTIONS: dict[str, type[FormatOptions]] = {
-    cls.format: cls for cls in (BarsCsvOptions, CriteoOptions, MovieLensOptions, ParquetLogsOptions, SyntheticOptions)
+    cls.format: cls for cls in (
+        BarsCsvOptions, CriteoOptions, MovieLensOptions, ParquetLogsOptions, SyntheticOptions,
+        KKBoxOptions, AvazuOptions, MLTagOptions, FuxiCTROptions,
+    )
 }
 FORMATS = tuple(sorted(FORMAT_OPTIONS))

@@ -145,6 +145,14 @@ class TrainConfig:
     # This package's compiled CPU kernels (tf4ctr_dist/kernels): on = required (the run fails if
     # they cannot be built), auto = used where they build, off = eager ops and fbgemm's kernels.
     cpu_kernels: CPU_KERNELS = "auto"
+    # Per-epoch analyses written to metrics.jsonl and TensorBoard (tf4ctr_dist/studies/analyses.py):
+    # buckets = difficulty buckets on valid, histograms = prediction histograms on train and valid,
+    # fusion = gate / fusion values; off by default because they cost more: test_buckets = the test
+    # split evaluated every epoch too (its metrics and buckets: the paper's Fig 10), grad_norms =
+    # ||dL/dz_s||, ||dL/dz_c|| of every step of the first epoch.
+    analyses: list[str] = field(default_factory=lambda: ["buckets", "histograms", "fusion"])
+    # TensorBoard event files under OUT/tb/ (rank 0).
+    tensorboard: bool = True
 
 
 @dataclass
@@ -350,6 +358,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 # Validation metrics whose sum early stopping maximises.
 MONITORS = ("AUC", "gAUC")
+# train.analyses (tf4ctr_dist/studies/analyses.py has the same tuple; config imports no torch).
+ANALYSES = ("buckets", "histograms", "fusion", "test_buckets", "grad_norms")
 
 
 def _positive(v: Any) -> bool:
@@ -396,6 +406,7 @@ _RANGES: dict[str, dict[str, tuple[Any, str]]] = {
         "seed": (_non_negative, "a seed >= 0"),
         "log_every": (_non_negative, "a number of steps >= 0 (0: no step lines)"),
         "intra_op_threads": (_non_negative, "a number of threads >= 0 (0: cores / workers)"),
+        "analyses": (lambda v: set(v) <= set(ANALYSES), f"a list of {', '.join(ANALYSES)}"),
     },
     "cluster": {
         "workers": (_positive, "a positive number of workers"),

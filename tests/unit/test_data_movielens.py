@@ -15,6 +15,8 @@ from data_tools.criteo import split_of_row_numbers
 from data_tools.movielens import LABEL_RULE, prepare_movielens
 from data_tools.vocab import stable_hash
 from tests.data_helpers import no_manifest_no_staging
+from data_tools.options import OptionError
+from data_tools.splits import exact_sizes, exact_split
 from tf4ctr_dist.data.errors import DataError
 
 USERS = [
@@ -53,16 +55,48 @@ def _table(out: Path, m, split: str) -> pa.Table:
     return pa.concat_tables([pq.read_table(out / p.path) for p in m.splits[split].parts])
 
 
-def test_prepare_ml1m(tmp_path: Path) -> None:
-    lines = ratings()
+def test_prepare_ml1m_as_published(tmp_path: Path) -> None:
+    """Defaults = the authors' logs: every rating kept, rating >= 4 -> 1, five fields, min count
+    2, exact 8:1:1 sizes (valid/test rounded up)."""
+    lines = ratings(243)
     folder = write_ml1m(tmp_path / "ml-1m", lines)
     out = tmp_path / "ds"
     m = prepare_movielens(str(folder), str(out), row_group_rows=32)
     assert [(f.name, f.kind) for f in m.fields] == [
         ("UserID", "categorical"), ("Gender", "categorical"), ("Age", "categorical"),
-        ("Occupation", "categorical"), ("MovieID", "categorical"), ("Genres", "sequence"),
+        ("Occupation", "categorical"), ("MovieID", "categorical"),
     ]
-    assert m.group == "UserID" and m.spec["label_rule"] == LABEL_RULE == "rating >= 4 -> 1; rating <= 2 -> 0; rating 3 dropped"
+    assert m.group == "UserID" and m.spec["label_rule"] == LABEL_RULE == "rating >= 4 -> 1; else 0"
+    assert m.spec["min_count"] == 2
+    assert check_dataset(str(out)).ok
+    # 243 ratings: valid = test = ceil(24.3) = 25, train 193 (1,000,209 -> 800,167 / 100,021 / 100,021)
+    assert exact_sizes(1_000_209, (0.8, 0.1, 0.1)) == (800_167, 100_021, 100_021)
+    assert {s: i.rows for s, i in m.splits.items()} == {"train": 193, "valid": 25, "test": 25}
+
+    parsed = [tuple(int(x) for x in line.split("::")[:3]) for line in lines]
+    split = exact_split(len(parsed), 2018, (0.8, 0.1, 0.1))
+    for j, name in enumerate(("train", "valid", "test")):
+        rows = [p for p, s in zip(parsed, split) if s == j]
+        t = _table(out, m, name)
+        assert t.column("label").to_pylist() == [1.0 if r >= 4 else 0.0 for _, _, r in rows]
+        groups = stable_hash(pa.array([str(u) for u, _, _ in rows])).view(np.int64)
+        assert (t.column("_group").to_numpy() == groups).all()
+    # min count 2 on train: a user seen once in train maps to OOV
+    train_users = [u for (u, _, _), s in zip(parsed, split) if s == 0]
+    vocab = {f.name: f for f in m.fields}
+    assert vocab["UserID"].vocab_size == len({u for u in train_users if train_users.count(u) >= 2}) + 2
+
+
+def test_ml1m_options_drop_neutral_genres_threshold(tmp_path: Path) -> None:
+    lines = ratings()
+    folder = write_ml1m(tmp_path / "ml-1m", lines)
+    out = tmp_path / "ds"
+    m = prepare_movielens(
+        str(folder), str(out), row_group_rows=32, drop_neutral=True, genres=True, split_rule="hash",
+        label_threshold=5, min_count=1,
+    )
+    assert [f.name for f in m.fields][-1] == "Genres" and m.fields[-1].kind == "sequence"
+    assert m.spec["label_rule"] == "rating >= 5 -> 1; else 0; rating 3 dropped"
     assert check_dataset(str(out)).ok
 
     parsed = [tuple(int(x) for x in line.split("::")[:3]) for line in lines]
@@ -72,9 +106,7 @@ def test_prepare_ml1m(tmp_path: Path) -> None:
     for j, name in enumerate(("train", "valid", "test")):
         rows = [k for k, s in zip(kept, split) if s == j]
         t = _table(out, m, name)
-        assert t.column("label").to_pylist() == [1.0 if r >= 4 else 0.0 for _, _, _, r in rows]
-        groups = stable_hash(pa.array([str(u) for _, u, _, _ in rows])).view(np.int64)
-        assert (t.column("_group").to_numpy() == groups).all()
+        assert t.column("label").to_pylist() == [1.0 if r >= 5 else 0.0 for _, _, _, r in rows]
 
     train = _table(out, m, "train")
     vocab = {f.name: f for f in m.fields}
@@ -87,6 +119,16 @@ def test_prepare_ml1m(tmp_path: Path) -> None:
     assert star_wars and all(g == [genres.index(x) + 1 for x in ("Action", "Adventure", "Fantasy")] for g in star_wars)
 
 
+@pytest.mark.parametrize(
+    "key, message",
+    [("label_threshold", "label_threshold should be an integer rating in 2..5"),
+     ("split_rule", "split_rule should be one of"), ("drop_neutral", "drop_neutral should be true or false")],
+)
+def test_ml1m_bad_options(tmp_path: Path, key: str, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        prepare_movielens(str(tmp_path), str(tmp_path / "ds"), **{key: "x"})
+
+
 def test_hashed_fields_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     folder = write_ml1m(tmp_path / "ml-1m")
     out = tmp_path / "ds"
@@ -95,7 +137,7 @@ def test_hashed_fields_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert main(argv) == 0
     assert main(["check", str(out), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(argv[:-2] + ["--set", "field_options={Genres: {kind: categorical}}"]) == 1
+    assert main(argv[:-2] + ["genres=true", "--set", "field_options={Genres: {kind: categorical}}"]) == 1
     assert "Genres' is a sequence field" in capsys.readouterr().err
 
 

@@ -31,9 +31,9 @@ def test_flat_keys_land_in_their_groups_over_the_format_defaults() -> None:
     assert opts.vocab == VocabOptions(min_count=3)
     assert opts.splits.split == (0.7, 0.2, 0.1) and opts.splits.seed == 2018
     assert opts.write == WriteOptions(row_group_rows=65_536, row_groups_per_part=4)
-    # Per-format defaults: criteo counts with min_count 10, movielens 1, bars-csv 2.
+    # Per-format defaults: criteo counts with min_count 10, movielens 2, bars-csv 2.
     assert CriteoOptions.parse({}).vocab.min_count == 10
-    assert FORMAT_OPTIONS["movielens"].parse({}).vocab.min_count == 1
+    assert FORMAT_OPTIONS["movielens"].parse({}).vocab.min_count == 2
     assert FORMAT_OPTIONS["bars-csv"].parse({}).vocab.min_count == 2
     assert SyntheticOptions.parse({"rows": 5}).splits.seed == 0
     # Overrides over a base keep the base's other values; flat() inverts parse().
@@ -48,7 +48,7 @@ def test_every_format_shares_the_groups() -> None:
     vocab = {"min_count", "vocab_mode", "buckets", "field_options", "vocab_memory_mb"}
     assert all(layout <= k for k in keys.values())
     assert all(vocab <= k for fmt, k in keys.items() if fmt != "synthetic")
-    assert keys["criteo"] == layout | vocab | {"split", "seed"}
+    assert keys["criteo"] == layout | vocab | {"split", "seed", "split_rule"}
     assert keys["parquet-logs"] - layout - vocab == {
         "label", "group", "fields", "train_dates", "valid_dates", "test_dates", "partition_key",
     }

@@ -45,13 +45,14 @@ def _pinned_version(req: Requirement) -> str:
     return spec.version
 
 
-@pytest.mark.parametrize("pins, extra", [("cpu.txt", "cpu"), ("gpu.txt", "gpu"), ("test.txt", "test")])
+@pytest.mark.parametrize("pins, extra", [("cpu.txt", "cpu"), ("gpu.txt", "gpu"), ("test.txt", "test"),
+                                         ("report.txt", "report")])
 def test_requirements_agree_with_pyproject(pins: str, extra: str) -> None:
     """Each pinned set holds exactly what pyproject declares (dependencies + the extra), at
     versions inside pyproject's ranges; torchrec is pinned in requirements/torchrec.txt."""
     project = _pyproject()["project"]
     declared = [Requirement(r) for r in project["optional-dependencies"][extra]]
-    if extra != "test":
+    if extra not in ("test", "report"):
         declared += [Requirement(r) for r in project["dependencies"]]
     pinned = _pins(pins)
     if extra == "gpu":

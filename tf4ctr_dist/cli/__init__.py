@@ -19,7 +19,7 @@ import argparse
 import sys
 from typing import Optional
 
-from tf4ctr_dist.cli import data, plan, train
+from tf4ctr_dist.cli import data, plan, serve, studies, train
 
 EXIT_USAGE = 2  # bad arguments or configuration (argparse's code)
 EXIT_FAILED = 1  # bad data, or the run failed
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_commands(sub)
     train.add_commands(sub)
     plan.add_commands(sub)
+    serve.add_commands(sub)
+    studies.add_commands(sub)
     return parser
 
 

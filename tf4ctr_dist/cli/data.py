@@ -13,7 +13,7 @@ import argparse
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     for name, summary in (
-        ("prepare", "raw logs (criteo, bars-csv, movielens, parquet-logs, synthetic) -> Parquet parts + manifest"),
+        ("prepare", "raw logs (criteo, avazu, kkbox, movielens, ml-tag, bars-csv, fuxictr, parquet-logs, synthetic) -> Parquet"),
         ("check", "re-read a prepared dataset: checksums, schema, ids, vocabularies"),
     ):
         p = sub.add_parser(name, help=summary, add_help=False, prefix_chars="\0")

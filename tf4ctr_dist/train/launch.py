@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import fsspec
 
@@ -126,8 +126,11 @@ def _stop_on_permanent_errors():
     return StopOnPermanentErrors()
 
 
-def run_training(cfg: RunConfig) -> dict[str, Any]:
-    """Launch ``cfg.cluster.workers`` Ray Train workers and return RUN_DIR/result.json."""
+def run_training(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Launch ``cfg.cluster.workers`` Ray Train workers and return RUN_DIR/result.json.
+
+    ``callbacks``: more Ray Train callbacks for the controller (a sweep's trial passes Tune's
+    TuneReportCallback, which forwards the per-epoch reports to Tune's schedulers)."""
     _init_ray(cfg)  # first: it decides how ray is imported
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -146,7 +149,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
             name=cfg.name,
             storage_path=_storage_path(cfg.out),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-            callbacks=[_stop_on_permanent_errors()],
+            callbacks=[_stop_on_permanent_errors(), *callbacks],
         ),
     )
     try:

@@ -7,6 +7,7 @@ process group must already exist. Only rank 0 writes run files.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from tf4ctr_dist.distributed.placement import check_run_config  # noqa: F401  (h
 from tf4ctr_dist.distributed.sharding import scale_lr
 from tf4ctr_dist.distributed.state import average_batchnorm_stats, restore, snapshot
 from tf4ctr_dist.metrics import difficulty_buckets, evaluate, gather_across_ranks
+from tf4ctr_dist.studies.analyses import Histogram, Probes
+from tf4ctr_dist.studies.tensorboard import RunBoard
 from tf4ctr_dist.train import faults, runfiles
 from tf4ctr_dist.train.resume import Checkpointing, EarlyStopping, EpochSums, Progress, SampleCounter
 from tf4ctr_dist.train.logs import quiet_library_logs
@@ -66,6 +69,8 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     run = runfiles.RunDir(cfg.out, enabled=ctx.rank == 0)
     run.write_json("config.json", cfg.to_dict())
     run.write_text("plan.txt", plan_text + "\n" + placement.describe() + "\n")
+    probes = Probes(parts.module.model, cfg.train.analyses)
+    board = RunBoard(cfg.out, enabled=ctx.rank == 0 and cfg.train.tensorboard)
 
     monitor = [m for m in cfg.train.monitor if m != "gAUC" or manifest.group]
     train_reader = readers[cfg.data.train_split]
@@ -86,21 +91,32 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         epoch = progress.epoch
         t0 = time.perf_counter()
         dmp.train()
-        stats = _train_epoch(pipeline, train_reader, epoch, ctx, cfg, carry, counter, ckpt, progress)
+        train_hist = Histogram() if probes.wants("histograms") else None
+        if probes.grad_norms is not None:
+            probes.grad_norms.enabled = epoch == 0  # Fig 5: the first epoch
+        stats = _train_epoch(pipeline, train_reader, epoch, ctx, cfg, carry, counter, ckpt, progress,
+                             train_hist=train_hist, board=board)
         carry = EpochSums()
         pipeline.detach()
         average_batchnorm_stats(dmp)
         train_s = time.perf_counter() - t0
-        valid = evaluate_split(dmp, readers[cfg.data.valid_split], ctx, manifest)
+        t_valid = time.perf_counter()
+        valid = evaluate_split(dmp, readers[cfg.data.valid_split], ctx, manifest, with_buckets=probes.wants("buckets"),
+                               probes=probes)
+        valid_s = time.perf_counter() - t_valid
+        extras = _epoch_analyses(valid, train_hist, probes, dmp, readers, ctx, manifest, cfg)
         score = sum(valid[m] for m in monitor)
         improved = progress.stopper.update(score, epoch)
         record = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_samples": stats["samples"],
                   "train_seconds": round(train_s, 2), "samples_per_s": round(stats["samples"] / train_s, 1),
-                  "lr": progress.lr, "valid": valid, "improved": improved}
+                  "valid_seconds": round(valid_s, 3), "lr": progress.lr, "valid": valid, "improved": improved}
+        if extras:
+            record["analyses"] = extras
         if counter is not None:
             record["sample_use"] = counter.summary_and_reset()
         progress.history.append(record)
         run.append_jsonl("metrics.jsonl", record)
+        _board_epoch(board, record)
         ctx.report({"epoch": epoch + 1, **{f"valid_{k}": v for k, v in valid.items() if not isinstance(v, dict)}})
         _log(ctx, f"epoch {epoch + 1}: train loss {stats['loss']:.5f} ({stats['samples'] / train_s:,.0f} samples/s) "
                   f"valid {_fmt(valid)}{'  *best*' if improved else ''}")
@@ -134,6 +150,11 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     result["embedding_placement"] = placement.describe()
     result["cpu_kernels"] = parts.cpu_kernels
     result["history"] = progress.history
+    first = progress.history[0] if progress.history else {}
+    # Table 6: the first epoch's training time and one inference pass over valid.
+    result["timing"] = {"first_epoch_train_seconds": first.get("train_seconds"),
+                        "valid_inference_seconds": first.get("valid_seconds")}
+    board.close()
     run.write_json("result.json", result)
     _log(ctx, f"best epoch {result['best_epoch']}: valid {_fmt(result['valid'])}")
     if "test" in result:
@@ -141,8 +162,77 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     return result
 
 
+def _epoch_analyses(valid: dict, train_hist: Optional[Histogram], probes: Probes, dmp, readers: dict,
+                    ctx: WorkerContext, manifest: Manifest, cfg: RunConfig) -> dict[str, Any]:
+    """Move the analysis parts out of ``valid`` (left with its metrics) and add the others.
+
+    Every rank runs this (collectives inside); returns what metrics.jsonl's "analyses" holds."""
+    extras: dict[str, Any] = {}
+    for key in ("difficulty", "histogram", "fusion"):
+        if key in valid:
+            extras[f"valid_{key}"] = valid.pop(key)
+    if "valid_fusion" in extras:
+        extras["fusion"] = extras.pop("valid_fusion")
+    if probes.wants("test_buckets") and cfg.data.test_split in readers:
+        test = evaluate_split(dmp, readers[cfg.data.test_split], ctx, manifest, with_buckets=True)
+        extras["test_difficulty"] = test.pop("difficulty")
+        extras["test"] = test
+    if train_hist is not None:
+        extras["train_histogram"] = train_hist.result()
+    if probes.grad_norms is not None and probes.grad_norms.enabled:
+        extras["grad_norms"] = probes.grad_norms.take()  # rank 0's local batches
+        probes.grad_norms.enabled = False
+    return extras
+
+
+def _board_epoch(board: RunBoard, record: dict) -> None:
+    """One epoch's record in TensorBoard: metrics, timing, histograms, fusion values, grad norms."""
+    if not board.enabled:
+        return
+    e = record["epoch"]
+    board.scalars("valid", record["valid"], e)
+    board.scalar("epoch/train_loss", record["train_loss"], e)
+    board.scalar("epoch/samples_per_s", record["samples_per_s"], e)
+    board.scalar("epoch/train_seconds", record["train_seconds"], e)
+    board.scalar("epoch/valid_seconds", record["valid_seconds"], e)
+    board.scalar("epoch/lr", record["lr"], e)
+    a = record.get("analyses", {})
+    board.scalars("test", a.get("test", {}), e)
+    for split in ("valid", "test"):
+        for label, row in (a.get(f"{split}_difficulty") or {}).items():
+            board.scalars(f"difficulty_{split}/{label}", {k: v for k, v in row.items() if k.endswith("_frac")}, e)
+    for split in ("train", "valid"):
+        h = a.get(f"{split}_histogram")
+        if h:
+            for label in ("positive", "negative"):
+                board.histogram(f"predictions_{split}/{label}", h["edges"], h[label], e)
+    for name, v in (a.get("fusion") or {}).items():
+        if "mean" in v:
+            for i, m in enumerate(v["mean"]):
+                board.scalar(f"fusion/{name}_{i}", m, e)
+        else:
+            board.scalars(f"fusion/{name}", v, e)
+    for branch, norms in (a.get("grad_norms") or {}).items():
+        for i, n in enumerate(norms):
+            board.scalar(f"grad_norm_first_epoch/{branch}", n, i + 1)
+    board.flush()
+
+
 def _fmt(m: dict) -> str:
     return " ".join(f"{k} {v:.6f}" for k, v in m.items() if isinstance(v, float))
+
+
+FIRST_LINE_SECONDS = 5.0  # a new user sees the run moving within the first seconds of an epoch
+LINE_SECONDS_TTY = 30.0
+LINE_SECONDS_LOG = 300.0
+BOARD_EVERY_STEPS = 10  # train loss to TensorBoard (a float() per write: a device sync on GPU)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 class _Tracked:
@@ -164,9 +254,11 @@ class _Tracked:
 
 def _train_epoch(pipeline, reader: ParquetSplitReader, epoch: int, ctx: WorkerContext, cfg: RunConfig,
                  sums: "EpochSums", counter: Optional["SampleCounter"], ckpt: Optional["Checkpointing"],
-                 progress: "Progress") -> dict:
+                 progress: "Progress", train_hist: Optional[Histogram] = None,
+                 board: Optional[RunBoard] = None) -> dict:
     """Train batches progress.step.. of ``epoch``; ``sums`` carries the partial sums of a
-    resumed epoch. Checkpoints every ``checkpoint.every_steps`` batches."""
+    resumed epoch. Checkpoints every ``checkpoint.every_steps`` batches. ``train_hist`` counts
+    the training predictions (Fig 2); ``board`` gets the loss and throughput (rank 0)."""
     total = reader.num_batches(epoch)
     start = progress.step
     tracked = _Tracked(reader.iter_epoch(epoch, start_batch=start))
@@ -174,11 +266,17 @@ def _train_epoch(pipeline, reader: ParquetSplitReader, epoch: int, ctx: WorkerCo
     step = start
     t0 = time.perf_counter()
     samples_here = 0  # since this process started the epoch (sums may carry a resumed part)
+    # A first progress line within seconds of the epoch start, then by log_every or by time
+    # (sparser when the output is not a terminal, e.g. CI logs).
+    next_line = t0 + FIRST_LINE_SECONDS
+    line_gap = LINE_SECONDS_TTY if sys.stdout.isatty() else LINE_SECONDS_LOG
     while True:
         try:
-            loss, _, _, valid = pipeline.progress(tracked)
+            loss, probs, labels, valid = pipeline.progress(tracked)
         except StopIteration:
             break
+        if train_hist is not None:
+            train_hist.add(probs, labels, valid)
         step += 1
         ids = tracked.pending.popleft()
         if counter is not None:
@@ -188,9 +286,19 @@ def _train_epoch(pipeline, reader: ParquetSplitReader, epoch: int, ctx: WorkerCo
         sums.samples += int(ids.numel())
         samples_here += int(ids.numel())
         faults.maybe_crash("step", epoch + 1, step, ctx.rank)
-        if cfg.train.log_every and step % cfg.train.log_every == 0:
-            rate = samples_here / max(time.perf_counter() - t0, 1e-9)
-            _log(ctx, f"epoch {epoch + 1} step {step}/{total} loss {float(loss):.5f} ({rate:,.0f} samples/s/worker)")
+        now = time.perf_counter()
+        if cfg.train.log_every and (step % cfg.train.log_every == 0 or now >= next_line):
+            next_line = now + line_gap
+            elapsed = max(now - t0, 1e-9)
+            rate = samples_here / elapsed
+            eta = (total - step) * elapsed / max(step - start, 1)
+            _log(ctx, f"epoch {epoch + 1} step {step}/{total} loss {float(loss):.5f} ({rate:,.0f} samples/s/worker, "
+                      f"epoch ETA {_duration(eta)})")
+        if board is not None and board.enabled and step % BOARD_EVERY_STEPS == 0:
+            global_step = epoch * total + step
+            board.scalar("train/loss", float(loss), global_step)
+            board.scalar("train/samples_per_s_per_worker", samples_here / max(now - t0, 1e-9), global_step)
+            board.scalar("train/lr", progress.lr, global_step)
         if every and step % every == 0 and step < total:
             progress.step = step
             ckpt.save(progress, sums, counter)
@@ -208,15 +316,22 @@ def evaluate_split(
     ctx: WorkerContext,
     manifest: Manifest,
     with_buckets: bool = False,
+    probes: Optional[Probes] = None,
 ) -> dict[str, Any]:
     """Exact metrics over the whole split: every sample scored once, padding dropped, all ranks
-    gathered (every rank gets the same numbers)."""
+    gathered (every rank gets the same numbers). With ``probes``: also the prediction
+    "histogram" and the "fusion" values the probes ask for."""
     dmp.eval()
+    fusion = probes.fusion if probes is not None else None
+    if fusion is not None:
+        fusion.active = True
     probs, labels, groups = [], [], []
     for batch in reader.iter_epoch(0):
         batch = batch.to(ctx.device)
         _, (_, p, y, _) = dmp(batch)
         keep = batch.valid > 0
+        if fusion is not None:
+            fusion.keep(keep)
         probs.append(p[keep].float().cpu())
         labels.append(y[keep].float().cpu())
         groups.append(batch.group_ids[keep].cpu())
@@ -228,5 +343,13 @@ def evaluate_split(
     metrics["samples"] = int(y_np.size)
     if with_buckets:
         metrics["difficulty"] = difficulty_buckets(y_np, p_np)
+    if probes is not None and probes.wants("histograms"):
+        hist = Histogram()
+        hist.add(torch.from_numpy(np.asarray(p_np, dtype=np.float32)), torch.from_numpy(np.asarray(y_np)))
+        metrics["histogram"] = {"edges": np.linspace(0.0, 1.0, hist.bins + 1).round(6).tolist(),
+                                "negative": hist.counts[0].long().tolist(), "positive": hist.counts[1].long().tolist()}
+    if fusion is not None:
+        fusion.active = False
+        metrics["fusion"] = fusion.result()
     dmp.train()
     return metrics

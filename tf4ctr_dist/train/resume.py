@@ -288,9 +288,11 @@ class Checkpointing:
         """Initialise every weight (tables, towers, BatchNorm statistics) from the best checkpoint
         of a finished run; the optimizer starts fresh. ``source`` is the run's OUT or its
         checkpoint root."""
-        store = CheckpointStore(source, self.ctx.rank, self.ctx.world_size, pg=self.store.pg)
+        window = self.cfg.data.storage_retry_seconds
+        store = CheckpointStore(source, self.ctx.rank, self.ctx.world_size, pg=self.store.pg, retry_seconds=window)
         if store.latest() is None:  # a run's OUT rather than its checkpoint root
-            store = CheckpointStore(checkpoint_root(source, None), self.ctx.rank, self.ctx.world_size, pg=self.store.pg)
+            store = CheckpointStore(checkpoint_root(source, None), self.ctx.rank, self.ctx.world_size, pg=self.store.pg,
+                                    retry_seconds=window)
         entry = store.best() or store.latest()
         if entry is None:
             raise ConfigError(f"checkpoint.warm_start={source!r}: no committed checkpoint there (no {INDEX})")

@@ -1,0 +1,33 @@
+"""Models leaving the system: the serving artifact, the single-device scorer, predict and serve.
+
+    from tf4ctr_dist.serving import load
+    scorer = load("model.tf4ctr")                 # TF4CTR on CPU, eval mode, weights loaded
+    scorer.score({"user": ["u1", "u2"], ...})     # raw values -> probabilities (numpy, (n,))
+
+Heavy imports (torch, torchrec) happen on first use, so `tf4ctr --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["load", "export_run", "from_run"]
+
+
+def load(path: str) -> Any:
+    """The artifact written by `tf4ctr export` as a `Scorer` (see serving.scorer)."""
+    from tf4ctr_dist.serving.export import load as _load
+
+    return _load(path)
+
+
+def export_run(run: str, out: str, storage_options: Any = None) -> dict:
+    from tf4ctr_dist.serving.export import export_run as _export
+
+    return _export(run, out, storage_options)
+
+
+def from_run(run: str, storage_options: Any = None) -> Any:
+    from tf4ctr_dist.serving.export import from_run as _from_run
+
+    return _from_run(run, storage_options)

@@ -1,0 +1,141 @@
+"""Ray Serve deployment of an exported model: JSON rows of raw values in, scores out.
+
+POST / with {"rows": [{field: value, ...}, ...]} or {"columns": {field: [values], ...}}
+-> 200 {"scores": [p, ...]} (one probability per row, in order).
+A request that cannot be scored (not JSON, wrong shape, a missing field, a value that does not
+fit the field) gets 400 {"error": "..."} naming the problem; it is checked and mapped on its
+own before it joins a batch, so one bad request never fails the others batched with it.
+Concurrent requests are scored together (serve.batch): their mapped ids are concatenated into
+one KJT and run as one forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from tf4ctr_dist.data.errors import DataError
+
+MAX_ROWS = 100_000  # per request: a bigger one is refused (413) rather than held in memory
+
+
+def parse_request(body: bytes, feature_names: list[str]) -> Any:
+    """The rows of a request body (see module docstring); DataError with a clear message."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"request body is not JSON ({e})") from None
+    if not isinstance(payload, dict) or not ({"rows", "columns"} & set(payload)):
+        raise DataError('expected a JSON object {"rows": [{field: value, ...}, ...]} or '
+                        '{"columns": {field: [values], ...}}; fields: ' + ", ".join(feature_names))
+    rows = payload.get("rows", payload.get("columns"))
+    if "rows" in payload and not isinstance(rows, list):
+        raise DataError('"rows" should be a list of objects (field -> raw value)')
+    if "columns" in payload and "rows" not in payload and not isinstance(rows, dict):
+        raise DataError('"columns" should be an object (field -> list of raw values)')
+    if "rows" in payload:
+        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
+        if bad:
+            raise DataError(f'"rows"[{bad[0]}] is not an object (field -> raw value)')
+        missing = sorted({n for r in rows for n in feature_names if n not in r})
+        if missing:
+            raise DataError(f"rows lack field(s) {missing}; every row needs {feature_names}")
+    return rows
+
+
+def _concat(kjts: list[KeyedJaggedTensor]) -> KeyedJaggedTensor:
+    """One KJT of several requests' (same keys): per key, the requests' rows in order."""
+    if len(kjts) == 1:
+        return kjts[0]
+    keys = kjts[0].keys()
+    parts = [k.to_dict() for k in kjts]
+    values = [torch.cat([p[key].values() for p in parts]) for key in keys]
+    lengths = [torch.cat([p[key].lengths() for p in parts]) for key in keys]
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths).int())
+
+
+def scoring_app(path: str, replicas: int = 1, max_batch_size: int = 64, batch_wait_s: float = 0.005):
+    """The Serve application (bind it with serve.run)."""
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0})
+    class TF4CTRScorer:
+        def __init__(self, artifact: str) -> None:
+            from tf4ctr_dist.serving import load
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, replicas)))
+            self.scorer = load(artifact)
+            self.score_batch.set_max_batch_size(max_batch_size)
+            self.score_batch.set_batch_wait_timeout_s(batch_wait_s)
+
+        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+        async def score_batch(self, requests: list[KeyedJaggedTensor]) -> list[list[float]]:
+            sizes = [int(k.stride()) for k in requests]
+            probs = self.scorer(_concat(requests)).tolist()
+            out, start = [], 0
+            for n in sizes:
+                out.append(probs[start : start + n])
+                start += n
+            return out
+
+        async def __call__(self, request: Request):
+            if request.method != "POST":
+                return JSONResponse({"error": "POST a JSON body of rows to score"}, status_code=405)
+            try:
+                rows = parse_request(await request.body(), self.scorer.feature_names)
+                n = len(rows) if isinstance(rows, list) else max((len(v) for v in rows.values()
+                                                                  if isinstance(v, list)), default=0)
+                if n > MAX_ROWS:
+                    return JSONResponse({"error": f"{n} rows in one request; at most {MAX_ROWS}"}, status_code=413)
+                if n == 0:
+                    return JSONResponse({"scores": []})
+                features = self.scorer.features(rows)
+            except DataError as e:
+                return JSONResponse({"error": str(e)}, status_code=400)
+            except (ValueError, TypeError, ArithmeticError) as e:  # e.g. Arrow conversion of odd values
+                return JSONResponse({"error": f"cannot read the rows: {e}"}, status_code=400)
+            scores = await self.score_batch(features)
+            return JSONResponse({"scores": scores})
+
+    return TF4CTRScorer.bind(path)
+
+
+def start(path: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, max_batch_size: int = 64,
+          batch_wait_s: float = 0.005, name: str = "tf4ctr") -> str:
+    """Start Serve (on the connected Ray cluster, or a private local one on 127.0.0.1) and deploy
+    the model; returns the URL it answers on."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(scoring_app(os.path.abspath(path), replicas, max_batch_size, batch_wait_s), name=name, route_prefix="/")
+    return f"http://{host}:{port}/"
+
+
+def serve_forever(path: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+                  max_batch_size: int = 64, batch_wait_s: float = 0.005) -> None:
+    # Keep a private local cluster on loopback (set before ray's first import; see train.launch).
+    if "ray" not in sys.modules and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    url = start(path, host, port, replicas, max_batch_size, batch_wait_s)
+    print(f"[tf4ctr] serving {path} at {url} (POST JSON rows; Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()

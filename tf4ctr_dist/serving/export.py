@@ -1,0 +1,248 @@
+"""A finished run -> one serving artifact, and the artifact -> a single-device Scorer.
+
+Sources: the run's config.json (model settings, dataset URL), the dataset's manifest (fields,
+spec) and vocab/<field>.parquet files (checked against the sha256 the manifest recorded), and
+the run's best committed checkpoint (tables, dense weights, BatchNorm statistics).
+
+Tables come out of the DCP checkpoint one at a time: DCP reassembles each table from however the
+run sharded it (table-wise, column-wise, row-wise: the saved chunks carry their offsets), and a
+load of one key reads only that key's chunks. So an export holds one table in memory, never the
+whole model; the artifact is written tensor by tensor (see artifact.py). A table larger than
+one host's memory would need its rows streamed in blocks as well; not done here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterator, Optional
+
+import pyarrow.parquet as pq
+import torch
+
+from tf4ctr_dist.config import ConfigError, RunConfig
+from tf4ctr_dist.data.errors import DataError
+from tf4ctr_dist.data.manifest import Manifest, load_manifest
+from tf4ctr_dist.data.storage import resolve
+from tf4ctr_dist.serving import artifact
+from tf4ctr_dist.serving.features import build_mappers
+from tf4ctr_dist.serving.scorer import Scorer
+
+FORMAT = "tf4ctr-serving"
+VERSION = "1"
+CKPT_PREFIX = "model.model."  # app_state "model" -> DMP(TF4CTRTrain) -> .model (TF4CTR)
+
+
+def _read_text(url: str) -> bytes:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: not found (is this a finished run folder?)") from None
+
+
+def run_config(run: str) -> RunConfig:
+    url = f"{run.rstrip('/')}/config.json"
+    try:
+        return RunConfig.from_dict(json.loads(_read_text(url)))
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{url}: not a run configuration ({e})") from None
+
+
+def build_model(manifest: Manifest, cfg: RunConfig):
+    """The TF4CTR of the run, unsharded, on CPU, with the eager dense ops (no compiled kernels)."""
+    from tf4ctr_dist.model import tf4ctr
+
+    fields = [(f.name, f.vocab_size) for f in manifest.fields]
+    sequences = {f.name for f in manifest.fields if f.kind == "sequence"}
+    return tf4ctr(fields, cfg.model, device="cpu", mean_pooled=sequences, cpu_kernels=None)
+
+
+def read_vocabularies(data_url: str, manifest: Manifest, storage_options: Optional[dict] = None) -> dict[str, list[str]]:
+    """Tokens in id order of every counted field, from the dataset's vocab/<field>.parquet."""
+    loc = resolve(data_url, storage_options)
+    described = manifest.spec.get("vocab") or {}
+    out: dict[str, list[str]] = {}
+    for f in manifest.fields:
+        if f.vocab_mode != "counted":
+            continue
+        file = (described.get(f.name) or {}).get("file")
+        if not isinstance(file, dict) or "path" not in file:
+            raise DataError(f"{loc.url_of('manifest.json')}: spec.vocab.{f.name} names no vocabulary file; "
+                            "scoring raw values needs the dataset's saved vocabularies")
+        url = loc.url_of(file["path"])
+        try:
+            data = loc.retry(lambda: loc.fs.cat_file(loc.path(file["path"])), url)
+        except FileNotFoundError:
+            raise DataError(f"{url}: vocabulary file missing") from None
+        if file.get("sha256") and hashlib.sha256(data).hexdigest() != file["sha256"]:
+            raise DataError(f"{url}: does not match the sha256 in the manifest; refusing to use it")
+        import io
+
+        table = pq.read_table(io.BytesIO(data), columns=["token", "id"])
+        ids = table.column("id").to_numpy()
+        if len(ids) + 2 != f.vocab_size or (ids != range(1, len(ids) + 1)).any():
+            raise DataError(f"{url}: expected ids 1..{f.vocab_size - 2} in order, got {len(ids)} rows")
+        out[f.name] = table.column("token").to_pylist()
+    return out
+
+
+def _best_entry(run: str, cfg: RunConfig):
+    from tf4ctr_dist.distributed.checkpoint import CheckpointStore, checkpoint_root
+
+    root = checkpoint_root(run, None)
+    store = CheckpointStore(root, 0, 1)
+    entry = store.best() or store.latest()
+    if entry is None and cfg.checkpoint.root and cfg.checkpoint.root.rstrip("/") != root:
+        store = CheckpointStore(checkpoint_root(run, cfg.checkpoint.root), 0, 1)
+        entry = store.best() or store.latest()
+    if entry is None:
+        raise ConfigError(f"{run}: no committed checkpoint under {store.url} (trained with checkpoint.enabled=false?); "
+                          "export and predict read the run's best checkpoint")
+    return store, entry
+
+
+def checkpoint_tensors(run: str, cfg: RunConfig, model: torch.nn.Module) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+    """(specs, tensors): every tensor of ``model.state_dict()`` from the run's best checkpoint,
+    one at a time (tables each on their own, consolidated from their shards)."""
+    store, entry = _best_entry(run, cfg)
+    saved = store.tensor_shapes(entry)
+    state = model.state_dict()
+    specs, missing = {}, []
+    for key, value in state.items():
+        shape = saved.get(CKPT_PREFIX + key)
+        if shape is None or tuple(shape) != tuple(value.shape):
+            missing.append(f"{key}: checkpoint {shape} vs model {tuple(value.shape)}")
+        specs[key] = (value.dtype, tuple(value.shape))
+    if missing:
+        raise ConfigError(f"{store.url}/{entry.name} does not fit the run's model ({len(missing)} tensors, e.g. "
+                          f"{'; '.join(missing[:3])})")
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, (dtype, shape) in specs.items():
+            target = torch.empty(shape, dtype=dtype)
+            store.load(entry, {CKPT_PREFIX + key: target})  # DCP reads this key's chunks only
+            yield key, target
+            del target
+
+    return specs, tensors()
+
+
+def export_run(run: str, out: str, storage_options: Optional[dict] = None) -> dict[str, Any]:
+    """Write the artifact of ``run`` to the local file ``out``; returns a summary."""
+    cfg = run_config(run)
+    manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
+    vocabs = read_vocabularies(cfg.data.url, manifest, storage_options)
+    build_mappers([vars(f) for f in manifest.fields], manifest.spec, vocabs)  # refuse what load() would
+    model = build_model(manifest, cfg)
+    model_specs, model_tensors = checkpoint_tensors(run, cfg, model)
+    del model
+    _, entry = _best_entry(run, cfg)
+    size = write_artifact(out, cfg, manifest, vocabs, model_specs, model_tensors,
+                          {"run": run, "checkpoint": entry.name, "data": cfg.data.url})
+    return {"out": out, "bytes": size, "checkpoint": entry.name, "tensors": len(model_specs),
+            "vocabularies": sorted(vocabs)}
+
+
+def write_artifact(out: str, cfg: RunConfig, manifest: Manifest, vocabs: dict[str, list[str]], model_specs: dict,
+                   model_tensors: Iterator[tuple[str, torch.Tensor]], source: dict) -> int:
+    """The artifact file: vocabularies first, then the model's tensors as ``model_tensors``
+    yields them (state-dict keys, in ``model_specs`` order); returns its size in bytes."""
+    encoded = {name: _encode_tokens(tokens) for name, tokens in vocabs.items()}
+    specs: dict = {}
+    for name, (data, offsets) in encoded.items():
+        specs[f"vocab.{name}.bytes"] = (torch.uint8, tuple(data.shape))
+        specs[f"vocab.{name}.offsets"] = (torch.int64, tuple(offsets.shape))
+    specs.update({f"model.{k}": v for k, v in model_specs.items()})
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, (data, offsets) in encoded.items():
+            yield f"vocab.{name}.bytes", data
+            yield f"vocab.{name}.offsets", offsets
+        for key, tensor in model_tensors:
+            yield f"model.{key}", tensor
+
+    d = manifest.to_dict()
+    metadata = {"format": FORMAT, "version": VERSION, "config": json.dumps(cfg.to_dict()),
+                "fields": json.dumps(d["fields"]), "spec": json.dumps(d["spec"]), "label": manifest.label,
+                "group": json.dumps(manifest.group), "source": json.dumps(source)}
+    return artifact.write(out, specs, produce, metadata)
+
+
+def _encode_tokens(tokens: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """UTF-8 bytes of all tokens (uint8) and their offsets (n + 1,) int64."""
+    import numpy as np
+
+    blobs = [t.encode() for t in tokens]
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    return torch.frombuffer(bytearray(b"".join(blobs)) or bytearray(1), dtype=torch.uint8)[: offsets[-1]].clone(), \
+        torch.from_numpy(offsets)
+
+
+def _decode_tokens(data: torch.Tensor, offsets: torch.Tensor) -> list[str]:
+    raw = data.numpy().tobytes()
+    o = offsets.tolist()
+    return [raw[a:b].decode() for a, b in zip(o, o[1:])]
+
+
+def load(path: str) -> Scorer:
+    """The artifact at ``path`` as a single-device Scorer (CPU, eval mode)."""
+    tensors, meta = artifact.read(path)
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}: not a tf4ctr serving artifact (format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise DataError(f"{path}: artifact version {meta.get('version')!r}, this code reads {VERSION}")
+    cfg = RunConfig.from_dict(json.loads(meta["config"]))
+    fields = json.loads(meta["fields"])
+    spec = json.loads(meta["spec"])
+    manifest = Manifest.from_dict({"format_version": 1, "label": meta["label"], "group": json.loads(meta["group"]),
+                                   "fields": fields, "splits": {}, "spec": spec}, source=path)
+    vocabs = {f["name"]: _decode_tokens(tensors[f"vocab.{f['name']}.bytes"], tensors[f"vocab.{f['name']}.offsets"])
+              for f in fields if f.get("vocab_mode", "counted") == "counted"}
+    model = build_model(manifest, cfg)
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(state, strict=True)
+    info = {"source": json.loads(meta["source"]), "path": path}
+    return Scorer(model, build_mappers(fields, spec, vocabs), manifest.label, manifest.group, info)
+
+
+def from_run(run: str, storage_options: Optional[dict] = None) -> Scorer:
+    """The run's best weights as a Scorer, in memory (what export then load gives, without the file)."""
+    cfg = run_config(run)
+    manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
+    vocabs = read_vocabularies(cfg.data.url, manifest, storage_options) if _all_vocab_files(manifest) else {}
+    model = build_model(manifest, cfg)
+    _, tensors = checkpoint_tensors(run, cfg, model)
+    model.load_state_dict(dict(tensors), strict=True)
+    store, entry = _best_entry(run, cfg)
+    fields = [vars(f) for f in manifest.fields]
+    mappers = build_mappers(fields, manifest.spec, vocabs) if vocabs or not any(
+        f.vocab_mode == "counted" for f in manifest.fields) else []
+    return Scorer(model, mappers or _id_only(manifest), manifest.label, manifest.group,
+                  {"source": {"run": run, "checkpoint": entry.name, "data": cfg.data.url}})
+
+
+def _all_vocab_files(manifest: Manifest) -> bool:
+    described = manifest.spec.get("vocab") or {}
+    return all(isinstance((described.get(f.name) or {}).get("file"), dict)
+               for f in manifest.fields if f.vocab_mode == "counted")
+
+
+def _id_only(manifest: Manifest):
+    """Mappers that only name the fields (a dataset without vocab files, e.g. synthetic):
+    such a Scorer scores prepared ids (forward) but not raw values (score)."""
+    return [_NoRaw(f.name, f.kind, f.vocab_mode, f.vocab_size) for f in manifest.fields]
+
+
+class _NoRaw:
+    def __init__(self, name: str, kind: str, mode: str, size: int) -> None:
+        self.name, self.kind, self.vocab_mode, self.vocab_size = name, kind, mode, size
+
+    def ids(self, column):
+        raise DataError(f"field {self.name!r}: the run's dataset saved no vocabulary for it, so raw values "
+                        "cannot be mapped; score prepared ids instead")

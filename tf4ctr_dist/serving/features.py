@@ -1,0 +1,228 @@
+"""Raw feature values -> embedding ids, exactly as `tf4ctr prepare` mapped them.
+
+The rules (the dataset format's, see tf4ctr_dist.data.manifest and data_tools.vocab/fields; the
+library never imports data_tools, so the mapping is restated here and a test holds the two to
+the same ids on the same raw files):
+
+* Every value is read as text: nulls become "" (missing), non-strings their decimal text
+  (Arrow's cast), so an int 123 and the string "123" are the same token.
+* counted fields: 0 = PAD, 1..n = the saved tokens in order, n + 1 = OOV (unseen, rare or
+  missing values).
+* hashed fields: 1 + SipHash-2-4(utf-8 text, pandas' fixed key) mod buckets; missing is hashed
+  as "" like any value; there is no OOV row.
+* numeric fields are bucketed first (criteo: missing -> 0, v > 2 -> floor(ln(v)^2), else int(v);
+  boundaries: number of boundaries <= v, missing -> ""), then mapped as above.
+* sequence fields: a string column split on the field's splitter (or a list column), empty items
+  dropped, the first or last max_len kept, each item mapped; PAD never appears.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tf4ctr_dist.data.errors import DataError
+
+MISSING = ""
+
+
+def as_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One string array (dictionary decoded, non-strings as text); null -> "" (missing)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_large_string(column.type):
+        column = column.cast(pa.string())
+    if not pa.types.is_string(column.type):
+        column = column.cast(pa.string())
+    return column.fill_null(MISSING) if column.null_count else column
+
+
+def hashed_ids(column: pa.Array, buckets: int) -> np.ndarray:
+    """int64 ids 1 + stable hash mod buckets (each distinct value hashed once)."""
+    strings = as_strings(column)
+    if len(strings) == 0:
+        return np.empty(0, dtype=np.int64)
+    encoded = pc.dictionary_encode(strings)
+    uniques = encoded.dictionary.to_numpy(zero_copy_only=False)
+    hashed = pd.util.hash_array(np.asarray(uniques, dtype=object), categorize=False)
+    ids = (hashed % np.uint64(buckets)).astype(np.int64) + 1
+    return ids[encoded.indices.to_numpy()]
+
+
+@dataclass
+class FieldMapper:
+    """How one field's raw values become ids (built from the manifest's field and spec)."""
+
+    name: str
+    kind: str  # categorical | sequence | numeric
+    vocab_mode: str  # counted | hashed
+    vocab_size: int
+    tokens: Optional[pd.Index] = None  # counted: token -> position (id - 1)
+    buckets: Optional[int] = None  # hashed
+    bucketing: Any = None  # numeric: "criteo" or {"boundaries": [...]}
+    max_len: Optional[int] = None
+    splitter: str = "|"
+    keep: str = "first"
+
+    @property
+    def oov(self) -> int:
+        return self.vocab_size - 1
+
+    def lookup(self, strings: pa.Array) -> np.ndarray:
+        """Ids of a string array (no sequence handling)."""
+        if self.vocab_mode == "hashed":
+            assert self.buckets is not None
+            return hashed_ids(strings, self.buckets)
+        strings = as_strings(strings)
+        if len(strings) == 0:
+            return np.empty(0, dtype=np.int64)
+        encoded = pc.dictionary_encode(strings)
+        uniques = encoded.dictionary.to_numpy(zero_copy_only=False)
+        pos = self.tokens.get_indexer(np.asarray(uniques, dtype=object)) if len(self.tokens) else np.full(len(uniques), -1)
+        ids = np.where(pos >= 0, pos + 1, self.oov).astype(np.int64)
+        # "" is never a counted token, whatever the index holds
+        ids[np.asarray(uniques, dtype=object) == MISSING] = self.oov
+        return ids[encoded.indices.to_numpy()]
+
+    def numeric_tokens(self, column: pa.Array) -> pa.Array:
+        try:
+            values = as_numeric(column)
+        except (pa.ArrowInvalid, ValueError) as e:
+            raise DataError(f"field {self.name!r}: numeric values expected ({e})") from None
+        if self.bucketing == "criteo":
+            out = np.zeros(values.shape, dtype=np.int64)
+            present = ~np.isnan(values)
+            big = present & (values > 2)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[big] = np.floor(np.log(values[big]) ** 2).astype(np.int64)
+            small = present & ~big
+            out[small] = np.trunc(values[small]).astype(np.int64)
+            return pa.array(out).cast(pa.string())
+        boundaries = np.asarray(self.bucketing["boundaries"], dtype=np.float64)
+        tokens = pa.array(np.searchsorted(boundaries, values, side="right")).cast(pa.string())
+        missing = np.isnan(values)
+        return pc.if_else(pa.array(missing), pa.scalar(MISSING), tokens) if missing.any() else tokens
+
+    def ids(self, column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(values, lengths) of the field for n rows: lengths (n,) int32, values (sum lengths,)."""
+        n = len(column)
+        if self.kind == "sequence":
+            lists = self._lists(column)
+            values = self.lookup(lists.values) if len(lists.values) else np.empty(0, np.int64)
+            return values, np.diff(lists.offsets.to_numpy()).astype(np.int32)
+        strings = self.numeric_tokens(column) if self.kind == "numeric" else column
+        values = self.lookup(strings)
+        present = values != 0
+        return values[present], present.astype(np.int32)[:n]
+
+    def _lists(self, column: pa.Array) -> pa.ListArray:
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+            column = pc.split_pattern(as_strings(column), pattern=self.splitter)
+        n = len(column)
+        if n == 0:
+            return pa.array([], pa.list_(pa.string()))
+        items = as_strings(pc.list_flatten(column))
+        parents = pc.list_parent_indices(column).to_numpy()
+        good = pc.not_equal(items, MISSING).to_numpy(zero_copy_only=False)
+        items, parents = items.filter(pa.array(good)), parents[good]
+        lengths = np.bincount(parents, minlength=n)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        pos = np.arange(len(parents)) - starts[parents]
+        if self.keep == "last":
+            pos = lengths[parents] - 1 - pos
+        kept = pos < int(self.max_len or 0)
+        if not kept.all():
+            items = items.filter(pa.array(kept))
+            lengths = np.minimum(lengths, self.max_len)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), items)
+
+
+def as_numeric(column: pa.Array) -> np.ndarray:
+    """float64 values, NaN for null / "" (text is parsed)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = pc.if_else(pc.equal(column, ""), pa.scalar(None, column.type), column)
+    return column.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+
+
+def build_mappers(fields: Sequence[Mapping[str, Any]], spec: Mapping[str, Any],
+                  vocabularies: Mapping[str, Sequence[str]]) -> list[FieldMapper]:
+    """One FieldMapper per manifest field. ``fields``: the manifest's field dicts; ``spec``: its
+    spec (spec.vocab says kind/bucketing/splitter per field); ``vocabularies``: the saved tokens
+    of every counted field, in id order."""
+    described = spec.get("vocab") or {}
+    mappers = []
+    for f in fields:
+        info = described.get(f["name"], {})
+        mode = f.get("vocab_mode", "counted")
+        kind = info.get("kind", f["kind"])
+        m = FieldMapper(name=f["name"], kind=kind, vocab_mode=mode, vocab_size=int(f["vocab_size"]),
+                        bucketing=info.get("bucketing"), max_len=f.get("max_len") or info.get("max_len"),
+                        splitter=info.get("splitter", "|"), keep=info.get("keep", "first"))
+        if mode == "hashed":
+            m.buckets = int(info.get("buckets") or f["vocab_size"] - 1)
+        else:
+            if f["name"] not in vocabularies:
+                raise DataError(f"field {f['name']!r}: counted field without a saved vocabulary "
+                                "(the dataset's manifest lists no vocab file for it)")
+            tokens = list(vocabularies[f["name"]])
+            if len(tokens) + 2 != m.vocab_size:
+                raise DataError(f"field {f['name']!r}: {len(tokens)} saved tokens but vocab_size {m.vocab_size} "
+                                "(expected tokens + PAD + OOV)")
+            m.tokens = pd.Index(tokens, dtype=object)
+        if kind == "numeric" and m.bucketing is None:
+            raise DataError(f"numeric field {f['name']!r}: the manifest's spec gives no bucketing")
+        mappers.append(m)
+    return mappers
+
+
+def to_table(rows: Any, names: Sequence[str]) -> pa.Table:
+    """Raw rows as an Arrow table with (at least) the columns ``names``.
+
+    rows: a pyarrow Table, a pandas DataFrame, a dict column -> list of values, or a list of
+    dicts (one per row). A missing column is a DataError naming it."""
+    if isinstance(rows, pa.Table):
+        table = rows
+    elif isinstance(rows, pd.DataFrame):
+        table = pa.Table.from_pandas(rows, preserve_index=False)
+    elif isinstance(rows, Mapping):
+        lengths = {k: len(v) for k, v in rows.items() if isinstance(v, (list, tuple, np.ndarray, pa.Array))}
+        if len(lengths) != len(rows):
+            bad = sorted(k for k in rows if k not in lengths)
+            raise DataError(f"columns {bad}: expected a list of values per column")
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"columns have different lengths: {lengths}")
+        table = pa.table({k: _column(k, v) for k, v in rows.items()})
+    elif isinstance(rows, (list, tuple)):
+        if not all(isinstance(r, Mapping) for r in rows):
+            raise DataError("rows: expected a list of objects (column -> value)")
+        table = pa.table({k: _column(k, [r.get(k) for r in rows]) for k in names}) if rows else \
+            pa.table({k: pa.array([], pa.string()) for k in names})
+    else:
+        raise DataError(f"rows: expected a dict of columns, a list of row objects, a pyarrow table or a "
+                        f"pandas frame, got {type(rows).__name__}")
+    missing = [n for n in names if n not in table.column_names]
+    if missing:
+        raise DataError(f"rows: missing feature column(s) {missing}; the model needs {list(names)}")
+    return table
+
+
+def _column(name: str, values: Any) -> pa.Array:
+    if isinstance(values, pa.Array):
+        return values
+    try:
+        return pa.array(list(values))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # mixed types (e.g. 3 and "x"): the text of each, as training reads a CSV cell
+        return pa.array([None if v is None else str(v) for v in values], pa.string())

@@ -1,0 +1,75 @@
+"""TensorBoard event files of a run under RUN/tb/ (rank 0 only).
+
+Written with tensorboardX (protobuf + numpy; no TensorFlow, no tensorboard server needed to
+write). A run folder on object storage (s3://...) gets its events written to a local
+temporary folder and copied up at every ``flush`` (the loop flushes at each epoch end), since
+event files are appended to and object stores cannot append.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Optional, Sequence
+
+import fsspec
+
+
+class RunBoard:
+    """``enabled=False`` (ranks other than 0, or train.tensorboard=false) makes every call a no-op."""
+
+    def __init__(self, out: str, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        url = out.rstrip("/") + "/tb"
+        self.remote: Optional[str] = url if "://" in url and not url.startswith("file://") else None
+        self.local = tempfile.mkdtemp(prefix="tf4ctr-tb-") if self.remote else url.removeprefix("file://")
+        os.makedirs(self.local, exist_ok=True)
+        self.writer = SummaryWriter(logdir=self.local, flush_secs=30)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None and value is not None:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.scalar(f"{prefix}/{k}", v, step)
+
+    def histogram(self, tag: str, edges: Sequence[float], counts: Sequence[float], step: int) -> None:
+        """A histogram from precomputed bin counts (len(edges) == len(counts) + 1)."""
+        if self.writer is None or sum(counts) == 0:
+            return
+        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        total = float(sum(counts))
+        mean = sum(c * n for c, n in zip(centers, counts)) / total
+        nonzero = [i for i, n in enumerate(counts) if n]
+        self.writer.add_histogram_raw(
+            tag, min=edges[nonzero[0]], max=edges[nonzero[-1] + 1], num=total, sum=mean * total,
+            sum_squares=sum(c * c * n for c, n in zip(centers, counts)),
+            bucket_limits=list(edges[1:]), bucket_counts=list(counts), global_step=step)
+
+    def flush(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.flush()
+        if self.remote:
+            fs, root = fsspec.core.url_to_fs(self.remote)
+            for dirpath, _, files in os.walk(self.local):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(dirpath, name), self.local)
+                    fs.put_file(os.path.join(dirpath, name), f"{root}/{rel}")
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.flush()
+        self.writer.close()
+        self.writer = None
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
