@@ -119,8 +119,8 @@ def test_retrain_warm_starts_on_new_partitions(tmp_path):
                 "--train-dates", dates[1], "--valid-dates", dates[3], "--test-dates", dates[4], "--out", str(tmp_path / "bad"),
                 "embedding_dim=16"])
     # Ray echoes the worker's traceback; the job's own last line is the clear reason.
-    assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
-    ours = [line for line in bad.stderr.splitlines() if line.startswith("[tf4ctr] error:")]
+    assert bad.returncode == 2, bad.stdout[-3000:] + bad.stderr[-3000:]  # a configuration mistake
+    ours = [line for line in bad.stderr.splitlines() if line.startswith("tf4ctr retrain: error:")]
     assert len(ours) == 1 and "checkpoint.warm_start:" in ours[0] and "does not fit this model" in ours[0], bad.stderr[-3000:]
 
 
