@@ -4,8 +4,6 @@ while; reads and checkpoint writes ride it out within the retry window and give 
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import numpy as np
@@ -14,100 +12,11 @@ import torch
 
 from data_tools.bars_csv import prepare_bars_csv
 from tests.data_helpers import tiny_bars
-from tests.s3server import SECRET_KEY, S3Server, free_port, storage_options_for
+from tests.outage_proxy import OutageProxy
+from tests.s3server import SECRET_KEY, S3Server, storage_options_for
 from tf4ctr_dist.data.manifest import load_manifest
 from tf4ctr_dist.data.reader import ParquetSplitReader
 from tf4ctr_dist.data.storage import StorageUnavailable
-
-
-class OutageProxy:
-    """Forwards 127.0.0.1:port to `target`; `outage(s)` closes the listening socket and every open
-    connection for s seconds (clients get "connection refused"). Stops itself after `lifetime_s`."""
-
-    def __init__(self, target_port: int, lifetime_s: float = 180) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.refused_until = 0.0
-        self.connections = 0
-        self._deadline = time.monotonic() + lifetime_s
-        self._lock = threading.Lock()
-        self._socks: list[socket.socket] = []
-        self._stopped = threading.Event()
-        self._listener: socket.socket | None = None
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def outage(self, seconds: float) -> None:
-        with self._lock:
-            self.refused_until = time.monotonic() + seconds
-            if self._listener is not None:
-                self._listener.close()
-                self._listener = None
-            for s in self._socks:
-                _kill(s)
-            self._socks.clear()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self.outage(0)
-        self._thread.join(timeout=5)
-
-    def _serve(self) -> None:
-        while not self._stopped.is_set() and time.monotonic() < self._deadline:
-            with self._lock:
-                if self._listener is None and time.monotonic() >= self.refused_until:
-                    listener = socket.socket()
-                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    listener.bind(("127.0.0.1", self.port))
-                    listener.listen(64)
-                    listener.settimeout(0.1)
-                    self._listener = listener
-                listener = self._listener
-            if listener is None:
-                time.sleep(0.05)
-                continue
-            try:
-                client, _ = listener.accept()
-            except OSError:  # timeout, or closed by outage()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            except OSError:
-                _kill(client)
-                continue
-            with self._lock:
-                self._socks += [client, upstream]
-                self.connections += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
-        with self._lock:
-            if self._listener is not None:
-                self._listener.close()
-            for s in self._socks:
-                _kill(s)
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    src.settimeout(None)
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    _kill(src)
-    _kill(dst)
-
-
-def _kill(s: socket.socket) -> None:
-    try:
-        s.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
-    except OSError:
-        pass
-    s.close()
 
 
 @pytest.fixture
