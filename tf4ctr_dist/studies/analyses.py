@@ -45,12 +45,15 @@ class Histogram:
         self.counts = torch.zeros(2, bins, dtype=torch.float64)  # (label 0/1, bins)
 
     def add(self, probs: torch.Tensor, labels: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+        """Called every training step: stays on the batch's device, with padding rows weighted 0
+        instead of masked out (no host sync, which a boolean mask would force on a GPU)."""
         p, y = probs.detach().reshape(-1).float(), labels.detach().reshape(-1)
-        if valid is not None:
-            keep = valid.reshape(-1) > 0
-            p, y = p[keep], y[keep]
-        idx = (p.clamp(0.0, 1.0) * self.bins).long().clamp_max(self.bins - 1) + self.bins * (y > 0.5).long()
-        self.counts += torch.bincount(idx.cpu(), minlength=2 * self.bins).view(2, self.bins).double()
+        idx = (p.clamp(0.0, 1.0) * self.bins).long().clamp_max(self.bins - 1) + self.bins * (y > 0.5).long()  # (B,)
+        weights = None if valid is None else (valid.detach().reshape(-1) > 0).to(torch.float64)
+        counts = torch.bincount(idx, weights=weights, minlength=2 * self.bins).view(2, self.bins)
+        if self.counts.device != counts.device:
+            self.counts = self.counts.to(counts.device)
+        self.counts += counts.to(torch.float64)
 
     def result(self) -> dict:
         counts = _all_reduce(self.counts)
