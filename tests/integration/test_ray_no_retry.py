@@ -32,7 +32,10 @@ def test_data_error_in_a_worker_is_not_retried(tmp_path):
         elapsed = time.monotonic() - start
         from ray.util.state import list_actors
 
-        groups_started = len([a for a in list_actors(detail=True, limit=1000) if a.class_name == "RayTrainWorker"]) / 2
+        # This run's own cluster by address: another Ray cluster may be running on the machine.
+        gcs = ray.get_runtime_context().gcs_address
+        actors = list_actors(address=gcs, detail=True, limit=1000)
+        groups_started = len([a for a in actors if a.class_name == "RayTrainWorker"]) / 2
     finally:
         ray.shutdown()
     assert part.name in str(info.value)

@@ -57,6 +57,11 @@ print("RESULT " + json.dumps({"nodes": nodes, "workers": workers, "test_auc": re
 
 def test_one_training_worker_on_each_of_two_nodes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    # The driver's auth mode must be the cluster's: an earlier ray.init in this process with a
+    # ~/.ray/auth_token on disk (test_ray_job_submit writes one) sets RAY_AUTH_MODE=token here,
+    # and a token-auth driver cannot take the calls of a no-auth cluster (its actors are
+    # cancelled before they start).
+    env["RAY_AUTH_MODE"] = "disabled"
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=420, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

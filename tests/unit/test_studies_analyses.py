@@ -177,17 +177,22 @@ def test_board_on_object_storage_uploads_on_flush():
     board.flush()
     fs = fsspec.filesystem("memory")
     files = fs.find("/bucket/run/tb")
+    # The upload holds the events written before the flush (tensorboardX queues them).
     assert len(files) == 1 and fs.size(files[0]) > 0
+    board.scalar("valid/AUC", 0.8, 2)  # after an upload: a new event file in the same folder
     local = board.local
     board.close()
     assert not os.path.exists(local)
+    files = fs.find("/bucket/run/tb")
+    assert len(files) == 2
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, os.path.basename(files[0])), "wb") as f:
-            f.write(fs.cat_file(files[0]))
+        for name in files:
+            with open(os.path.join(d, os.path.basename(name)), "wb") as f:
+                f.write(fs.cat_file(name))
         acc = EventAccumulator(d)
         acc.Reload()
-        assert [e.value for e in acc.Scalars("valid/AUC")] == [0.75]
+        assert [(e.step, e.value) for e in acc.Scalars("valid/AUC")] == [(1, 0.75), (2, pytest.approx(0.8))]
         assert list(acc.Histograms("predictions_valid/positive")[0].histogram_value.bucket) == [3, 5]
     assert RunBoard("memory://x", enabled=False).writer is None
 

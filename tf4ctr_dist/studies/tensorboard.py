@@ -3,7 +3,10 @@
 Written with tensorboardX (protobuf + numpy; no TensorFlow, no tensorboard server needed to
 write). A run folder on object storage (s3://...) gets its events written to a local
 temporary folder and copied up at every ``flush`` (the loop flushes at each epoch end), since
-event files are appended to and object stores cannot append.
+event files are appended to and object stores cannot append. tensorboardX writes events from a
+background queue and its ``flush`` does not wait for that queue, so an upload first closes the
+writer (which drains it) and the next event opens a new file in the same folder (TensorBoard
+reads a folder's event files in order).
 """
 
 from __future__ import annotations
@@ -30,11 +33,26 @@ class RunBoard:
         self.remote: Optional[str] = url if "://" in url and not url.startswith("file://") else None
         self.local = tempfile.mkdtemp(prefix="tf4ctr-tb-") if self.remote else url.removeprefix("file://")
         os.makedirs(self.local, exist_ok=True)
-        self.writer = SummaryWriter(logdir=self.local, flush_secs=30)
+        self._files_opened = 0
+
+        def open_writer():
+            # A suffix per file: tensorboardX names files by the second they were opened.
+            self._files_opened += 1
+            return SummaryWriter(logdir=self.local, flush_secs=30, filename_suffix=f".{self._files_opened}")
+
+        self._open = open_writer
+        self.writer = self._open()
+        self._closed_for_upload = False
+        self._uploaded: dict[str, int] = {}  # local event file -> size last copied up
+
+    def _writer(self):
+        if self._closed_for_upload:
+            self.writer, self._closed_for_upload = self._open(), False
+        return self.writer
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None and value is not None:
-            self.writer.add_scalar(tag, float(value), step)
+            self._writer().add_scalar(tag, float(value), step)
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
         for k, v in values.items():
@@ -49,7 +67,7 @@ class RunBoard:
         total = float(sum(counts))
         mean = sum(c * n for c, n in zip(centers, counts)) / total
         nonzero = [i for i, n in enumerate(counts) if n]
-        self.writer.add_histogram_raw(
+        self._writer().add_histogram_raw(
             tag, min=edges[nonzero[0]], max=edges[nonzero[-1] + 1], num=total, sum=mean * total,
             sum_squares=sum(c * c * n for c, n in zip(centers, counts)),
             bucket_limits=list(edges[1:]), bucket_counts=list(counts), global_step=step)
@@ -57,19 +75,27 @@ class RunBoard:
     def flush(self) -> None:
         if self.writer is None:
             return
-        self.writer.flush()
-        if self.remote:
-            fs, root = fsspec.core.url_to_fs(self.remote)
-            for dirpath, _, files in os.walk(self.local):
-                for name in files:
-                    rel = os.path.relpath(os.path.join(dirpath, name), self.local)
-                    fs.put_file(os.path.join(dirpath, name), f"{root}/{rel}")
+        if not self.remote:
+            self.writer.flush()
+            return
+        if not self._closed_for_upload:
+            self.writer.close()  # drains tensorboardX's queue into the file
+            self._closed_for_upload = True
+        fs, root = fsspec.core.url_to_fs(self.remote)
+        for dirpath, _, files in os.walk(self.local):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                size = os.path.getsize(path)
+                if self._uploaded.get(path) != size:  # closed files do not change: sent once
+                    fs.put_file(path, f"{root}/{os.path.relpath(path, self.local)}")
+                    self._uploaded[path] = size
 
     def close(self) -> None:
         if self.writer is None:
             return
         self.flush()
-        self.writer.close()
+        if not self._closed_for_upload:
+            self.writer.close()
         self.writer = None
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
