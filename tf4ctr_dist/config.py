@@ -35,6 +35,7 @@ DENSE_PRECISION = Literal["fp32", "bf16"]
 RESUME = Literal["auto", "never"]
 TABLE_PRECISION = Literal["fp32", "fp16"]
 CPU_KERNELS = Literal["auto", "on", "off"]
+BLAS_NUMERICS = Literal["portable", "native"]
 
 # Presets ship inside the package (package data), so an installed wheel has them too.
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -145,6 +146,10 @@ class TrainConfig:
     # This package's compiled CPU kernels (tf4ctr_dist/kernels): on = required (the run fails if
     # they cannot be built), auto = used where they build, off = eager ops and fbgemm's kernels.
     cpu_kernels: CPU_KERNELS = "auto"
+    # CPU matrix products (MKL): portable = MKL's AVX2 code path on every CPU that has AVX2
+    # (MKL_CBWR=AVX2 in the workers), so a seed trains the same model on another CPU model;
+    # native = MKL picks per CPU (AVX-512 where present). An MKL_CBWR set by the user wins.
+    blas_numerics: BLAS_NUMERICS = "portable"
     # Per-epoch analyses written to metrics.jsonl and TensorBoard (tf4ctr_dist/studies/analyses.py):
     # buckets = difficulty buckets on valid, histograms = prediction histograms on train and valid,
     # fusion = gate / fusion values; off by default because they cost more: test_buckets = the test

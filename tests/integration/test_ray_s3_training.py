@@ -45,6 +45,10 @@ def test_two_ray_workers_train_from_s3(s3_server, ray_cluster, tmp_path):
     assert 0.6 < result["test"]["AUC"] < 1.0
     on_disk = json.loads((out / "result.json").read_text())
     assert on_disk["test"] == result["test"]
+    # train.blas_numerics=portable reached the workers before MKL started (the job's runtime_env).
+    import os
+    assert on_disk["numerics"]["mkl_cbwr"] == os.environ.get("MKL_CBWR", "AVX2")
+    assert on_disk["numerics"]["device"] == "cpu" and on_disk["numerics"]["intra_op_threads"] >= 1
     # No credential reaches the run folder.
     for path in Path(out).rglob("*"):
         if path.is_file() and path.stat().st_size < 5_000_000:

@@ -233,3 +233,32 @@ def test_encoder_with_the_kernels_traces_and_the_traced_module_runs_them(monkeyp
     y = enc(x)
     assert len(calls) == 2
     torch.testing.assert_close(y_traced, y)
+
+
+def test_values_statistics_and_gradients_are_bitwise_the_same_at_any_thread_count():
+    """The kernel's column sums, forward (batch statistics) and backward (BatchNorm's weight and
+    bias gradients, which every input gradient uses), run over fixed chunks of rows added in order,
+    so the thread count changes no bit. (The kernel alone: torch's matmul around it is MKL's.)"""
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(5000, 40, generator=gen) * 3 + 1
+    g = torch.randn(5000, 40, generator=gen)
+    shift, weight, bias = (torch.randn(40, generator=gen) for _ in range(3))
+    drop_levels = dropout_threshold(0.3)[0] + 2**15
+    state = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            hi, wi, bi = (t.clone().requires_grad_() for t in (h, weight, bias))
+            running_mean, running_var = torch.zeros(40), torch.ones(40)
+            y = KERNELS.batch_norm_relu_dropout(hi, shift, wi, bi, running_mean, running_var, 0.1, 1e-5,
+                                                drop_levels, 1 / 0.7, state)
+            (y * g).sum().backward()
+            results.append([y.detach(), hi.grad, wi.grad, bi.grad, running_mean, running_var])
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0][0].count_nonzero() > 0 and results[0][2].abs().sum() > 0
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

@@ -24,7 +24,10 @@ from tf4ctr_dist.config import ConfigError
 from tf4ctr_dist.kernels.ops import CpuKernels
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bn_relu_dropout.cpp", "rowwise_adagrad.cpp")]
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -ffp-contract=off: no multiply-add is fused into an FMA, so the kernels round the same on every
+# x86-64 CPU whatever -march=native enables (their loops vectorise across columns, each column
+# summed in row order: the vector width does not change the sums either).
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 MODES = ("auto", "on", "off")
 
 

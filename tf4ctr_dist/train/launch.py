@@ -43,6 +43,21 @@ def _ray_worker(loop_config: dict) -> None:
 _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    """Environment variables the workers need from process start (the job's runtime_env).
+
+    MKL reads MKL_CBWR when it first runs, before any code of ours in a worker could set it, so
+    ``train.blas_numerics=portable`` reaches the workers this way. Left out where the user chose a
+    value: in this process's environment, or in the runtime_env of the submitted Ray job (Ray
+    refuses a driver runtime_env that repeats a job's variable)."""
+    env: dict[str, str] = {}
+    if cfg.train.blas_numerics == "portable" and "MKL_CBWR" not in os.environ:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+        if "MKL_CBWR" not in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+            env["MKL_CBWR"] = "AVX2"
+    return env
+
+
 def _init_ray(cfg: RunConfig) -> None:
     address = cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")
     if not address and "ray" not in sys.modules:
@@ -54,7 +69,8 @@ def _init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        env = worker_env(cfg)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
         return
     from ray._private import ray_constants
 
@@ -69,7 +85,7 @@ def _init_ray(cfg: RunConfig) -> None:
     # start-up). address="local": never join a cluster that someone else started on this machine.
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **worker_env(cfg)}})
     print(f"[tf4ctr] started a local Ray cluster ({cpus} CPUs, listening on 127.0.0.1 only) "
           f"for {cfg.cluster.workers} worker(s)", flush=True)
 

@@ -29,7 +29,7 @@ from tf4ctr_dist.studies.tensorboard import RunBoard
 from tf4ctr_dist.train import faults, runfiles
 from tf4ctr_dist.train.resume import Checkpointing, EarlyStopping, EpochSums, Progress, SampleCounter
 from tf4ctr_dist.train.logs import quiet_library_logs
-from tf4ctr_dist.train.setup import build_training, set_threads
+from tf4ctr_dist.train.setup import build_training, numerics_record, set_threads
 
 logger = logging.getLogger("tf4ctr_dist")
 
@@ -149,6 +149,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     result["config"] = cfg.to_dict()
     result["embedding_placement"] = placement.describe()
     result["cpu_kernels"] = parts.cpu_kernels
+    result["numerics"] = numerics_record(ctx.device)
     result["history"] = progress.history
     first = progress.history[0] if progress.history else {}
     # Table 6: the first epoch's training time and one inference pass over valid.

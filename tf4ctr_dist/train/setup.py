@@ -9,6 +9,7 @@ happens in one place. It runs inside a worker: the default process group must ex
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 from typing import Optional
 
@@ -56,6 +57,24 @@ def set_threads(cfg: RunConfig) -> int:
     threads = cfg.train.intra_op_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.cluster.workers))
     torch.set_num_threads(threads)
     return threads
+
+
+def numerics_record(device: torch.device) -> dict:
+    """What decides a worker's floating-point results besides the seed and the config (result.json
+    ``numerics``): two runs of one seed train the same model where these agree."""
+    record = {"device": device.type, "torch": torch.__version__, "intra_op_threads": torch.get_num_threads()}
+    if device.type == "cpu":
+        record.update(cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                      mkl_cbwr=os.environ.get("MKL_CBWR", "native"), cpu=_cpu_model())
+    return record
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return platform.processor() or "unknown"
 
 
 def load_cpu_kernels(cfg: RunConfig, placement: EmbeddingPlacement,

@@ -151,10 +151,15 @@ void grad_input(const float* __restrict g, const float* __restrict x, const uint
   }
 }
 
-// One task per intra-op thread, each over a fixed row range: the partial sums, and so the result,
-// depend only on the thread count.
+// One task per intra-op thread for the element-wise passes (no sums: any split gives the same bits).
 int64_t num_tasks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 64));
+}
+
+// The column sums go over fixed chunks of rows, added in chunk order: their rounding, and so the
+// result, depends on the batch size only, not on the thread count or which thread took a chunk.
+int64_t stat_chunks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows / kBlock, (rows + kChunkRows - 1) / kChunkRows));
 }
 
 template <typename Fn>
@@ -206,7 +211,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& shift, co
   // chunks and the order of their sums are fixed, so the result does not depend on who did what.
   at::Tensor words;
   if (drop_levels > 0) words = at::empty({(rows * n + 3) / 4}, x.options().dtype(at::kLong));
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows / kBlock, (rows + kChunkRows - 1) / kChunkRows));
+  const int64_t chunks = stat_chunks(rows);
   std::vector<double> partial(chunks * n * 2);
   const std::vector<float> pivot(xp, xp + n);
   std::atomic<int64_t> next_chunk{0};
@@ -272,8 +277,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, co
   check_vector(weight, n, "weight");
 
   const int64_t tasks = num_tasks(rows);
-  std::vector<double> partial(tasks * n * 2);
-  std::vector<float> blocks(tasks * n * 2);
+  const int64_t chunks = stat_chunks(rows);
+  std::vector<double> partial(chunks * n * 2);
+  std::vector<float> blocks(chunks * n * 2);
   const float* gp = grad.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const uint8_t* maskp = mask.data_ptr<uint8_t>();
@@ -281,10 +287,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, co
   const float* ip = invstd.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const auto fscale = static_cast<float>(scale);
-  for_each_task(tasks, [&](int64_t t) {
-    double* s = &partial[t * n * 2];
-    float* bs = &blocks[t * n * 2];
-    grad_sums(gp, xp, maskp, mp, fscale, rows * t / tasks, rows * (t + 1) / tasks, n, s, s + n, bs, bs + n);
+  for_each_task(chunks, [&](int64_t k) {
+    double* s = &partial[k * n * 2];
+    float* bs = &blocks[k * n * 2];
+    grad_sums(gp, xp, maskp, mp, fscale, rows * k / chunks, rows * (k + 1) / chunks, n, s, s + n, bs, bs + n);
   });
 
   auto grad_weight = at::empty({n}, x.options());
@@ -294,9 +300,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, co
   std::vector<float> k1(n), k2(n), k3(n);
   for (int64_t c = 0; c < n; ++c) {
     double s = 0.0, sx = 0.0;
-    for (int64_t t = 0; t < tasks; ++t) {
-      s += partial[t * n * 2 + c];
-      sx += partial[t * n * 2 + n + c];
+    for (int64_t k = 0; k < chunks; ++k) {
+      s += partial[k * n * 2 + c];
+      sx += partial[k * n * 2 + n + c];
     }
     const double dgamma = sx * ip[c];  // sum gy * x_hat
     gbp[c] = static_cast<float>(s);
