@@ -49,3 +49,39 @@ def test_baseline_and_concurrency():
         baseline_label(spec, expand_cells(spec))
     cfg = RunConfig().with_overrides(["workers=2", "cpus_per_worker=1"])
     assert max_concurrent(16, cfg) == 5 and max_concurrent(2, cfg) == 1
+
+
+def test_variants_set_several_keys_at_once_and_can_be_the_baseline():
+    spec = spec_from_dict({"variants": {"tf4ctr": {"ssem": "ser", "dfm": "wsf", "loss": "tf"},
+                                        "dualmlp": {"ssem": "share", "dfm": "sum", "loss": "bce"}},
+                           "grid": {"train.batch_size": [1024, 4096]}, "seeds": [1, 2],
+                           "baseline": {"variant": "dualmlp", "train.batch_size": 1024}})
+    cells = expand_cells(spec)
+    assert [c.label for c in cells] == ["variant=tf4ctr train.batch_size=1024", "variant=tf4ctr train.batch_size=4096",
+                                        "variant=dualmlp train.batch_size=1024", "variant=dualmlp train.batch_size=4096"]
+    assert baseline_label(spec, cells) == "variant=dualmlp train.batch_size=1024"
+    trials = build_trials(spec, RunConfig(), "/sweep", ["data.url=/d"])
+    assert len(trials) == 8
+    by_cell = {t.cell.label: t.config for t in trials}
+    tf, dual = by_cell["variant=tf4ctr train.batch_size=4096"], by_cell["variant=dualmlp train.batch_size=1024"]
+    assert (tf.model.ssem, tf.model.dfm, tf.loss.loss, tf.train.batch_size) == ("ser", "wsf", "tf", 4096)
+    assert (dual.model.ssem, dual.model.dfm, dual.loss.loss, dual.train.batch_size) == ("share", "sum", "bce", 1024)
+    # A grid key on top of a variant's own key wins for its cells.
+    over = spec_from_dict({"variants": {"a": {"ssem": "ser"}}, "grid": {"ssem": ["gm"]}})
+    assert build_trials(over, RunConfig(), "/s", ["data.url=/d"])[0].config.model.ssem == "gm"
+
+
+def test_variant_mistakes_are_refused_with_the_key():
+    with pytest.raises(ConfigError, match=r"variants.tf4ctr.sem"):
+        spec_from_dict({"variants": {"tf4ctr": {"sem": "ser"}}}, where="s.yaml")
+    with pytest.raises(ConfigError, match="variants must map names to settings"):
+        spec_from_dict({"variants": {"tf4ctr": "ser"}})
+    with pytest.raises(ConfigError, match="cannot be set per variant"):
+        spec_from_dict({"variants": {"a": {"train.seed": 3}}})
+    with pytest.raises(ConfigError, match="variants' dimension"):
+        spec_from_dict({"variants": {"a": {"ssem": "ser"}}, "grid": {"variant": ["a"]}})
+    with pytest.raises(ConfigError, match="not swept"):
+        spec_from_dict({"grid": {"ssem": ["ser"]}, "baseline": {"variant": "a"}})
+    spec = spec_from_dict({"variants": {"a": {"ssem": "serr"}}})
+    with pytest.raises(ConfigError, match="variant=a"):
+        build_trials(spec, RunConfig(), "/sweep", ["data.url=/d"])

@@ -37,7 +37,7 @@ import fsspec
 
 from tf4ctr_dist.config import ConfigError, RunConfig, _resolve_key
 
-SPEC_KEYS = ("name", "base", "data", "overrides", "grid", "random", "samples", "seeds", "baseline",
+SPEC_KEYS = ("name", "base", "data", "overrides", "variants", "grid", "random", "samples", "seeds", "baseline",
              "sample_seed", "scheduler", "metric", "grace_epochs")
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 SCHEDULERS = ("none", "asha", "median")
@@ -53,6 +53,9 @@ class SweepSpec:
         base: frappe_x1                     # preset name or config file
         data: runs/frappe/dataset           # a prepared dataset (or --data)
         overrides: [epochs=10]
+        variants:                           # named sets of settings, one more grid dimension
+          tf4ctr: {ssem: ser, dfm: wsf, loss: tf}
+          dualmlp: {ssem: share, dfm: sum, loss: bce}
         grid: {ssem: [share, ser, gm, moe], dfm: [sum, wsf]}
         random: {alpha: {uniform: [0.1, 0.5]}}
         samples: 1                          # random draws per grid point
@@ -65,6 +68,9 @@ class SweepSpec:
     base: Optional[str] = None
     data: Optional[str] = None
     overrides: list[str] = field(default_factory=list)
+    # name -> settings applied together (a grid dimension `variant` whose values are these names):
+    # for comparisons that change several keys at once, e.g. TF4CTR against DualMLP
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     grid: dict[str, list] = field(default_factory=dict)
     random: dict[str, dict] = field(default_factory=dict)
     samples: int = 1
@@ -129,6 +135,20 @@ def spec_from_dict(raw: Any, where: str = "sweep") -> SweepSpec:
             raise ConfigError(f"{where}: random.{key}.loguniform: the bounds must be > 0, got {args!r}")
         if kind == "choice" and not (isinstance(args, list) and args):
             raise ConfigError(f"{where}: random.{key}.choice: expected a non-empty list, got {args!r}")
+    if not isinstance(spec.variants, dict) or any(
+            not isinstance(v, dict) or not v for v in spec.variants.values()):
+        raise ConfigError(f"{where}: variants must map names to settings, e.g. "
+                          f"{{tf4ctr: {{ssem: ser, dfm: wsf}}, dualmlp: {{ssem: share, dfm: sum}}}}")
+    for vname, settings in spec.variants.items():
+        for key in settings:
+            try:
+                path = _resolve_key(key)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: variants.{vname}.{key}: {e}") from None
+            if path[-1] == "seed" or key in ("out", "name"):
+                raise ConfigError(f"{where}: variants.{vname}: {key!r} cannot be set per variant")
+    if VARIANT in spec.grid or VARIANT in spec.random:
+        raise ConfigError(f"{where}: {VARIANT!r} is the variants' dimension; it cannot be a grid or random key")
     both = set(spec.grid) & set(spec.random)
     if both:
         raise ConfigError(f"{where}: key(s) {', '.join(sorted(both))} are in both grid and random")
@@ -152,11 +172,19 @@ def spec_from_dict(raw: Any, where: str = "sweep") -> SweepSpec:
     if spec.baseline is not None and not isinstance(spec.baseline, dict):
         raise ConfigError(f"{where}: baseline must map swept keys to values, e.g. {{ssem: share, dfm: sum}}")
     if spec.baseline:
-        extra = sorted(set(spec.baseline) - set(spec.grid) - set(spec.random))
+        extra = sorted(set(spec.baseline) - set(swept_keys(spec)))
         if extra:
             raise ConfigError(f"{where}: baseline key(s) {', '.join(extra)} are not swept "
-                              f"(swept: {', '.join([*spec.grid, *spec.random])})")
+                              f"(swept: {', '.join(swept_keys(spec))})")
     return spec
+
+
+VARIANT = "variant"  # the cell key that names a variant
+
+
+def swept_keys(spec: SweepSpec) -> list[str]:
+    """The keys that tell cells apart: ``variant`` (when there are variants), grid, random."""
+    return ([VARIANT] if spec.variants else []) + list(spec.grid) + list(spec.random)
 
 
 def _fmt_value(v: Any) -> str:
@@ -186,10 +214,12 @@ def expand_cells(spec: SweepSpec) -> list[Cell]:
     import itertools
 
     rng = random.Random(spec.sample_seed)
-    keys = list(spec.grid)
+    dims = {VARIANT: list(spec.variants)} if spec.variants else {}
+    dims.update(spec.grid)
+    keys = list(dims)
     cells: list[Cell] = []
     for sample in range(spec.samples if spec.random else 1):
-        for combo in itertools.product(*(spec.grid[k] for k in keys)):
+        for combo in itertools.product(*(dims[k] for k in keys)):
             values = dict(zip(keys, combo))
             for key, dist in spec.random.items():
                 kind, args = next(iter(dist.items()))
@@ -221,8 +251,11 @@ def build_trials(spec: SweepSpec, base: RunConfig, out: str, extra_overrides: Se
         raise ConfigError("sweep: no dataset; give `data:` in the sweep file or --data URL (a prepared dataset)")
     trials = []
     for cell in expand_cells(spec):
+        settings = {k: v for k, v in cell.values.items() if k != VARIANT}
+        if VARIANT in cell.values:  # the variant's settings first; grid and random values on top
+            settings = {**spec.variants[cell.values[VARIANT]], **settings}
         try:
-            cell_cfg = common.with_overrides(dict(cell.values))
+            cell_cfg = common.with_overrides(settings)
         except ConfigError as e:
             raise ConfigError(f"sweep cell {cell.label!r}: {e}") from None
         for seed in spec.seeds:
@@ -398,7 +431,7 @@ def run_sweep(spec: SweepSpec, base: RunConfig, out: str, extra_overrides: Seque
         if tid is not None:
             reported[tid] = (r.metrics or {}, r.error)
     rows = collect_rows(trials, reported)
-    write_results(out, rows, list(spec.grid) + list(spec.random), baseline)
+    write_results(out, rows, swept_keys(spec), baseline)
     done = sum(r["status"] == "finished" for r in rows)
     say(f"{done}/{len(rows)} trial(s) finished; wrote {out}/results.csv and {out}/results.md")
     return rows
@@ -483,7 +516,7 @@ def write_sweep_report(sweep: str, out: str, metric: str = "test_AUC") -> list[s
     rows = [r for r in csv.DictReader(io.StringIO(fs.cat_file(f"{root}/results.csv").decode()))
             if r["status"] == "finished" and r.get(metric)]
     spec = manifest["spec"]
-    keys = [*spec.get("grid", {}), *spec.get("random", {})]
+    keys = [*([VARIANT] if spec.get("variants") else []), *spec.get("grid", {}), *spec.get("random", {})]
     os.makedirs(out, exist_ok=True)
     written: list[str] = []
     plt = _pyplot()
