@@ -83,8 +83,10 @@ class RayEngine:
         self._ray = ray
         self._started = False
         if not ray.is_initialized():
-            # address None: RAY_ADDRESS if set, else a new local cluster on this machine.
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            # address None: RAY_ADDRESS if set, else a new local cluster on this machine ("local":
+            # never join a cluster someone else started here, which Ray's default would do).
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                     log_to_driver=False)
             self._started = True
         if shard_bytes < 1:
             raise DataError(f"shard size must be >= 1 byte, got {shard_bytes}")
