@@ -154,8 +154,10 @@ class TrainConfig:
     # buckets = difficulty buckets on valid, histograms = prediction histograms on train and valid,
     # fusion = gate / fusion values; off by default because they cost more: test_buckets = the test
     # split evaluated every epoch too (its metrics and buckets: the paper's Fig 10), grad_norms =
-    # ||dL/dz_s||, ||dL/dz_c|| of every step of the first epoch.
-    analyses: list[str] = field(default_factory=lambda: ["buckets", "histograms", "fusion"])
+    # ||dL/dz_s||, ||dL/dz_c|| of every step of the first epoch; telemetry (on, cheap; TF loss
+    # only) = per window of training steps the share of samples each branch finds easy and the
+    # mean weight of each TF term.
+    analyses: list[str] = field(default_factory=lambda: ["buckets", "histograms", "fusion", "telemetry"])
     # TensorBoard event files under OUT/tb/ (rank 0).
     tensorboard: bool = True
 
@@ -364,7 +366,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 # Validation metrics whose sum early stopping maximises.
 MONITORS = ("AUC", "gAUC")
 # train.analyses (tf4ctr_dist/studies/analyses.py has the same tuple; config imports no torch).
-ANALYSES = ("buckets", "histograms", "fusion", "test_buckets", "grad_norms")
+ANALYSES = ("buckets", "histograms", "fusion", "test_buckets", "grad_norms", "telemetry")
 
 
 def _positive(v: Any) -> bool:

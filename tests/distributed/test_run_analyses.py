@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory):
     overrides = [f"data.url={url}", f"out={out}", "cluster.workers=2", "train.batch_size=512",
                  "train.eval_batch_size=2048", "train.epochs=2", "train.monitor=[AUC]", "train.log_every=0",
                  "easy_hidden_units=[16]", "hard_hidden_units=[16,16]", "embedding_dim=4", "ssem=gm", "dfm=wsf",
-                 "train.analyses=[buckets,histograms,fusion,test_buckets,grad_norms]", "checkpoint.enabled=false"]
+                 "train.analyses=[buckets,histograms,fusion,test_buckets,grad_norms,telemetry]", "checkpoint.enabled=false"]
     results = run_gloo(_train, 2, overrides, timeout=240)
     return out, results
 
@@ -55,6 +55,17 @@ def test_metrics_jsonl_holds_the_analyses(run_dir):
     assert 0.0 < gate["mean"][0] < 1.0 and gate["std"][0] > 0.0
     assert set(a["fusion"]["wsf"]) == {"w_s", "w_c"} and a["fusion"]["wsf"]["w_s"] != 0.5
     assert first["valid_seconds"] > 0 and r0["timing"]["first_epoch_train_seconds"] == first["train_seconds"]
+    # Telemetry (TF loss, c 0.7, gamma 1): a window per step here (10 steps < 10 windows), both ranks.
+    for record in (first, second):
+        windows = record["analyses"]["telemetry"]
+        assert [w["step"] for w in windows] == list(range(1, len(windows) + 1)) and 9 <= len(windows) <= 10
+        assert sum(w["samples"] for w in windows) == record["train_samples"]
+        for w in windows:
+            assert all(0.0 <= w[k] <= 1.0 for k in ("easy_share_fused", "easy_share_simple", "easy_share_complex"))
+            assert 0.7 <= w["mean_weight_simple"] <= 1.7 and 0.3 <= w["mean_weight_complex"] <= 1.3
+    # Training makes more samples easy: the last window of epoch 2 beyond the first of epoch 1.
+    assert (second["analyses"]["telemetry"][-1]["easy_share_fused"]
+            > first["analyses"]["telemetry"][0]["easy_share_fused"])
 
 
 def test_tensorboard_event_files_read_back(run_dir):
@@ -66,7 +77,8 @@ def test_tensorboard_event_files_read_back(run_dir):
     tags = acc.Tags()
     assert {"valid/AUC", "valid/logloss", "epoch/train_loss", "epoch/lr", "test/AUC", "train/loss",
             "fusion/ssem_gate_0", "fusion/wsf/w_s", "grad_norm_first_epoch/simple",
-            "difficulty_valid/positive/well_frac"} <= set(tags["scalars"])
+            "difficulty_valid/positive/well_frac", "telemetry/easy_share_simple",
+            "telemetry/mean_weight_complex"} <= set(tags["scalars"])
     assert {"predictions_valid/positive", "predictions_train/negative"} <= set(tags["histograms"])
     auc = acc.Scalars("valid/AUC")
     assert [e.step for e in auc] == [1, 2]
@@ -85,8 +97,8 @@ def test_report_writes_the_plots(run_dir, tmp_path, capsys):
     assert main(["report", str(out), str(out), "--out", str(report)]) == 0
     pngs = sorted(p.relative_to(report).as_posix() for p in report.rglob("*.png"))
     assert pngs == ["1-run/difficulty.png", "1-run/fusion.png", "1-run/grad_norms.png", "1-run/histograms.png",
-                    "2-run/difficulty.png", "2-run/fusion.png", "2-run/grad_norms.png", "2-run/histograms.png",
-                    "curves.png", "tf_loss.png"]
+                    "1-run/telemetry.png", "2-run/difficulty.png", "2-run/fusion.png", "2-run/grad_norms.png",
+                    "2-run/histograms.png", "2-run/telemetry.png", "curves.png", "tf_loss.png"]
     for p in report.rglob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
     summary = (report / "summary.md").read_text()

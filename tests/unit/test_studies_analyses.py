@@ -14,7 +14,7 @@ from tf4ctr_dist.config import LossConfig, ModelConfig
 from tf4ctr_dist.data.batch import Batch
 from tf4ctr_dist.metrics import difficulty_buckets
 from tf4ctr_dist.model import Objective, TF4CTRTrain, tf4ctr
-from tf4ctr_dist.studies.analyses import FusionProbe, GradNormProbe, Histogram, Probes
+from tf4ctr_dist.studies.analyses import DifficultyTelemetry, FusionProbe, GradNormProbe, Histogram, Probes
 
 FIELDS = [("a", 11), ("b", 7), ("c", 13)]
 
@@ -153,10 +153,13 @@ def test_histogram_and_buckets_by_hand():
 
 def test_probes_follow_the_setting():
     wrapper = _wrapper("tf")
-    probes = Probes(wrapper.model, ["buckets"])
+    probes = Probes(wrapper, ["buckets"])
     assert probes.grad_norms is None and probes.fusion is None and probes.wants("buckets")
-    probes = Probes(wrapper.model, ["grad_norms", "fusion"])
+    probes = Probes(wrapper, ["grad_norms", "fusion"])
     assert probes.grad_norms is not None and probes.fusion is not None and not probes.wants("histograms")
+    assert probes.telemetry is None
+    assert Probes(wrapper, ["telemetry"]).telemetry is not None
+    assert Probes(_wrapper("bce"), ["telemetry"]).telemetry is None  # no twin terms to watch
     assert not math.isnan(0.0)
 
 
@@ -201,3 +204,54 @@ def test_progress_eta_format():
     from tf4ctr_dist.train.loop import _duration
 
     assert [_duration(s) for s in (4.4, 75, 3725)] == ["4s", "1m15s", "1h02m"]
+
+
+def test_telemetry_windows_by_hand():
+    """Per window: the share of real samples with p_t >= 0.5 (fused, simple, complex) and the mean
+    TF weights (c + p_t,s)^gamma and (m - p_t,c)^gamma, m = 2 - c; padding and eval passes ignored."""
+    wrapper = _wrapper("tf")
+    probes = Probes(wrapper, ["telemetry"])
+    tele = probes.telemetry
+    assert (tele.c, tele.m, tele.gamma) == (0.6, 1.4, 2.0)
+    seen = {}
+    wrapper.model.register_forward_hook(lambda m, i, out: seen.update(z=[t.detach() for t in out]))
+    batch = _batch()
+    wrapper.train()
+    assert tele.window_result(1) is None  # not enabled yet: nothing observed
+    tele.enabled = True
+    wrapper(batch)
+    z, z_s, z_c = (t.reshape(-1).double() for t in seen["z"])
+    wrapper(_batch(valid=(1, 0, 0, 0, 0)))
+    z2 = [t.reshape(-1).double() for t in seen["z"]]
+    wrapper.eval()
+    wrapper(batch)  # evaluation: not counted
+    first = tele.window_result(2)
+    wrapper.train()
+    wrapper(batch)
+    second = tele.window_result(3)
+
+    y = batch.labels.double()
+
+    def p_t(logit):
+        p = torch.sigmoid(logit)
+        return y * p + (1 - y) * (1 - p)
+
+    keep = batch.valid.double()
+    keep2 = torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64)
+    n = keep.sum() + keep2.sum()
+
+    def share(a, b):
+        return float((((p_t(a) >= 0.5) * keep).sum() + ((p_t(b) >= 0.5) * keep2).sum()) / n)
+
+    assert first["step"] == 2 and first["samples"] == 5
+    assert first["easy_share_fused"] == pytest.approx(share(z, z2[0]))
+    assert first["easy_share_simple"] == pytest.approx(share(z_s, z2[1]))
+    assert first["easy_share_complex"] == pytest.approx(share(z_c, z2[2]))
+    w_s = (((0.6 + p_t(z_s)) ** 2 * keep).sum() + ((0.6 + p_t(z2[1])) ** 2 * keep2).sum()) / n
+    w_c = (((1.4 - p_t(z_c)) ** 2 * keep).sum() + ((1.4 - p_t(z2[2])) ** 2 * keep2).sum()) / n
+    assert first["mean_weight_simple"] == pytest.approx(float(w_s), rel=1e-6)
+    assert first["mean_weight_complex"] == pytest.approx(float(w_c), rel=1e-6)
+    assert second["samples"] == 4  # the third window: one batch of 4 real samples
+    epoch = tele.epoch_result()  # single process: the same windows
+    assert [w["step"] for w in epoch] == [2, 3] and epoch[0] == pytest.approx(first)
+    assert tele.epoch_result() == []  # a new epoch starts empty

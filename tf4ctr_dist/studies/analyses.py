@@ -8,6 +8,9 @@ torch.fx-traceable); the worker loop switches them on around the passes they obs
 - ``FusionProbe``: per-sample gate and mixing values during evaluation (GM/MoE SSEM gates, VF and
   MoEF mixing weights; mean and std over the split's real samples) and WSF's two weights.
 - ``Histogram``: prediction counts in equal-width bins of [0, 1], per label (Fig 2).
+- ``DifficultyTelemetry``: live, per window of training steps, how the TF loss sees the samples:
+  the share each branch finds easy (p_t >= 0.5) and the mean weight each of its terms gives,
+  (c + p_t,s)^gamma on the simple branch and (m - p_t,c)^gamma on the complex one.
 
 Every collective here is called by every rank in the same order (the loop calls them on all ranks).
 """
@@ -155,13 +158,84 @@ class FusionProbe:
         return out
 
 
-class Probes:
-    """The probes ``train.analyses`` asks for, on ``model`` (a TF4CTR)."""
+# A window's sums, in this order (float64 on the batch's device until the window closes).
+TELEMETRY_SUMS = ("samples", "easy_fused", "easy_simple", "easy_complex", "weight_simple", "weight_complex")
+TELEMETRY_WINDOWS_PER_EPOCH = 10
 
-    def __init__(self, model: nn.Module, analyses: Sequence[str]) -> None:
+
+class DifficultyTelemetry:
+    """Per window of training steps: how the TF loss splits the samples (a forward hook on the
+    train wrapper's objective, which sees z, z_s, z_c (B, 1), the labels and the valid mask).
+
+    ``window_result(step)`` closes the window (one device sync) and returns this rank's values;
+    ``epoch_result()`` returns every window of the epoch summed over all ranks (a collective)."""
+
+    def __init__(self, objective: nn.Module, c: float, m: float, gamma: float) -> None:
+        self.enabled = False
+        self.c, self.m, self.gamma = c, m, gamma
+        self._sums: Optional[torch.Tensor] = None  # (6,)
+        self._closed: list[tuple[int, torch.Tensor]] = []  # (step, sums (6,)) of this epoch
+        self._handle = objective.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, out) -> None:
+        if not (self.enabled and module.training):
+            return
+        z, z_s, z_c, labels, valid = inputs
+        with torch.no_grad():
+            y = labels.reshape(-1).float()  # (B,)
+            v = valid.reshape(-1).float()  # (B,)
+
+            def p_t(logit: torch.Tensor) -> torch.Tensor:
+                p = torch.sigmoid(logit.detach().reshape(-1).float())  # (B,)
+                return y * p + (1.0 - y) * (1.0 - p)
+
+            pt_f, pt_s, pt_c = p_t(z), p_t(z_s), p_t(z_c)
+            row = torch.stack([v.sum(), ((pt_f >= 0.5) * v).sum(), ((pt_s >= 0.5) * v).sum(),
+                               ((pt_c >= 0.5) * v).sum(), ((self.c + pt_s) ** self.gamma * v).sum(),
+                               ((self.m - pt_c) ** self.gamma * v).sum()]).double()  # (6,)
+            self._sums = row if self._sums is None else self._sums + row
+
+    @staticmethod
+    def _means(step: int, sums: torch.Tensor) -> dict:
+        n = max(float(sums[0]), 1.0)
+        values = [float(x) / n for x in sums[1:]]
+        return {"step": step, "samples": int(sums[0]), "easy_share_fused": values[0], "easy_share_simple": values[1],
+                "easy_share_complex": values[2], "mean_weight_simple": values[3], "mean_weight_complex": values[4]}
+
+    def window_result(self, step: int) -> Optional[dict]:
+        """Close the window ending at ``step`` (steps of this epoch); None if it saw no batch."""
+        if self._sums is None:
+            return None
+        sums, self._sums = self._sums, None
+        self._closed.append((step, sums))
+        return self._means(step, sums)
+
+    def epoch_result(self) -> list[dict]:
+        """This epoch's windows over all ranks (every rank closes the same windows in lock step)."""
+        closed, self._closed, self._sums = self._closed, [], None
+        if not closed:
+            return []
+        stacked = _all_reduce(torch.stack([s for _, s in closed]).double().cpu())  # (windows, 6)
+        return [self._means(step, row) for (step, _), row in zip(closed, stacked)]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class Probes:
+    """The probes ``train.analyses`` asks for, on ``module`` (the train wrapper: ``.model`` is a
+    TF4CTR, ``.objective`` its loss). ``telemetry`` needs the TF loss: the others have no twin terms."""
+
+    def __init__(self, module: nn.Module, analyses: Sequence[str]) -> None:
         self.analyses = set(analyses)
+        model = module.model
         self.grad_norms = GradNormProbe(model) if "grad_norms" in self.analyses else None
         self.fusion = FusionProbe(model) if "fusion" in self.analyses else None
+        loss = module.objective.cfg
+        self.telemetry = None
+        if "telemetry" in self.analyses and loss.loss == "tf":
+            m = 2.0 - loss.c if loss.m is None else loss.m
+            self.telemetry = DifficultyTelemetry(module.objective, loss.c, m, loss.gamma)
 
     def wants(self, name: str) -> bool:
         return name in self.analyses

@@ -9,6 +9,8 @@ and draws with matplotlib (the `report` extra) on the Agg backend (no display ne
   RUN/histograms.png     prediction histograms on train and valid, first and last epoch (Fig 2)
   RUN/grad_norms.png     ||dL/dz_s|| and ||dL/dz_c|| per step of the first epoch (Fig 5)
   RUN/fusion.png         gate / fusion values per epoch
+  RUN/telemetry.png      per window of training steps: the share of samples each branch finds easy
+                         (p_t >= 0.5) and the mean weight of each TF term
   summary.md             one table row per run and the figures
 """
 
@@ -233,6 +235,38 @@ def plot_fusion(run: dict, path: str) -> bool:
     return True
 
 
+def plot_telemetry(run: dict, path: str) -> bool:
+    """Two panels over training steps (all epochs, windows of a tenth of an epoch)."""
+    plt = _pyplot()
+    points = []  # (global step, window)
+    offset = 0
+    for r in run["history"]:
+        windows = r.get("analyses", {}).get("telemetry") or []
+        for w in windows:
+            points.append((offset + w["step"], w))
+        offset += max((w["step"] for w in windows), default=0)
+    if not points:
+        return False
+    steps = [p for p, _ in points]
+    fig, (share, weight) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("easy_share_fused", "fused p_t >= 0.5"), ("easy_share_simple", "simple branch p_t,s >= 0.5"),
+                       ("easy_share_complex", "complex branch p_t,c >= 0.5")):
+        share.plot(steps, [w[key] for _, w in points], label=label)
+    share.set(xlabel="training step", ylabel="share of samples", title="samples the branches find easy")
+    for key, label in (("mean_weight_simple", "(c + p_t,s)^gamma (simple term)"),
+                       ("mean_weight_complex", "(m - p_t,c)^gamma (complex term)")):
+        weight.plot(steps, [w[key] for _, w in points], label=label)
+    weight.set(xlabel="training step", ylabel="mean weight over the window", title="TF loss term weights")
+    for ax in (share, weight):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{run['name']}: difficulty telemetry")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.6f}" if isinstance(v, float) else "-" if v is None else str(v)
 
@@ -263,7 +297,8 @@ def write_report(urls: Sequence[str], out: str) -> list[str]:
         os.makedirs(os.path.join(out, sub), exist_ok=True)
         figs = []
         for fname, fn in (("difficulty.png", plot_difficulty), ("histograms.png", plot_histograms),
-                          ("grad_norms.png", plot_grad_norms), ("fusion.png", plot_fusion)):
+                          ("grad_norms.png", plot_grad_norms), ("fusion.png", plot_fusion),
+                          ("telemetry.png", plot_telemetry)):
             if fn(run, os.path.join(out, sub, fname)):
                 figs.append(f"{sub}/{fname}")
         written += figs

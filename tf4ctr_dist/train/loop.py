@@ -24,7 +24,7 @@ from tf4ctr_dist.distributed.placement import check_run_config  # noqa: F401  (h
 from tf4ctr_dist.distributed.sharding import scale_lr
 from tf4ctr_dist.distributed.state import average_batchnorm_stats, restore, snapshot
 from tf4ctr_dist.metrics import difficulty_buckets, evaluate, gather_across_ranks
-from tf4ctr_dist.studies.analyses import Histogram, Probes
+from tf4ctr_dist.studies.analyses import TELEMETRY_WINDOWS_PER_EPOCH, DifficultyTelemetry, Histogram, Probes
 from tf4ctr_dist.studies.tensorboard import RunBoard
 from tf4ctr_dist.train import faults, runfiles
 from tf4ctr_dist.train.resume import Checkpointing, EarlyStopping, EpochSums, Progress, SampleCounter
@@ -69,7 +69,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
     run = runfiles.RunDir(cfg.out, enabled=ctx.rank == 0)
     run.write_json("config.json", cfg.to_dict())
     run.write_text("plan.txt", plan_text + "\n" + placement.describe() + "\n")
-    probes = Probes(parts.module.model, cfg.train.analyses)
+    probes = Probes(parts.module, cfg.train.analyses)
     board = RunBoard(cfg.out, enabled=ctx.rank == 0 and cfg.train.tensorboard)
 
     monitor = [m for m in cfg.train.monitor if m != "gAUC" or manifest.group]
@@ -95,7 +95,7 @@ def train_worker(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
         if probes.grad_norms is not None:
             probes.grad_norms.enabled = epoch == 0  # Fig 5: the first epoch
         stats = _train_epoch(pipeline, train_reader, epoch, ctx, cfg, carry, counter, ckpt, progress,
-                             train_hist=train_hist, board=board)
+                             train_hist=train_hist, board=board, telemetry=probes.telemetry)
         carry = EpochSums()
         pipeline.detach()
         average_batchnorm_stats(dmp)
@@ -183,6 +183,8 @@ def _epoch_analyses(valid: dict, train_hist: Optional[Histogram], probes: Probes
     if probes.grad_norms is not None and probes.grad_norms.enabled:
         extras["grad_norms"] = probes.grad_norms.take()  # rank 0's local batches
         probes.grad_norms.enabled = False
+    if probes.telemetry is not None:
+        extras["telemetry"] = probes.telemetry.epoch_result()  # windows of the steps this process ran
     return extras
 
 
@@ -256,11 +258,15 @@ class _Tracked:
 def _train_epoch(pipeline, reader: ParquetSplitReader, epoch: int, ctx: WorkerContext, cfg: RunConfig,
                  sums: "EpochSums", counter: Optional["SampleCounter"], ckpt: Optional["Checkpointing"],
                  progress: "Progress", train_hist: Optional[Histogram] = None,
-                 board: Optional[RunBoard] = None) -> dict:
+                 board: Optional[RunBoard] = None, telemetry: Optional[DifficultyTelemetry] = None) -> dict:
     """Train batches progress.step.. of ``epoch``; ``sums`` carries the partial sums of a
     resumed epoch. Checkpoints every ``checkpoint.every_steps`` batches. ``train_hist`` counts
-    the training predictions (Fig 2); ``board`` gets the loss and throughput (rank 0)."""
+    the training predictions (Fig 2); ``board`` gets the loss and throughput (rank 0);
+    ``telemetry`` closes a window every tenth of the epoch (its values go to ``board`` at once)."""
     total = reader.num_batches(epoch)
+    window = max(1, -(-total // TELEMETRY_WINDOWS_PER_EPOCH))
+    if telemetry is not None:
+        telemetry.enabled = True
     start = progress.step
     tracked = _Tracked(reader.iter_epoch(epoch, start_batch=start))
     every = cfg.checkpoint.every_steps if ckpt is not None else 0
@@ -300,9 +306,17 @@ def _train_epoch(pipeline, reader: ParquetSplitReader, epoch: int, ctx: WorkerCo
             board.scalar("train/loss", float(loss), global_step)
             board.scalar("train/samples_per_s_per_worker", samples_here / max(now - t0, 1e-9), global_step)
             board.scalar("train/lr", progress.lr, global_step)
+        if telemetry is not None and (step % window == 0 or step == total):
+            live = telemetry.window_result(step)
+            if live is not None and board is not None and board.enabled:
+                global_step = epoch * total + step
+                board.scalars("telemetry", {k: v for k, v in live.items() if k not in ("step", "samples")},
+                              global_step)
         if every and step % every == 0 and step < total:
             progress.step = step
             ckpt.save(progress, sums, counter)
+    if telemetry is not None:
+        telemetry.enabled = False  # evaluation passes are not training samples
     # Every rank ran the same steps; report the mean loss and the global sample count.
     agg = torch.tensor([float(sums.loss), float(sums.steps), float(sums.samples)], dtype=torch.float64, device=ctx.device)
     if dist.is_initialized():
