@@ -24,13 +24,17 @@ from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import Manifest
 from tf4ctr_dist.data.storage import display_url
 
-from .csv_input import TextInput, TextShard, count_rows, check_shard_rows, group_ids, open_text_input, parse_labels, plan_text_shards
+from .csv_input import (
+    TextInput, TextShard, check_shard_rows, count_rows, group_ids, open_text_input, parse_labels, plan_text_shards,
+    shard_bytes,
+)
 from .derive import PREPROCESS
 from .engine import Engine
 from .fields import FieldPlan, clean_lists, numeric_tokens, parse_floats, resolve_fields, sequence_lengths, split_strings
 from .options import BarsCsvOptions
 from .splits import exact_split, folds_to_splits, stratified_folds
 from .pipeline import Chunk, Source, adaptive_row_group_rows, prepare
+from .progress import Progress
 
 __all__ = ["prepare_bars_csv", "adaptive_row_group_rows"]
 
@@ -131,6 +135,9 @@ class BarsSource(Source):
             return plan_text_shards(self.inputs[0], 0, (0, 1, 2), engine)
         return [s for i, inp in enumerate(self.inputs) for s in plan_text_shards(inp, i, (i,), engine)]
 
+    def shard_bytes(self, shard: TextShard) -> int:
+        return shard_bytes(self.inputs[shard.source], shard)
+
     def _split_rows(self, offset: int, n: int) -> Any:
         if not self.one_file_split:
             return None
@@ -138,7 +145,7 @@ class BarsSource(Source):
             rule, fractions, seed = self.one_file_split
             inp = self.inputs[0]
             if rule == "stratified":
-                labels = [parse_labels(inp, b.column(self.label), o, self.label) for o, b in inp.batches([self.label])]
+                labels = [parse_labels(inp, b.column(self.label), o, self.label) for o, b, _ in inp.batches([self.label])]
                 fold = stratified_folds(np.concatenate(labels) if labels else np.zeros(0), 10, seed)
                 self._split = folds_to_splits(fold, [round(f * 10) for f in fractions])
             else:
@@ -150,7 +157,7 @@ class BarsSource(Source):
     def read(self, shard: TextShard, names: Sequence[str]) -> Iterator[Chunk]:
         inp, rows = self.inputs[shard.source], 0
         columns = _unique([self.label, *(self.sources[n] for n in names), *([self.group] if self.group else [])])
-        for offset, batch in inp.batches(columns, start=shard.start, end=shard.end, first_row=shard.first_row):
+        for offset, batch, position in inp.batches(columns, start=shard.start, end=shard.end, first_row=shard.first_row):
             labels = parse_labels(inp, batch.column(self.label), offset, self.label)
             groups = group_ids(batch.column(self.group)) if self.group else None
             rows += batch.num_rows
@@ -162,7 +169,7 @@ class BarsSource(Source):
                     column = PREPROCESS[self.preprocess[name]](column, where, self.sources[name])
                 tokens[name] = field_tokens(self.plans[name], column, inp, offset)
             split = self._split_rows(offset, batch.num_rows)
-            yield Chunk(labels, tokens, shard.source if split is None else split, groups)
+            yield Chunk(labels, tokens, shard.source if split is None else split, groups, position)
         check_shard_rows(inp, shard, rows)
 
     def train_rows_hint(self) -> int | None:
@@ -202,6 +209,7 @@ def prepare_bars_csv(
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
+    progress: Progress | None = None,
     **keys: Any,
 ) -> Manifest:
     """Convert three CSV files (header; `label_col` in {0,1}; all other used columns categorical).
@@ -218,5 +226,5 @@ def prepare_bars_csv(
     )
     return prepare(
         source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
-        vocab_memory_mb=opts.vocab.vocab_memory_mb,
+        vocab_memory_mb=opts.vocab.vocab_memory_mb, progress=progress,
     )

@@ -23,6 +23,7 @@ from .criteo import check_split
 from .engine import Engine
 from .options import AvazuOptions, KKBoxOptions, MLTagOptions
 from .pipeline import prepare
+from .progress import Progress
 
 KKBOX_CATEGORICAL = [
     "msno", "song_id", "source_system_tab", "source_screen_name", "source_type", "city", "gender",
@@ -50,17 +51,17 @@ ML_TAG_FIELDS = ["user_id", "item_id", "tag_id"]
 
 
 def _run(source: BarsSource, out_url: str, opts: Any, engine: Engine | None, overwrite: bool,
-         storage_options: Mapping[str, Any] | None) -> Manifest:
+         storage_options: Mapping[str, Any] | None, progress: Progress | None) -> Manifest:
     return prepare(
         source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
-        vocab_memory_mb=opts.vocab.vocab_memory_mb,
+        vocab_memory_mb=opts.vocab.vocab_memory_mb, progress=progress,
     )
 
 
 def prepare_kkbox(
     train: str, valid: str, test: str, out_url: str, options: KKBoxOptions | None = None, *,
     overwrite: bool = False, storage_options: Mapping[str, Any] | None = None, engine: Engine | None = None,
-    **keys: Any,
+    progress: Progress | None = None, **keys: Any,
 ) -> Manifest:
     """KKBox_x1 from the three BARS CSVs (see the module docstring)."""
     opts = KKBoxOptions.build(options, keys)
@@ -68,13 +69,13 @@ def prepare_kkbox(
         (train, valid, test), opts.label_col, "msno", KKBOX_FIELDS, opts.vocab.field_defaults(), storage_options,
         created_by="data_tools.bars_sets", spec_format="kkbox",
     )
-    return _run(source, out_url, opts, engine, overwrite, storage_options)
+    return _run(source, out_url, opts, engine, overwrite, storage_options, progress)
 
 
 def prepare_avazu(
     inputs: list[str], out_url: str, options: AvazuOptions | None = None, *,
     overwrite: bool = False, storage_options: Mapping[str, Any] | None = None, engine: Engine | None = None,
-    **keys: Any,
+    progress: Progress | None = None, **keys: Any,
 ) -> Manifest:
     """Avazu_x4 from the raw train.csv (one input: split by split_rule) or the BARS x4
     train/valid/test.csv (three inputs)."""
@@ -84,13 +85,13 @@ def prepare_avazu(
         tuple(inputs), opts.label_col, None, AVAZU_FIELDS, opts.vocab.field_defaults(), storage_options,  # type: ignore[arg-type]
         created_by="data_tools.bars_sets", spec_format="avazu", one_file_split=one,
     )
-    return _run(source, out_url, opts, engine, overwrite, storage_options)
+    return _run(source, out_url, opts, engine, overwrite, storage_options, progress)
 
 
 def prepare_ml_tag(
     inputs: list[str], out_url: str, options: MLTagOptions | None = None, *,
     overwrite: bool = False, storage_options: Mapping[str, Any] | None = None, engine: Engine | None = None,
-    **keys: Any,
+    progress: Progress | None = None, **keys: Any,
 ) -> Manifest:
     """MovielensLatest_x1 from one file (split exactly 7:2:1) or three (train, valid, test)."""
     opts = MLTagOptions.build(options, keys)
@@ -99,4 +100,4 @@ def prepare_ml_tag(
         tuple(inputs), opts.label_col, "user_id", ML_TAG_FIELDS, opts.vocab.field_defaults(), storage_options,  # type: ignore[arg-type]
         created_by="data_tools.bars_sets", spec_format="ml-tag", one_file_split=one,
     )
-    return _run(source, out_url, opts, engine, overwrite, storage_options)
+    return _run(source, out_url, opts, engine, overwrite, storage_options, progress)

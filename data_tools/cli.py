@@ -69,6 +69,10 @@ def add_prepare_arguments(prep: argparse.ArgumentParser) -> argparse.ArgumentPar
     prep.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
     prep.add_argument("--shard-mb", type=float, metavar="MB", help="--engine ray: input bytes per task (default 64)")
     prep.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    prep.add_argument(
+        "--quiet", action="store_true",
+        help="no progress lines (by default one every ~2 s on a terminal, ~30 s in a log; the final line stays)",
+    )
     prep.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the environment)")
     return prep
 
@@ -239,8 +243,12 @@ def _criteo_inputs(inputs: list[str], options: dict | None) -> str | list[str]:
 
 
 def _prepare(args: argparse.Namespace, options: dict | None) -> int:
+    from .progress import Progress
+
     opts: Any = load_options(args.spec, [*args.overrides, *args.set], args.format)
-    common: dict[str, Any] = dict(overwrite=args.overwrite, storage_options=options)
+    # Started here, so the first line's timer runs from the start of the command.
+    progress = Progress.silent() if args.quiet else Progress()
+    common: dict[str, Any] = dict(overwrite=args.overwrite, storage_options=options, progress=progress)
     run: Callable[[Any], Manifest]
     if args.format == "bars-csv":
         from .bars_csv import prepare_bars_csv

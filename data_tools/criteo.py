@@ -33,11 +33,12 @@ from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import Manifest
 from tf4ctr_dist.data.storage import display_url, resolve
 
-from .csv_input import TextInput, TextShard, check_shard_rows, open_text_input, parse_labels, plan_text_shards
+from .csv_input import TextInput, TextShard, check_shard_rows, open_text_input, parse_labels, plan_text_shards, shard_bytes
 from .engine import Engine
 from .fields import FieldPlan, bucketize_criteo, resolve_fields
 from .options import CriteoOptions
 from .pipeline import Chunk, Source, prepare
+from .progress import Progress
 from .splits import folds_to_splits, stratified_folds
 
 LABEL = "label"
@@ -142,9 +143,12 @@ class CriteoSource(Source):
     def shards(self, engine: Engine) -> list[TextShard]:
         return [s for k, inp in enumerate(self.inputs) for s in plan_text_shards(inp, k, (0, 1, 2), engine)]
 
+    def shard_bytes(self, shard: TextShard) -> int:
+        return shard_bytes(self.inputs[shard.source], shard)
+
     def read(self, shard: TextShard, names: Sequence[str]) -> Iterator[Chunk]:
         inp, rows, base = self.inputs[shard.source], 0, shard.source * FILE_ROWS
-        for offset, batch in inp.batches(COLUMNS, start=shard.start, end=shard.end, first_row=shard.first_row):
+        for offset, batch, position in inp.batches(COLUMNS, start=shard.start, end=shard.end, first_row=shard.first_row):
             labels = parse_labels(inp, batch.column(LABEL), offset, LABEL)
             tokens = {}
             for name in names:
@@ -157,7 +161,7 @@ class CriteoSource(Source):
                 split = self._stratified(shard.source, offset, batch.num_rows)
             else:
                 split = split_of_rows(base + offset, batch.num_rows, self.seed, self.fractions)
-            yield Chunk(labels, tokens, split)
+            yield Chunk(labels, tokens, split, position=position)
         check_shard_rows(inp, shard, rows)
 
     def _stratified(self, source: int, offset: int, n: int) -> np.ndarray:
@@ -165,7 +169,7 @@ class CriteoSource(Source):
         dealt over the labels of every input (one label-only pass, on first use)."""
         if self._split is None:
             labels = [
-                np.concatenate([parse_labels(inp, b.column(LABEL), o, LABEL) for o, b in inp.batches([LABEL])] or [np.zeros(0)])
+                np.concatenate([parse_labels(inp, b.column(LABEL), o, LABEL) for o, b, _ in inp.batches([LABEL])] or [np.zeros(0)])
                 for inp in self.inputs
             ]
             split = folds_to_splits(stratified_folds(np.concatenate(labels), 10, self.seed), x4_folds(self.fractions))
@@ -225,6 +229,7 @@ def prepare_criteo(
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
+    progress: Progress | None = None,
     **keys: Any,
 ) -> Manifest:
     """Convert a Criteo file (TSV without header, or CSV/TSV with header; .gz etc. inferred), or
@@ -247,5 +252,5 @@ def prepare_criteo(
         )
     return prepare(
         source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
-        vocab_memory_mb=opts.vocab.vocab_memory_mb,
+        vocab_memory_mb=opts.vocab.vocab_memory_mb, progress=progress,
     )

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from fsspec.compression import compr
 from fsspec.utils import infer_compression
 
 from tf4ctr_dist.data.errors import DataError
@@ -49,8 +50,10 @@ class TextInput:
 
     def batches(
         self, columns: list[str], *, start: int = 0, end: int | None = None, first_row: int = 0
-    ) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """Yield (row offset of the batch's first data row, batch of string columns).
+    ) -> Iterator[tuple[int, pa.RecordBatch, int | None]]:
+        """Yield (row offset of the batch's first data row, batch of string columns, bytes of
+        the file from `start` behind the rows yielded so far (estimated, see _behind; None when
+        the file cannot tell), for progress lines).
 
         start/end: read only the bytes [start, end) of an uncompressed file (both on line
         boundaries, see plan_text_shards); first_row: the row number of its first data row.
@@ -70,15 +73,19 @@ class TextInput:
         )
         offset = first_row
         try:
-            with self.loc.fs.open(self.loc.path(), "rb", **({} if ranged else {"compression": "infer"})) as raw:
+            with self.loc.fs.open(self.loc.path(), "rb") as raw:
                 stream: Any = raw
                 if ranged:
                     raw.seek(start)
                     stream = _RangeReader(raw, (end if end is not None else self.size()) - start)
+                elif self.compressed:
+                    # Decompressed here rather than by fs.open(compression=...), so that `raw`
+                    # still tells how much of the stored file has been read.
+                    stream = compr[infer_compression(self.loc.path())](raw, mode="r")
                 reader = pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
                 try:
-                    for batch in reader:
-                        yield offset, batch
+                    for blocks, batch in enumerate(reader, 1):
+                        yield offset, batch, _behind(raw, start, stream if self.compressed else None, blocks)
                         offset += batch.num_rows
                 finally:
                     # Stop pyarrow's read-ahead before the file closes: a reader left running on
@@ -105,6 +112,21 @@ class TextInput:
 
     def _kind(self) -> str:
         return "TSV" if self.delimiter == "\t" else "CSV"
+
+
+def _behind(raw: Any, start: int, decompressed: Any, blocks: int) -> int | None:
+    """Bytes of the stored file (from `start`) behind the first `blocks` batches. Arrow reads
+    ahead by up to ~40 blocks (BLOCK_SIZE), so the file position alone would say 100% while a
+    file of a few hundred MB is still being parsed; but it parses one block per batch, so the
+    text behind the batches is about blocks * BLOCK_SIZE (a block ends at a line end: slightly
+    less), scaled to stored bytes for a compressed file."""
+    try:
+        read = int(raw.tell()) - start
+        text = int(decompressed.tell()) if decompressed is not None else read
+    except (OSError, AttributeError, ValueError):  # no position: progress without bytes, not an error
+        return None
+    parsed = blocks * BLOCK_SIZE
+    return read if text <= parsed else read * parsed // text
 
 
 def open_text_input(
@@ -298,6 +320,11 @@ def count_rows(inp: TextInput, span: tuple[int, int]) -> int:
     if start == 0 and inp.header:
         rows -= 1
     return rows
+
+
+def shard_bytes(inp: TextInput, shard: TextShard) -> int:
+    """Bytes of the file (as stored) that the shard covers: the total of its progress."""
+    return (shard.end if shard.end is not None else inp.size()) - shard.start
 
 
 def plan_text_shards(inp: TextInput, source: int, splits: tuple[int, ...], engine: Any) -> list[TextShard]:

@@ -168,7 +168,7 @@ def fuxictr_to_bars(path: str, dataset_id: str | None = None) -> tuple[tuple[str
 
 def prepare_fuxictr(
     config_path: str, out_url: str, options: Any = None, *, overwrite: bool = False,
-    storage_options: Mapping[str, Any] | None = None, engine: Any = None, **keys: Any,
+    storage_options: Mapping[str, Any] | None = None, engine: Any = None, progress: Any = None, **keys: Any,
 ) -> Any:
     """Prepare the dataset a FuxiCTR dataset_config describes with the bars-csv converter.
     options: FuxiCTROptions (dataset_id, group_col, vocab and layout keys)."""
@@ -179,4 +179,5 @@ def prepare_fuxictr(
     files, spec = fuxictr_to_bars(config_path, opts.dataset_id)
     bars = BarsCsvOptions(label_col=spec["label_col"], group_col=opts.group_col, fields=spec["fields"],
                           vocab=opts.vocab, write=opts.write)
-    return prepare_bars_csv(*files, out_url, bars, overwrite=overwrite, storage_options=storage_options, engine=engine)
+    return prepare_bars_csv(*files, out_url, bars, overwrite=overwrite, storage_options=storage_options, engine=engine,
+                            progress=progress)

@@ -40,6 +40,7 @@ from .engine import Engine
 from .fields import clean_lists, resolve_fields, split_strings
 from .options import MovieLensOptions
 from .pipeline import Chunk, Source, prepare
+from .progress import Progress
 from .splits import exact_split
 from .vocab import stable_hash
 
@@ -254,6 +255,7 @@ def prepare_movielens(
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
+    progress: Progress | None = None,
     **keys: Any,
 ) -> Manifest:
     """Convert an ML-1M folder (see the module docstring for fields, label rule and split).
@@ -270,5 +272,5 @@ def prepare_movielens(
     )
     return prepare(
         source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
-        vocab_memory_mb=opts.vocab.vocab_memory_mb,
+        vocab_memory_mb=opts.vocab.vocab_memory_mb, progress=progress,
     )

@@ -47,6 +47,7 @@ from .engine import Engine
 from .fields import FieldPlan, clean_lists, numeric_tokens, resolve_fields, split_strings
 from .options import ParquetLogsOptions
 from .pipeline import Chunk, Source, prepare
+from .progress import Progress
 from .vocab import as_strings, stable_hash
 
 
@@ -269,6 +270,9 @@ class ParquetLogsSource(Source):
                 shards.append(ParquetShard(i, start, len(f.row_groups), (f.split,)))
         return shards
 
+    def shard_rows(self, shard: ParquetShard) -> int:
+        return sum(self.files[shard.file].row_groups[shard.start : shard.stop])
+
     def train_rows_hint(self) -> int:
         return sum(sum(f.row_groups) for f in self.files if f.split == 0)
 
@@ -343,6 +347,7 @@ def prepare_parquet_logs(
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
+    progress: Progress | None = None,
     **keys: Any,
 ) -> Manifest:
     """Convert date-partitioned Parquet logs (see the module docstring for the spec).
@@ -362,5 +367,5 @@ def prepare_parquet_logs(
     )
     return prepare(
         source, out_url, opts.write, engine=engine, overwrite=overwrite, storage_options=storage_options,
-        vocab_memory_mb=opts.vocab.vocab_memory_mb,
+        vocab_memory_mb=opts.vocab.vocab_memory_mb, progress=progress,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +26,14 @@ from .engine import SPLIT_COLUMN, Engine, LocalEngine
 from .fields import FieldPlan, lookup_lists
 from .vocab import COUNT_SCHEMA, DEFAULT_MEMORY_BUDGET, HashedVocabulary, Vocabulary, VocabCounter, aggregate_counts, count_values
 from .options import DEFAULT_ROW_GROUP_ROWS, WriteOptions
+from .progress import Progress
 from .writer import VOCAB_DIR, DatasetWriter
 
 TRAIN = 0
+# Rows of count_shard's table below the counts (field ids of real fields are >= 0).
+TRAIN_ROWS_FIELD = -1  # the shard's train rows
+READ_ROWS_FIELD = -2  # the rows it read (train or not): progress of the counting pass
+T = TypeVar("T")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -41,12 +46,14 @@ def vocab_file_name(index: int, name: str) -> str:
 @dataclass
 class Chunk:
     """Raw rows of one input batch: labels (float32, 0/1), tokens per field (string array, or
-    clean list<string> for sequence fields), split index per row (or one for all), group ids."""
+    clean list<string> for sequence fields), split index per row (or one for all), group ids,
+    and the bytes of the shard's input read so far (None: not known), for progress lines."""
 
     labels: np.ndarray
     tokens: dict[str, pa.Array]
     split: np.ndarray | int
     groups: np.ndarray | None = None
+    position: int | None = None
 
     @property
     def rows(self) -> int:
@@ -76,6 +83,14 @@ class Source:
     def spec(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def shard_bytes(self, shard: Any) -> int | None:
+        """Input bytes of the shard, the total that Chunk.position counts up to (None: unknown)."""
+        return None
+
+    def shard_rows(self, shard: Any) -> int | None:
+        """Rows of the shard when known before reading it (None: unknown)."""
+        return getattr(shard, "rows", None)
+
     def train_rows_hint(self) -> int | None:
         """Train rows (exact or estimated) when no counting pass runs; for adaptive row groups."""
         return None
@@ -90,18 +105,21 @@ def adaptive_row_group_rows(train_rows: int) -> int:
 # ---- shard functions (run by an engine: in process, or as Ray tasks) --------------------------
 
 
-def count_chunks(source: Source, shard: Any, names: Sequence[str]) -> Iterator[tuple[pa.Table, int]]:
-    """Per chunk: partial counts (field = index in `names`) over its train rows, and train rows."""
+def count_chunks(source: Source, shard: Any, names: Sequence[str]) -> Iterator[tuple[pa.Table | None, int, Chunk]]:
+    """Per chunk: partial counts (field = index in `names`) over its train rows (None: it has
+    none), its train rows, and the chunk (for progress)."""
     plans = {f.name: f for f in source.fields}
     for chunk in source.read(shard, names):
         train = chunk.split_mask(TRAIN)
         if isinstance(train, (bool, np.bool_)):
             if not train:
+                yield None, 0, chunk
                 continue
             rows, keep = chunk.rows, None
         else:
             rows, keep = int(np.count_nonzero(train)), pa.array(train)
             if rows == 0:
+                yield None, 0, chunk
                 continue
         partials = []
         for i, name in enumerate(names):
@@ -111,20 +129,33 @@ def count_chunks(source: Source, shard: Any, names: Sequence[str]) -> Iterator[t
             if plans[name].kind == "sequence":
                 column = pc.list_flatten(column)
             partials.append(count_values(i, column))
-        yield pa.concat_tables(partials), rows
+        yield pa.concat_tables(partials), rows, chunk
 
 
 def count_shard(source: Source, names: Sequence[str], shard: Any) -> pa.Table:
     """count_chunks of a whole shard, aggregated, as one table (what a Ray Data block holds):
-    the counts, then one row (field -1, token "", count = the shard's train rows)."""
-    partials, rows = [], 0
-    for partial, n in count_chunks(source, shard, names):
+    the counts, then two rows (token ""): field TRAIN_ROWS_FIELD, count = the shard's train
+    rows; field READ_ROWS_FIELD, count = the rows it read."""
+    partials, rows, read = [], 0, 0
+    for partial, n, chunk in count_chunks(source, shard, names):
+        read += chunk.rows
+        if partial is None:
+            continue
         partials.append(partial)
         rows += n
         if len(partials) >= 32:
             partials = [aggregate_counts(partials)]
-    rows_row = pa.table([pa.array([-1], pa.int32()), pa.array([""]), pa.array([rows], pa.int64())], schema=COUNT_SCHEMA)
-    return pa.concat_tables([aggregate_counts(partials), rows_row])
+    meta = pa.table(
+        [pa.array([TRAIN_ROWS_FIELD, READ_ROWS_FIELD], pa.int32()), pa.array(["", ""]), pa.array([rows, read], pa.int64())],
+        schema=COUNT_SCHEMA,
+    )
+    return pa.concat_tables([aggregate_counts(partials), meta])
+
+
+def _meta(table: pa.Table, field: int) -> int:
+    """A count_shard table's TRAIN_ROWS_FIELD or READ_ROWS_FIELD count (0 if this block of it
+    has none: Ray Data may cut a table into several blocks)."""
+    return int(pc.sum(table.filter(pc.equal(table.column("field"), field)).column("count")).as_py() or 0)
 
 
 def _schema(source: Source) -> pa.Schema:
@@ -134,8 +165,9 @@ def _schema(source: Source) -> pa.Schema:
 
 def transform_chunks(
     source: Source, vocabs: Mapping[str, Vocabulary | HashedVocabulary], shard: Any
-) -> Iterator[list[pa.Table | None]]:
-    """Per chunk: its rows as ids, one table (or None) per split index."""
+) -> Iterator[tuple[list[pa.Table | None], Chunk]]:
+    """Per chunk: its rows as ids, one table (or None) per split index; and the chunk (for
+    progress)."""
     schema = _schema(source)
     names = [f.name for f in source.fields]
     for chunk in source.read(shard, names):
@@ -158,14 +190,14 @@ def transform_chunks(
                 mask = chunk.split == i
                 if mask.any():
                     out[i] = table if mask.all() else table.filter(pa.array(mask))
-        yield out
+        yield out, chunk
 
 
 def transform_shard(source: Source, vocabs: Mapping[str, Vocabulary | HashedVocabulary], shard: Any) -> pa.Table:
     """transform_chunks of a whole shard as one table (what a Ray Data block holds): the id
     rows in shard order, each tagged with its split index in a leading SPLIT_COLUMN."""
     tagged = []
-    for tables in transform_chunks(source, vocabs, shard):
+    for tables, _ in transform_chunks(source, vocabs, shard):
         for i, table in enumerate(tables):
             if table is not None and table.num_rows:
                 tagged.append(table.add_column(0, SPLIT_COLUMN, pa.array(np.full(table.num_rows, i, dtype=np.int8))))
@@ -189,6 +221,32 @@ def untag_splits(table: pa.Table) -> list[pa.Table | None]:
 # ---- driver -----------------------------------------------------------------------------------
 
 
+def _start_pass(progress: Progress, phase: str, source: Source, shards: Sequence[Any], engine: Engine) -> None:
+    """Start a pass with its input size: bytes when the engine streams here (chunks tell their
+    position), else rows where every shard's rows are known, else unknown."""
+    sizes = [source.shard_bytes(s) for s in shards] if engine.streams else []
+    if sizes and None not in sizes:
+        progress.start(phase, sum(n or 0 for n in sizes), "bytes")
+        return
+    rows = [source.shard_rows(s) for s in shards]
+    progress.start(phase, sum(n or 0 for n in rows) if rows and None not in rows else None)
+
+
+def _read_here(
+    progress: Progress, source: Source, shards: Sequence[Any], per_shard: Callable[[Any], Iterator[T]],
+    chunk_of: Callable[[T], Chunk],
+) -> Iterator[T]:
+    """per_shard(shard)'s items of every shard in order (local engine), reporting each chunk's
+    rows and the pass's input bytes read so far."""
+    before = 0  # input bytes of the shards already read
+    for shard in shards:
+        for item in per_shard(shard):
+            chunk = chunk_of(item)
+            progress.add(chunk.rows, None if chunk.position is None else before + chunk.position)
+            yield item
+        before += source.shard_bytes(shard) or 0
+
+
 def prepare(
     source: Source,
     out_url: str,
@@ -198,13 +256,16 @@ def prepare(
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     vocab_memory_mb: float | None = None,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Run both passes of `source` on `engine` (default: this process) and commit the dataset.
 
     write.row_group_rows None: adaptive (from the train rows). vocab_memory_mb: counting budget
-    (default 64 MiB; see data_tools.vocab.VocabCounter).
+    (default 64 MiB; see data_tools.vocab.VocabCounter). progress: where each pass reports
+    (default: nowhere).
     """
     engine = engine or LocalEngine()
+    progress = progress or Progress.silent()
     write = write or WriteOptions()
     row_group_rows = write.row_group_rows
     if vocab_memory_mb is not None and not (isinstance(vocab_memory_mb, (int, float)) and vocab_memory_mb > 0):
@@ -228,17 +289,20 @@ def prepare(
         if counted:
             train_shards = [s for s in shards if TRAIN in s.splits]
             train_rows = 0
+            _start_pass(progress, "pass 1/2: counting vocabularies", source, train_shards, engine)
             with VocabCounter(len(counted), memory_budget=budget) as counter:
                 if engine.streams:
-                    for shard in train_shards:
-                        for partial, n in count_chunks(source, shard, names):
+                    counts = _read_here(progress, source, train_shards, lambda s: count_chunks(source, s, names), lambda c: c[2])
+                    for partial, n, _ in counts:
+                        if partial is not None:
                             counter.add(partial)
-                            train_rows += n
+                        train_rows += n
                 else:
                     for table in engine.map_tables(count_shard, train_shards, source, names):
-                        rows_rows = pc.equal(table.column("field"), -1)
-                        train_rows += int(pc.sum(table.filter(rows_rows).column("count")).as_py() or 0)
-                        counter.add(table.filter(pc.invert(rows_rows)))
+                        train_rows += _meta(table, TRAIN_ROWS_FIELD)
+                        progress.add(_meta(table, READ_ROWS_FIELD))
+                        counter.add(table.filter(pc.greater_equal(table.column("field"), 0)))
+                progress.end()
                 vocabs.update(zip(names, counter.vocabularies([f.min_count for f in counted])))
         # Saved with the dataset (staged like the parts): raw value -> id for serving, and counts.
         vocab_files = {
@@ -262,13 +326,15 @@ def prepare(
                         raise AssertionError(f"rows for split {SPLITS[i]} that {type(source).__name__} does not write")
                     outs[i].write(table)
 
+        _start_pass(progress, "pass 2/2: writing parts" if counted else "writing parts", source, shards, engine)
         if engine.streams:
-            for shard in shards:
-                for tables in transform_chunks(source, vocabs, shard):
-                    write(tables)
+            for tables, _ in _read_here(progress, source, shards, lambda s: transform_chunks(source, vocabs, s), lambda t: t[1]):
+                write(tables)
         else:
             for table in engine.map_tables(transform_shard, shards, source, vocabs):
+                progress.add(table.num_rows)
                 write(untag_splits(table))
+        progress.end()
         spec = source.spec()
         spec["row_group_rows"] = writer.row_group_rows
         spec["vocab"] = {f.name: f.describe() for f in source.fields}

@@ -24,6 +24,7 @@ from tf4ctr_dist.data.manifest import GROUP_COLUMN, SPLITS, FieldSpec, Manifest
 
 from .engine import SPLIT_COLUMN, Engine, LocalEngine
 from .options import SyntheticOptions
+from .progress import Progress
 from .writer import DatasetWriter
 
 # Embedding rows per field (incl. PAD and OOV) at scale_vocab=1: 13 small bucketised numeric
@@ -148,13 +149,15 @@ def generate_synthetic(
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     engine: Engine | None = None,
+    progress: Progress | None = None,
     **keys: Any,
 ) -> Manifest:
     """Write a synthetic dataset (splits train/valid/test) to `out_url`; return its manifest.
 
     `options` and/or its flat keys (`rows` required; `fields`, `vocab_sizes`, `scale_vocab`,
     `power_law`, `positive_rate`, `split`, `seed`, `row_group_rows`, ...; data_tools.options).
-    Deterministic for given options (including row_group_rows, the chunk size).
+    Deterministic for given options (including row_group_rows, the chunk size). progress: where
+    the generation reports (default: nowhere).
     """
     opts = SyntheticOptions.build(options, keys)
     rows, fields, seed, split = opts.rows, opts.fields, opts.splits.seed, opts.splits.split
@@ -172,6 +175,7 @@ def generate_synthetic(
     specs = [FieldSpec(name, "categorical", size, None, "counted") for name, size in zip(names, sizes)]
 
     engine = engine or LocalEngine()
+    progress = progress or Progress.silent()
     with DatasetWriter(
         out_url,
         fields=specs,
@@ -193,11 +197,14 @@ def generate_synthetic(
             chunks = [(k, min(row_group_rows, counts[name] - start)) for k, start in enumerate(range(0, counts[name], row_group_rows))]
             shards += [(split_index, tuple(chunks[i : i + per_shard])) for i in range(0, len(chunks), per_shard)]
         outs = [writer.split(name) for name in SPLITS]
+        progress.start("generating rows", rows)
         for table in engine.map_tables(_shard, shards, teacher, names, seed):
+            progress.add(table.num_rows)
             # a shard's rows carry its split index (Ray Data may cut a shard's table in two)
             tags, body = table.column(SPLIT_COLUMN).to_numpy(), table.drop_columns([SPLIT_COLUMN])
             for i in np.unique(tags).tolist():
                 outs[i].write(body if (tags == i).all() else body.filter(pa.array(tags == i)))
+        progress.end()
         spec = {
             "format": "synthetic",
             "rows": rows,

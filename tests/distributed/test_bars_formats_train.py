@@ -1,5 +1,6 @@
-"""Each dataset format of issue 16 prepared from tiny generated raw files, then one epoch of the
-worker loop on each in one pair of gloo processes (sequence fields, derived fields, exact/stratified splits)."""
+"""Each dataset format of issue 16 prepared from tiny generated raw files (KKBox, Avazu, MovieLens-1M,
+MovieLens tags, Criteo x4 from the raw TSV, a FuxiCTR dataset config), then one epoch of the worker
+loop on each in one pair of gloo processes (sequence fields, derived fields, exact/stratified splits)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,29 @@ def _ml_tag(tmp: Path) -> str:
     return str(tmp / "ds")
 
 
-FORMATS = {"kkbox": _kkbox, "avazu": _avazu, "ml-1m": _ml_1m, "ml-tag": _ml_tag}
+def _criteo_x4(tmp: Path) -> str:
+    """The x4 path from a raw release TSV: bucketised numerics, stratified 8:1:1 split."""
+    from data_tools.criteo import prepare_criteo
+    from tests.unit.test_data_criteo_x4 import _raw_tsv
+
+    labels = (np.random.default_rng(3).random(1000) < 0.3).astype(int)
+    prepare_criteo(_raw_tsv(tmp / "train.txt", labels), str(tmp / "ds"), split_rule="stratified", min_count=1)
+    return str(tmp / "ds")
+
+
+def _fuxictr(tmp: Path) -> str:
+    """A FuxiCTR dataset_config.yaml (Frappe x1 in FuxiCTR's own format) over tiny CSVs."""
+    from data_tools.fuxictr import prepare_fuxictr
+    from tests.unit.test_data_fuxictr import FUXICTR_YAML, _frappe
+
+    _frappe(tmp)
+    (tmp / "dataset_config.yaml").write_text(FUXICTR_YAML)
+    prepare_fuxictr(str(tmp / "dataset_config.yaml"), str(tmp / "ds"), dataset_id="frappe_x1", group_col="user")
+    return str(tmp / "ds")
+
+
+FORMATS = {"kkbox": _kkbox, "avazu": _avazu, "ml-1m": _ml_1m, "ml-tag": _ml_tag, "criteo-x4": _criteo_x4,
+           "fuxictr": _fuxictr}
 SMALL = ["cluster.workers=2", "train.batch_size=256", "train.eval_batch_size=1024", "train.epochs=1",
          "train.monitor=[AUC]", "train.log_every=0", "train.analyses=[]", "easy_hidden_units=[16]",
          "hard_hidden_units=[16]", "embedding_dim=8", "sharding=data_parallel", "embedding_optimizer=adam",

@@ -201,9 +201,9 @@ def test_board_on_object_storage_uploads_on_flush():
 
 
 def test_progress_eta_format():
-    from tf4ctr_dist.train.loop import _duration
+    from tf4ctr_dist.progress import duration
 
-    assert [_duration(s) for s in (4.4, 75, 3725)] == ["4s", "1m15s", "1h02m"]
+    assert [duration(s) for s in (4.4, 75, 3725)] == ["4s", "1m15s", "1h02m"]
 
 
 def test_telemetry_windows_by_hand():

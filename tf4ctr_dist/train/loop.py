@@ -7,7 +7,6 @@ process group must already exist. Only rank 0 writes run files.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from tf4ctr_dist.distributed.placement import check_run_config  # noqa: F401  (h
 from tf4ctr_dist.distributed.sharding import scale_lr
 from tf4ctr_dist.distributed.state import average_batchnorm_stats, restore, snapshot
 from tf4ctr_dist.metrics import difficulty_buckets, evaluate, gather_across_ranks
+from tf4ctr_dist.progress import FIRST_LINE_SECONDS, duration, line_seconds
 from tf4ctr_dist.studies.analyses import TELEMETRY_WINDOWS_PER_EPOCH, DifficultyTelemetry, Histogram, Probes
 from tf4ctr_dist.studies.tensorboard import RunBoard
 from tf4ctr_dist.train import faults, runfiles
@@ -225,17 +225,9 @@ def _fmt(m: dict) -> str:
     return " ".join(f"{k} {v:.6f}" for k, v in m.items() if isinstance(v, float))
 
 
-FIRST_LINE_SECONDS = 5.0  # a new user sees the run moving within the first seconds of an epoch
 LINE_SECONDS_TTY = 30.0
 LINE_SECONDS_LOG = 300.0
 BOARD_EVERY_STEPS = 10  # train loss to TensorBoard (a float() per write: a device sync on GPU)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 class _Tracked:
@@ -276,7 +268,7 @@ def _train_epoch(pipeline, reader: ParquetSplitReader, epoch: int, ctx: WorkerCo
     # A first progress line within seconds of the epoch start, then by log_every or by time
     # (sparser when the output is not a terminal, e.g. CI logs).
     next_line = t0 + FIRST_LINE_SECONDS
-    line_gap = LINE_SECONDS_TTY if sys.stdout.isatty() else LINE_SECONDS_LOG
+    line_gap = line_seconds(LINE_SECONDS_TTY, LINE_SECONDS_LOG)
     while True:
         try:
             loss, probs, labels, valid = pipeline.progress(tracked)
@@ -300,7 +292,7 @@ def _train_epoch(pipeline, reader: ParquetSplitReader, epoch: int, ctx: WorkerCo
             rate = samples_here / elapsed
             eta = (total - step) * elapsed / max(step - start, 1)
             _log(ctx, f"epoch {epoch + 1} step {step}/{total} loss {float(loss):.5f} ({rate:,.0f} samples/s/worker, "
-                      f"epoch ETA {_duration(eta)})")
+                      f"epoch ETA {duration(eta)})")
         if board is not None and board.enabled and step % BOARD_EVERY_STEPS == 0:
             global_step = epoch * total + step
             board.scalar("train/loss", float(loss), global_step)
