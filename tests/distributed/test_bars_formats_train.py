@@ -66,6 +66,7 @@ def _criteo_x4(tmp: Path) -> str:
     from tests.unit.test_data_criteo_x4 import _raw_tsv
 
     labels = (np.random.default_rng(3).random(1000) < 0.3).astype(int)
+    tmp.mkdir(parents=True, exist_ok=True)
     prepare_criteo(_raw_tsv(tmp / "train.txt", labels), str(tmp / "ds"), split_rule="stratified", min_count=1)
     return str(tmp / "ds")
 
