@@ -257,9 +257,12 @@ def plot_telemetry(run: dict, path: str) -> bool:
                        ("mean_weight_complex", "(m - p_t,c)^gamma (complex term)")):
         weight.plot(steps, [w[key] for _, w in points], label=label)
     weight.set(xlabel="training step", ylabel="mean weight over the window", title="TF loss term weights")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (share, weight):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     fig.suptitle(f"{run['name']}: difficulty telemetry")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
