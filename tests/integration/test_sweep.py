@@ -150,3 +150,31 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     unfinished = [r for r in runs if r not in finished]
     for r in unfinished:  # trained on resume (twice if the kill caught it mid-run)
         assert 1 <= _starts(r) <= 2
+
+
+def test_median_stopping_ends_a_hopeless_trial_early(tmp_path):
+    """`scheduler: median`: with two sound cells done, a cell that cannot learn (learning rates of
+    1e-9) falls below their median after its grace epoch and Tune stops it; the table says so."""
+    pytest.importorskip("ray.tune")
+    import yaml
+    from data_tools.synthetic import generate_synthetic
+
+    data = str(tmp_path / "data")
+    generate_synthetic(data, rows=20_000, fields=6, scale_vocab=0.05, seed=4, row_group_rows=2_000)
+    overrides = [o for o in TINY if not o.startswith("epochs=")] + ["epochs=4", "batch_size=512"]
+    spec = {"name": "median", "base": "demo", "data": data, "overrides": overrides, "seeds": [1],
+            "variants": {"a": {"dfm": "sum"}, "b": {"dfm": "wsf"},
+                         "hopeless": {"train.lr": 1e-9, "train.embedding_lr": 1e-9}},
+            "scheduler": "median", "grace_epochs": 1}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "sweep"
+    proc = subprocess.run(_cmd(str(path), out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in _rows(out)}
+    assert rows["a"]["status"] == rows["b"]["status"] == "finished"
+    assert rows["a"]["epochs"] == rows["b"]["epochs"] == "4"
+    assert rows["hopeless"]["status"] == "stopped", rows["hopeless"]
+    assert 1 <= int(rows["hopeless"]["epochs"]) < 4
+    assert float(rows["hopeless"]["valid_AUC"]) < min(float(rows["a"]["valid_AUC"]), float(rows["b"]["valid_AUC"]))
+    assert not (Path(rows["hopeless"]["run_dir"]) / "result.json").exists()
