@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import FieldSpec
+from tf4ctr_dist.data.tokens import bucketize_criteo
 
 from .options import VOCAB_MODES
 from .vocab import HASH_NAME, MISSING, HashedVocabulary, Vocabulary, as_strings
@@ -224,20 +225,6 @@ def make_vocab(plan: FieldPlan, counted: Vocabulary | None = None) -> Vocabulary
 
 
 # ---- raw values -> tokens -------------------------------------------------------------------
-
-
-def bucketize_criteo(values: np.ndarray) -> np.ndarray:
-    """Criteo numeric bucketing on floats (NaN = missing): missing -> 0; v > 2 -> floor(ln(v)^2);
-    else int(v) (truncating toward zero)."""
-    values = np.asarray(values, dtype=np.float64)
-    out = np.zeros(values.shape, dtype=np.int64)
-    present = ~np.isnan(values)
-    big = present & (values > 2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out[big] = np.floor(np.log(values[big]) ** 2).astype(np.int64)
-    small = present & ~big
-    out[small] = np.trunc(values[small]).astype(np.int64)
-    return out
 
 
 def numeric_tokens(plan: FieldPlan, values: np.ndarray) -> pa.Array:

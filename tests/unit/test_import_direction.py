@@ -1,8 +1,8 @@
 """One import direction between the library and data_tools (issue 12).
 
 data_tools may use the library's data layer only (tf4ctr_dist.data.{errors, manifest, storage,
-validate}: the dataset format it writes) and tf4ctr_dist.progress (the progress lines' pacing and
-wording, standard library only); the library never imports data_tools, except in the
+tokens, validate}: the dataset format it writes and the value -> token rules serving shares) and
+tf4ctr_dist.progress (the progress lines' pacing and wording, standard library only); the library never imports data_tools, except in the
 front door (tf4ctr_dist/cli/), which offers `tf4ctr prepare|check`. Checked on the source (ast),
 so a lazy import inside a function counts as much as one at the top.
 """
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = ROOT / "tf4ctr_dist"
 FRONT_DOOR = LIBRARY / "cli"
 DATA_TOOLS = ROOT / "data_tools"
-ALLOWED_FROM_LIBRARY = {f"tf4ctr_dist.data.{name}" for name in ("errors", "manifest", "storage", "validate")} | {
+ALLOWED_FROM_LIBRARY = {f"tf4ctr_dist.data.{name}" for name in ("errors", "manifest", "storage", "tokens", "validate")} | {
     "tf4ctr_dist.progress"
 }
 

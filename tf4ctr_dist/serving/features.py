@@ -1,8 +1,8 @@
 """Raw feature values -> embedding ids, exactly as `tf4ctr prepare` mapped them.
 
 The rules (the dataset format's, see tf4ctr_dist.data.manifest and data_tools.vocab/fields; the
-library never imports data_tools, so the mapping is restated here and a test holds the two to
-the same ids on the same raw files):
+tokens, hashes and Criteo buckets come from tf4ctr_dist.data.tokens, which the preparation uses
+too, and a test holds the two to the same ids on the same raw files):
 
 * Every value is read as text: nulls become "" (missing), non-strings their decimal text
   (Arrow's cast), so an int 123 and the string "123" are the same token.
@@ -27,33 +27,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tf4ctr_dist.data.errors import DataError
-
-MISSING = ""
-
-
-def as_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """One string array (dictionary decoded, non-strings as text); null -> "" (missing)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
-    if pa.types.is_large_string(column.type):
-        column = column.cast(pa.string())
-    if not pa.types.is_string(column.type):
-        column = column.cast(pa.string())
-    return column.fill_null(MISSING) if column.null_count else column
+from tf4ctr_dist.data.tokens import MISSING, as_strings, bucketize_criteo, stable_hash
 
 
 def hashed_ids(column: pa.Array, buckets: int) -> np.ndarray:
     """int64 ids 1 + stable hash mod buckets (each distinct value hashed once)."""
-    strings = as_strings(column)
-    if len(strings) == 0:
-        return np.empty(0, dtype=np.int64)
-    encoded = pc.dictionary_encode(strings)
-    uniques = encoded.dictionary.to_numpy(zero_copy_only=False)
-    hashed = pd.util.hash_array(np.asarray(uniques, dtype=object), categorize=False)
-    ids = (hashed % np.uint64(buckets)).astype(np.int64) + 1
-    return ids[encoded.indices.to_numpy()]
+    return (stable_hash(column) % np.uint64(buckets)).astype(np.int64) + 1
 
 
 @dataclass
@@ -97,14 +76,7 @@ class FieldMapper:
         except (pa.ArrowInvalid, ValueError) as e:
             raise DataError(f"field {self.name!r}: numeric values expected ({e})") from None
         if self.bucketing == "criteo":
-            out = np.zeros(values.shape, dtype=np.int64)
-            present = ~np.isnan(values)
-            big = present & (values > 2)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                out[big] = np.floor(np.log(values[big]) ** 2).astype(np.int64)
-            small = present & ~big
-            out[small] = np.trunc(values[small]).astype(np.int64)
-            return pa.array(out).cast(pa.string())
+            return pa.array(bucketize_criteo(values)).cast(pa.string())
         boundaries = np.asarray(self.bucketing["boundaries"], dtype=np.float64)
         tokens = pa.array(np.searchsorted(boundaries, values, side="right")).cast(pa.string())
         missing = np.isnan(values)

@@ -158,8 +158,6 @@ class FusionProbe:
         return out
 
 
-# A window's sums, in this order (float64 on the batch's device until the window closes).
-TELEMETRY_SUMS = ("samples", "easy_fused", "easy_simple", "easy_complex", "weight_simple", "weight_complex")
 TELEMETRY_WINDOWS_PER_EPOCH = 10
 
 
@@ -173,7 +171,9 @@ class DifficultyTelemetry:
     def __init__(self, objective: nn.Module, c: float, m: float, gamma: float) -> None:
         self.enabled = False
         self.c, self.m, self.gamma = c, m, gamma
-        self._sums: Optional[torch.Tensor] = None  # (6,)
+        # (6,) float64 on the batch's device until the window closes: samples, easy (fused, simple,
+        # complex), summed weights (simple, complex)
+        self._sums: Optional[torch.Tensor] = None
         self._closed: list[tuple[int, torch.Tensor]] = []  # (step, sums (6,)) of this epoch
         self._handle = objective.register_forward_hook(self._hook)
 
@@ -197,10 +197,10 @@ class DifficultyTelemetry:
 
     @staticmethod
     def _means(step: int, sums: torch.Tensor) -> dict:
-        n = max(float(sums[0]), 1.0)
-        values = [float(x) / n for x in sums[1:]]
-        return {"step": step, "samples": int(sums[0]), "easy_share_fused": values[0], "easy_share_simple": values[1],
-                "easy_share_complex": values[2], "mean_weight_simple": values[3], "mean_weight_complex": values[4]}
+        samples, *rest = sums.tolist()  # one device sync per window
+        means = [v / max(samples, 1.0) for v in rest]
+        return {"step": step, "samples": int(samples), "easy_share_fused": means[0], "easy_share_simple": means[1],
+                "easy_share_complex": means[2], "mean_weight_simple": means[3], "mean_weight_complex": means[4]}
 
     def window_result(self, step: int) -> Optional[dict]:
         """Close the window ending at ``step`` (steps of this epoch); None if it saw no batch."""

@@ -51,12 +51,17 @@ def load_run(url: str) -> dict[str, Any]:
     return {"name": name, "url": url, "history": history, "result": _json("result.json"), "config": config}
 
 
-def _integer_epochs(fig) -> None:
+def save_figure(fig, path: str) -> None:
+    """Lay out, give whole-number ticks to epoch and step axes, write the PNG and free the figure."""
     from matplotlib.ticker import MaxNLocator
 
+    fig.tight_layout()
     for ax in fig.axes:
-        if ax.get_xlabel() == "epoch":
+        label = ax.get_xlabel()
+        if label == "epoch" or "step" in label:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
 
 
 def _slug(name: str) -> str:
@@ -94,10 +99,7 @@ def plot_curves(runs: Sequence[dict], path: str) -> None:
     for ax in (ax_loss, ax_auc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    _integer_epochs(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_tf_loss(path: str, cs: Sequence[float] = (0.3, 0.5, 0.7, 0.9), gammas: Sequence[float] = (1.0, 2.0)) -> None:
@@ -128,10 +130,7 @@ def plot_tf_loss(path: str, cs: Sequence[float] = (0.3, 0.5, 0.7, 0.9), gammas: 
                ylim=(0, 6))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    _integer_epochs(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_difficulty(run: dict, path: str) -> bool:
@@ -152,10 +151,7 @@ def plot_difficulty(run: dict, path: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{run['name']}: difficulty buckets (|y - p|: <0.3 well, <0.6 poorly, else misclassified)", fontsize=9)
-    fig.tight_layout()
-    _integer_epochs(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -183,10 +179,7 @@ def plot_histograms(run: dict, path: str) -> bool:
                    title=f"{split}, epoch {rec['epoch']}")
             ax.legend(fontsize=8)
     fig.suptitle(f"{run['name']}: prediction histograms", fontsize=9)
-    fig.tight_layout()
-    _integer_epochs(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -203,10 +196,7 @@ def plot_grad_norms(run: dict, path: str) -> bool:
            title=f"{run['name']}: logit gradient norms")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    _integer_epochs(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -228,10 +218,7 @@ def plot_fusion(run: dict, path: str) -> bool:
     ax.set(xlabel="epoch", ylabel="value (gates: mean over valid)", title=f"{run['name']}: gate and fusion values")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    _integer_epochs(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -257,16 +244,11 @@ def plot_telemetry(run: dict, path: str) -> bool:
                        ("mean_weight_complex", "(m - p_t,c)^gamma (complex term)")):
         weight.plot(steps, [w[key] for _, w in points], label=label)
     weight.set(xlabel="training step", ylabel="mean weight over the window", title="TF loss term weights")
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (share, weight):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     fig.suptitle(f"{run['name']}: difficulty telemetry")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -505,7 +505,7 @@ def write_sweep_report(sweep: str, out: str, metric: str = "test_AUC") -> list[s
 
     Two swept keys: a heatmap of the mean ``metric`` over seeds (rows: the first key, columns: the
     second). One swept key: the mean +- std over seeds against its values."""
-    from tf4ctr_dist.studies.report import ReportError, _pyplot
+    from tf4ctr_dist.studies.report import ReportError, _pyplot, save_figure
     from tf4ctr_dist.studies.stats import summarize
 
     sweep = sweep.rstrip("/")
@@ -544,9 +544,7 @@ def write_sweep_report(sweep: str, out: str, metric: str = "test_AUC") -> list[s
                     ax.text(j, i, f"{grid[i, j]:.4f}", ha="center", va="center", fontsize=8,
                             color="black" if grid[i, j] > mid else "white")
         fig.colorbar(im, ax=ax, label=metric)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "sweep_heatmap.png"), dpi=110)
-        plt.close(fig)
+        save_figure(fig, os.path.join(out, "sweep_heatmap.png"))
         written.append("sweep_heatmap.png")
     elif len(keys) == 1:
         points = []
@@ -565,9 +563,7 @@ def write_sweep_report(sweep: str, out: str, metric: str = "test_AUC") -> list[s
             ax.set(xlabel=keys[0], ylabel=metric, title=f"{metric} over {keys[0]}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, "sweep_curve.png"), dpi=110)
-            plt.close(fig)
+            save_figure(fig, os.path.join(out, "sweep_curve.png"))
             written.append("sweep_curve.png")
     table = fs.cat_file(f"{root}/results.md").decode() if fs.exists(f"{root}/results.md") else ""
     with open(os.path.join(out, "sweep.md"), "w") as f:

@@ -24,34 +24,29 @@ class RunBoard:
 
     def __init__(self, out: str, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.writer = None
+        self.writer = None  # the open event file's writer; None after an upload until the next event
+        self._closed = not enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
         url = out.rstrip("/") + "/tb"
         self.remote: Optional[str] = url if "://" in url and not url.startswith("file://") else None
         self.local = tempfile.mkdtemp(prefix="tf4ctr-tb-") if self.remote else url.removeprefix("file://")
         os.makedirs(self.local, exist_ok=True)
         self._files_opened = 0
-
-        def open_writer():
-            # A suffix per file: tensorboardX names files by the second they were opened.
-            self._files_opened += 1
-            return SummaryWriter(logdir=self.local, flush_secs=30, filename_suffix=f".{self._files_opened}")
-
-        self._open = open_writer
-        self.writer = self._open()
-        self._closed_for_upload = False
         self._uploaded: dict[str, int] = {}  # local event file -> size last copied up
+        self._writer()
 
     def _writer(self):
-        if self._closed_for_upload:
-            self.writer, self._closed_for_upload = self._open(), False
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            # A suffix per file: tensorboardX names files by the second they were opened.
+            self._files_opened += 1
+            self.writer = SummaryWriter(logdir=self.local, flush_secs=30, filename_suffix=f".{self._files_opened}")
         return self.writer
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None and value is not None:
+        if not self._closed and value is not None:
             self._writer().add_scalar(tag, float(value), step)
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
@@ -61,7 +56,7 @@ class RunBoard:
 
     def histogram(self, tag: str, edges: Sequence[float], counts: Sequence[float], step: int) -> None:
         """A histogram from precomputed bin counts (len(edges) == len(counts) + 1)."""
-        if self.writer is None or sum(counts) == 0:
+        if self._closed or sum(counts) == 0:
             return
         centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
         total = float(sum(counts))
@@ -73,14 +68,15 @@ class RunBoard:
             bucket_limits=list(edges[1:]), bucket_counts=list(counts), global_step=step)
 
     def flush(self) -> None:
-        if self.writer is None:
+        if self._closed:
             return
         if not self.remote:
-            self.writer.flush()
+            if self.writer is not None:
+                self.writer.flush()
             return
-        if not self._closed_for_upload:
+        if self.writer is not None:
             self.writer.close()  # drains tensorboardX's queue into the file
-            self._closed_for_upload = True
+            self.writer = None
         fs, root = fsspec.core.url_to_fs(self.remote)
         for dirpath, _, files in os.walk(self.local):
             for name in files:
@@ -91,11 +87,12 @@ class RunBoard:
                     self._uploaded[path] = size
 
     def close(self) -> None:
-        if self.writer is None:
+        if self._closed:
             return
         self.flush()
-        if not self._closed_for_upload:
+        if self.writer is not None:
             self.writer.close()
-        self.writer = None
+            self.writer = None
+        self._closed = True
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
