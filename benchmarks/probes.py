@@ -139,8 +139,9 @@ def model_flops(model_cfg: dict, loss_cfg: dict, fields: int = FIELDS, batch: in
     module.train()
     train = count_flops(train_step)
     module.eval()
-    with torch.no_grad():
-        fwd = count_flops(lambda: module(b))
+    # with gradients on: under no_grad the fused inference path runs oneDNN's Linear + ReLU, which
+    # the counter does not see; the portable path does the same matmuls
+    fwd = count_flops(lambda: module(b))
     return {"train_per_sample": train / batch, "forward_per_sample": fwd / batch, "counted_batch": batch,
             "counter": "torch.utils.flop_counter.FlopCounterMode (matmuls only; BN/ReLU/loss/lookups not counted)"}
 

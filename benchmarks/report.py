@@ -178,6 +178,10 @@ def build_report(raw: dict[str, Any], machine: dict[str, Any], config: dict[str,
         matmul_bf16_flops=_get(raw, "matmul_cpu.bf16_flops_per_s"),
         interleaved=_get(raw, "interleaved.variants"),
     )
+    from benchmarks.inference import inference_figures
+
+    derived.update(inference_figures(raw.get("inference"), _get(raw, "flops.forward_per_sample"),
+                                     _get(raw, "matmul_cpu.flops_per_s"), _get(raw, "matmul_cpu.bf16_flops_per_s")))
     return {**derived, "targets": check_targets(derived), "raw": raw, "machine": machine, "config": config}
 
 
@@ -253,6 +257,9 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     rows.append(("S3 ingest / step rate, 1 worker", report.get("ingest_s3_vs_step"), "x"))
     rows.append(("evaluation", "", ""))
     rows.append(("eval/inference DMP forward (1 worker)", g("train.table_wise_1w.eval.samples_per_s"), "samples/s"))
+    from benchmarks.inference import inference_rows
+
+    rows += inference_rows(report, g("inference"))
     rows.append(("memory (peak RSS per worker, training)", "", ""))
     for key, label in (
         ("table_wise_1w", "1 worker, small dataset"),

@@ -11,7 +11,8 @@ invocation, side by side:
      batch, all cores;
   3. the roofline: measured dense fp32 matmul FLOP/s vs. the model's counted FLOPs per sample;
   4. ingest: ParquetSplitReader alone (local path and a local moto S3 server) vs. the step rate;
-  5. evaluation throughput (DMP forward, eval mode);
+  5. evaluation throughput (DMP forward, eval mode), and inference interleaved in one process
+     against the reference's forward (benchmarks/inference.py: fused fp32, bf16, eager);
   6. peak RSS per worker on a small and a large dataset (the reader streams: RSS must not grow);
   7. with --gpu: the same training path on CUDA/nccl with fbgemm's fused Adam at two batch sizes,
      as a share of the GPU's measured dense matmul roofline.
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ab import interleaved
+from benchmarks.inference import inference_section
 from benchmarks.probes import (
     cores,
     machine_info,
@@ -137,6 +139,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
                    help="torch.profiler over STEPS steps of the 1-worker run; top ops go to the report")
     p.add_argument("--interleaved-rounds", type=int, default=10,
                    help="rounds of the interleaved reference / default / default_bf16 / eager_bn comparison (2 steps each)")
+    p.add_argument("--inference-batches", type=int, default=3,
+                   help="preloaded eval batches per round of the inference comparison (batch --eval-batch)")
     p.add_argument("--only", default="", help=f"comma list of CPU sections to run (default all): {','.join(SECTIONS)}")
     p.add_argument("--skip-s3", action="store_true", help="no local S3 server / S3 ingest")
     p.add_argument("--skip-rss", action="store_true", help="no large dataset / RSS comparison")
@@ -240,6 +244,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         if want("interleaved"):
             raw["interleaved"] = interleaved(small, batch=args.batch, rounds=args.interleaved_rounds,
                                             threads=args.threads or cores(), timeout=_timeout(args) * 3)
+        if want("inference"):
+            raw["inference"] = inference_section(small, batch=args.eval_batch, batches=args.inference_batches,
+                                                 rounds=args.interleaved_rounds, threads=args.threads or cores(),
+                                                 timeout=_timeout(args) * 3)
         if want("ingest"):
             log("ingest: ParquetSplitReader alone, one epoch of one worker's share")
             raw["ingest"]["local_1w"] = _ingest(args, small, 1, args.batch, "local_1w")

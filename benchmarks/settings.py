@@ -19,13 +19,15 @@ CLIP = 10.0
 EMB_LR = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 0.05, "adam": 1e-3}  # demo/criteo presets
 SEED = 2026
 DEFAULT_CACHE = ".tf4ctr-cache"
-SECTIONS = ("train_1w", "train_bf16", "train_2w", "dp_adam", "reference", "interleaved", "ingest", "s3", "rss")
+SECTIONS = ("train_1w", "train_bf16", "train_2w", "dp_adam", "reference", "interleaved", "inference", "ingest", "s3",
+            "rss")
 
 TARGETS = {
     # key in the report: (comparison, threshold, what)
     "ratio_vs_reference": (">=", 3.0, "ours (1 worker, batch 4096) / reference samples/s"),
     "ratio_vs_reference_interleaved": (">=", 3.0, "the same, measured round by round in one process"),
     "ratio_vs_reference_bf16_interleaved": (">=", 3.0, "the same with dense_precision=bf16, round by round"),
+    "inference_vs_reference": (">=", 3.0, "ours' eval forward (fused, fp32) / the reference's, interleaved, batch 16384"),
     "roofline_share": (">=", 0.40, "achieved dense FLOP/s / measured fp32 matmul FLOP/s (1 worker)"),
     "ingest_vs_step": (">=", 10.0, "Parquet->Batch samples/s / training samples/s per worker"),
     "rss_10m_over_1m": ("<", 1.2, "peak worker RSS, large / small dataset"),

@@ -32,6 +32,8 @@ EMB_OPTIMIZER = Literal["adam", "adagrad", "rowwise_adagrad", "sgd"]
 SHARDING = Literal["auto", "data_parallel", "table_wise", "column_wise", "row_wise"]
 EMB_REG_MODE = Literal["full", "touched"]
 DENSE_PRECISION = Literal["fp32", "bf16"]
+INFERENCE = Literal["fused", "eager"]
+INFERENCE_PRECISION = Literal["auto", "fp32", "bf16"]
 RESUME = Literal["auto", "never"]
 TABLE_PRECISION = Literal["fp32", "fp16"]
 CPU_KERNELS = Literal["auto", "on", "off"]
@@ -94,6 +96,14 @@ class ModelConfig:
     # bf16: MLP_s / MLP_c matmuls, BatchNorm and ReLU/dropout in bfloat16 (AMX / tensor cores);
     # fp32 parameters, optimizer state, embeddings, heads and loss. Changes numerics slightly.
     dense_precision: DENSE_PRECISION = "fp32"
+    # The MLP towers' forward in evaluation, predict and serve. fused: BatchNorm folded into the
+    # Linear (its running statistics are constants there) and Linear + ReLU as one oneDNN op on
+    # CPU; equal to eager up to float rounding. eager: the training ops with dropout off.
+    inference: INFERENCE = "fused"
+    # Their matmuls in evaluation / predict / serve: auto = dense_precision; bf16 on an fp32 model
+    # roughly doubles inference speed on CPUs with bf16 dot products (AVX512-BF16, AMX) and moves
+    # probabilities by about 1e-4 (BENCHMARKS.md); metrics computed under it differ accordingly.
+    inference_precision: INFERENCE_PRECISION = "auto"
     # mlp/mlp is TF4CTR as published; the others give the paper's backbones (presets dnn, deepfm, ...).
     easy_encoder: ENCODER = "mlp"
     hard_encoder: ENCODER = "mlp"

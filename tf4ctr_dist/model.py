@@ -170,8 +170,10 @@ def tf4ctr(
     dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.dense_precision]
     if dtype is not None and not fused_dense:
         raise ValueError(f"dense_precision={cfg.dense_precision} needs fused_dense=True")
+    inference_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.inference_precision]
     enc = dict(dropout=cfg.net_dropout, batch_norm=cfg.batch_norm, fused=fused_dense, compute_dtype=dtype,
-               bn_relu_dropout=cpu_kernels, keep_mask_words=keep_mask_words)
+               bn_relu_dropout=cpu_kernels, keep_mask_words=keep_mask_words, inference=cfg.inference,
+               inference_dtype=inference_dtype)
     opt = cfg.encoders
     simple, simple_head = _branch(cfg.easy_encoder, opt.first_order == "easy", True, num_fields, easy_in // num_fields,
                                   cfg.easy_hidden_units, cfg, enc)

@@ -18,7 +18,13 @@ from tf4ctr_dist.data.batch import Batch
 from tf4ctr_dist.model import Objective, TF4CTRTrain, tf4ctr
 from tf4ctr_dist.modules import MLPEncoder
 from tf4ctr_dist.modules import mlp as mlp_mod
-from tf4ctr_dist.modules.mlp import linear_batch_norm_relu_dropout, dropout_keep_mask, dropout_threshold, relu_dropout
+from tf4ctr_dist.modules.mlp import (
+    dropout_keep_mask,
+    dropout_threshold,
+    folded_linear_relu,
+    linear_batch_norm_relu_dropout,
+    relu_dropout,
+)
 
 
 def test_threshold_rounds_p_to_16_bits_and_keeps_the_expectation():
@@ -142,10 +148,17 @@ def test_fused_encoder_with_dropout_equals_the_plain_layers_with_the_same_masks(
 
 def test_fused_encoder_fx_traces_as_a_leaf_call():
     _, fused = _encoders(0.2)
-    gm = torch.fx.symbolic_trace(fused.eval())
-    assert any(n.op == "call_function" and n.target is linear_batch_norm_relu_dropout for n in gm.graph.nodes)
     x = torch.randn(8, 24)
-    torch.testing.assert_close(gm(x), fused(x))
+    gm = torch.fx.symbolic_trace(fused.train())  # what TorchRec's pipeline traces
+    assert any(n.op == "call_function" and n.target is linear_batch_norm_relu_dropout for n in gm.graph.nodes)
+    torch.manual_seed(3)
+    traced = gm(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(traced, fused(x))
+    gm = torch.fx.symbolic_trace(fused.eval())
+    assert any(n.op == "call_function" and n.target is folded_linear_relu for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), fused(x))
 
 
 def test_compute_dtype_needs_fused():

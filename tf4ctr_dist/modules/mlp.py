@@ -21,6 +21,8 @@ _MASK_LEVELS = 1 << _MASK_BITS
 # Where dropout_keep_mask's random words come from: "sfc64" (numpy, seeded by torch; the default)
 # or "torch" (torch's own generator, the slower earlier path; kept for A/B timing).
 MASK_WORDS = ("sfc64", "torch")
+# The eval-mode forward of the fused encoder (see MLPEncoder).
+INFERENCE_PATHS = ("fused", "eager")
 
 
 def dropout_threshold(p: float) -> tuple[int, float]:
@@ -166,6 +168,44 @@ def linear_batch_norm_relu_dropout(
 torch.fx.wrap("linear_batch_norm_relu_dropout")
 
 
+def folded_linear_relu(x: torch.Tensor, linear: nn.Linear, bn: Optional[nn.BatchNorm1d],
+                       dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Inference form of relu(bn(linear(x))) with BatchNorm's running statistics folded into the
+    Linear: x (B, in) -> (B, out), in ``dtype`` if given (then x must already be in it).
+
+    W' = diag(s) W and b' = s (b - mu) + beta with s = gamma / sqrt(var + eps), so one addmm and
+    an in-place ReLU replace the matmul, the bias add, BatchNorm's pass over (B, out) and ReLU's.
+    Folding costs O(in * out) per call, nothing against the (B, in, out) matmul at serving and
+    evaluation batches, and keeps no state that could go stale when the weights change. Equal to
+    the eager ops up to float rounding (tests/unit/test_inference_path.py says how close).
+    """
+    weight, bias = linear.weight, linear.bias
+    if bn is not None:
+        scale = torch.rsqrt(bn.running_var + bn.eps)  # (out,)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean if bias is None else bias - bn.running_mean
+        weight = weight * scale.unsqueeze(1)  # (out, in)
+        bias = shift * scale if bn.bias is None else torch.addcmul(bn.bias, shift, scale)  # (out,)
+    if dtype is not None:
+        weight = weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if x.device.type == "cpu" and _ONEDNN and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # oneDNN's Linear with the ReLU fused into its output stage (the op torch's own compiler
+        # emits for Linear -> ReLU on CPU): one pass over (B, out) where addmm first copies the
+        # bias into every output row, then MKL accumulates onto it, then ReLU reads it again.
+        # It has no backward: used under no_grad only (evaluation, predict and serve all are).
+        # Not under torch.export / torch.compile, where the portable ops below are traced instead.
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+    out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())  # (B, out)
+    return out.relu_()
+
+
+# A leaf for torch.fx, like the training block.
+torch.fx.wrap("folded_linear_relu")
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class MLPEncoder(nn.Module):
     """Hidden layers Linear -> BatchNorm1d -> ReLU -> Dropout, no output layer.
 
@@ -183,6 +223,11 @@ class MLPEncoder(nn.Module):
     BatchNorm -> ReLU -> dropout as one kernel on CPU in float32 training, or None (eager ops).
     keep_mask_words (fused only): "sfc64" (default) or "torch", see `dropout_keep_mask`; the
     kernel runs only with "sfc64" (it draws the same words itself).
+    inference (fused only, in eval mode): "fused" runs each block as `folded_linear_relu`
+    (BatchNorm folded into the Linear, one addmm and an in-place ReLU); "eager" runs the
+    training-mode ops with dropout off.
+    inference_dtype (fused only, "fused"): the dtype of the folded blocks' matmuls, e.g.
+    torch.bfloat16 (input cast once, output cast back); None: compute_dtype, else the input's.
     """
 
     def __init__(
@@ -195,10 +240,14 @@ class MLPEncoder(nn.Module):
         compute_dtype: Optional[torch.dtype] = None,
         bn_relu_dropout: Optional["CpuKernels"] = None,
         keep_mask_words: str = "sfc64",
+        inference: str = "fused",
+        inference_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if compute_dtype is not None and not fused:
             raise ValueError("compute_dtype needs fused=True")
+        if inference not in INFERENCE_PATHS:
+            raise ValueError(f"inference={inference!r}: expected one of {INFERENCE_PATHS}")
         if keep_mask_words not in MASK_WORDS:
             raise ValueError(f"keep_mask_words={keep_mask_words!r}: expected one of {MASK_WORDS}")
         layers: list[nn.Module] = []
@@ -221,12 +270,21 @@ class MLPEncoder(nn.Module):
         self.compute_dtype = compute_dtype
         self.bn_relu_dropout = bn_relu_dropout if fused else None
         self.keep_mask_words = keep_mask_words
+        self.inference = inference
+        self.inference_dtype = inference_dtype
         self._blocks = blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return self.net(x)
         out_dtype = x.dtype
+        if not self.training and self.inference == "fused":
+            dt = self.inference_dtype or self.compute_dtype
+            if dt is not None:
+                x = x.to(dt)
+            for li, bi in self._blocks:
+                x = folded_linear_relu(x, self.net[li], self.net[bi] if bi >= 0 else None, dt)
+            return x.to(out_dtype)
         dt = self.compute_dtype
         if dt is not None:
             x = x.to(dt)
