@@ -7,9 +7,9 @@ used column categorical unless its field entry says otherwise (data_tools.fields
   file and line unless the field sets `keep: first` or `keep: last` (then truncated). The model
   mean-pools the ids.
 - numeric: `{name: price, kind: numeric, bucketing: criteo}` or `bucketing: {boundaries: [...]}`
-  - bucketised into categorical ids. FuxiCTR embeds a numeric field as value x vector; the model
-  here has no numeric input (SPEC section 1: every field is categorical after preprocessing), so
-  numeric fields are bucketised instead.
+  - bucketised into categorical ids; or `{name: price, kind: numeric, normalizer: standard}`
+  (none | min_max | standard) - embedded as value x vector as FuxiCTR does (data_tools.numeric):
+  an empty cell is missing, a cell that is no finite number is an error naming file and line.
 Vocabularies are fit on TRAIN only (counted: tokens seen >= min_count times, empty cells are
 missing and map to OOV) or hashed per field (see data_tools.fields).
 """
@@ -30,6 +30,7 @@ from .csv_input import (
 )
 from .derive import PREPROCESS
 from .engine import Engine
+from .numeric import column_values
 from .fields import FieldPlan, clean_lists, numeric_tokens, parse_floats, resolve_fields, sequence_lengths, split_strings
 from .options import BarsCsvOptions
 from .splits import exact_split, folds_to_splits, stratified_folds
@@ -41,10 +42,13 @@ __all__ = ["prepare_bars_csv", "adaptive_row_group_rows"]
 
 def field_tokens(plan: FieldPlan, column: Any, inp: TextInput, offset: int) -> Any:
     """Raw string cells of one field -> its tokens: the column (categorical), bucket tokens
-    (numeric), clean list<string> rows (sequence). DataError naming file, line and column."""
+    (numeric), float64 values with nulls (numeric value x vector), clean list<string> rows
+    (sequence). DataError naming file, line and column."""
     if plan.kind == "numeric":
-        values = parse_floats(column, lambda row: f"{inp.url}: line {inp.line_of(offset + row)}", plan.name)
-        return numeric_tokens(plan, values)
+        where = lambda row: f"{inp.url}: line {inp.line_of(offset + row)}"  # noqa: E731
+        if plan.embeds_value:
+            return column_values(column, where, plan.name, lambda c: parse_floats(c, where, plan.name))
+        return numeric_tokens(plan, parse_floats(column, where, plan.name))
     if plan.kind == "sequence":
         assert plan.max_len is not None
         lists = split_strings(column, plan.splitter)
@@ -195,7 +199,9 @@ class BarsSource(Source):
             **({"derived": {n: {"from": self.sources[n], "preprocess": p} for n, p in self.preprocess.items()}}
                if self.preprocess else {}),
             "min_count": self.resolve["min_count"],
-            **({"numeric": "bucketised (no value x vector input)"} if any(f.kind == "numeric" for f in self.fields) else {}),
+            **({"numeric": {f.name: "value x vector" if f.embeds_value else "bucketised"
+                            for f in self.fields if f.kind == "numeric"}}
+               if any(f.kind == "numeric" for f in self.fields) else {}),
         }
 
 

@@ -11,16 +11,24 @@ A spec declares fields as a name or a mapping, with spec-level defaults and per-
       - {name: item_id, vocab_mode: hashed, buckets: 4000000}
       - {name: hist, kind: sequence, max_len: 20, splitter: "|", keep: last}
       - {name: price, kind: numeric, bucketing: criteo}          # or bucketing: {boundaries: [1, 10, 100]}
+      - {name: age, kind: numeric, normalizer: standard}         # value x vector (none | min_max | standard)
     field_options:               # any format: per-field overrides by name (precedence over `fields`)
       C3: {vocab_mode: hashed, buckets: 2000000}
 
-Per-field keys: kind (categorical | sequence | numeric; numeric fields are bucketised, then
-stored as categorical ids), vocab_mode, min_count (counted only), buckets (hashed only),
-max_len / splitter / keep (sequence: split a string column on `splitter` or take a list column,
-drop empty items, keep the first or last max_len, or `keep: error`: a longer sequence is refused
-naming its file and line; bars-csv's default), bucketing (numeric: `criteo` = missing -> 0,
-v > 2 -> floor(ln(v)^2), else int(v); or {boundaries: [b0, b1, ...]} = number of boundaries <= v,
-missing -> the missing token).
+Per-field keys: kind (categorical | sequence | numeric), vocab_mode, min_count (counted only),
+buckets (hashed only), max_len / splitter / keep (sequence: split a string column on `splitter`
+or take a list column, drop empty items, keep the first or last max_len, or `keep: error`: a
+longer sequence is refused naming its file and line; bars-csv's default).
+A numeric field needs one of two keys:
+  bucketing   the value becomes a categorical id: `criteo` = missing -> 0, v > 2 ->
+              floor(ln(v)^2), else int(v); or {boundaries: [b0, b1, ...]} = number of
+              boundaries <= v, missing -> the missing token. Then counted or hashed like any id.
+  normalizer  none | min_max | standard: the value is embedded as value x vector, the way
+              FuxiCTR/BARS embed numeric features (one learned vector v_f per field, a row's
+              embedding x * v_f, x the value after the normaliser, fit on train; a missing value
+              gives the zero vector). Stored as a float32 column (manifest kind numeric);
+              vocab_mode, min_count and buckets do not apply. See data_tools.numeric.
+A NaN or infinite value of a normalizer field is refused naming its file, row and column.
 """
 
 from __future__ import annotations
@@ -34,14 +42,17 @@ import pyarrow.compute as pc
 
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import FieldSpec
-from tf4ctr_dist.data.tokens import bucketize_criteo
+from tf4ctr_dist.data.tokens import NORMALIZERS, bucketize_criteo
 
+from .numeric import ValueNormalizer
 from .options import VOCAB_MODES
 from .vocab import HASH_NAME, MISSING, HashedVocabulary, Vocabulary, as_strings
 
 KINDS = ("categorical", "sequence", "numeric")
 KEEPS = ("first", "last", "error")  # a sequence longer than max_len: keep its first / last items, or refuse it
-FIELD_KEYS = {"name", "kind", "vocab_mode", "min_count", "buckets", "max_len", "splitter", "keep", "bucketing"}
+FIELD_KEYS = {"name", "kind", "vocab_mode", "min_count", "buckets", "max_len", "splitter", "keep", "bucketing",
+              "normalizer"}
+ID_KEYS = ("vocab_mode", "min_count", "buckets")  # settings of fields with ids
 
 
 @dataclass(frozen=True)
@@ -49,8 +60,8 @@ class FieldPlan:
     """One output field and how its raw values become ids."""
 
     name: str
-    kind: str = "categorical"  # categorical | sequence | numeric (stored as categorical)
-    vocab_mode: str = "counted"
+    kind: str = "categorical"  # categorical | sequence | numeric (bucketised: stored as categorical)
+    vocab_mode: str = "counted"  # "none" for a value x vector field
     min_count: int = 1
     buckets: int | None = None
     max_len: int | None = None
@@ -58,21 +69,31 @@ class FieldPlan:
     keep: str = "first"
     bucketing: Any = None  # numeric: "criteo" or {"boundaries": [...]}
     boundaries: tuple[float, ...] = field(default=(), compare=False)
+    normalizer: str | None = None  # numeric embedded as value x vector: none | min_max | standard
+
+    @property
+    def embeds_value(self) -> bool:
+        return self.normalizer is not None
 
     @property
     def stored_kind(self) -> str:
+        if self.embeds_value:
+            return "numeric"
         return "sequence" if self.kind == "sequence" else "categorical"
 
     @property
     def counted(self) -> bool:
         return self.vocab_mode == "counted"
 
-    def field_spec(self, vocab: Vocabulary | HashedVocabulary) -> FieldSpec:
+    def field_spec(self, vocab: Vocabulary | HashedVocabulary | ValueNormalizer) -> FieldSpec:
         return FieldSpec(self.name, self.stored_kind, vocab.size, self.max_len, self.vocab_mode)  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, Any]:
-        """For the manifest's spec: enough to redo the mapping."""
+        """For the manifest's spec: enough to redo the mapping (a value field's normaliser
+        statistics are added by the pipeline once fit)."""
         out: dict[str, Any] = {"kind": self.kind, "vocab_mode": self.vocab_mode}
+        if self.embeds_value:
+            return out
         if self.counted:
             out["min_count"] = self.min_count
         else:
@@ -163,6 +184,8 @@ def _plan(
     kind = merged.get("kind", "categorical")
     if kind not in kinds:
         raise DataError(f"field {name!r}: kind should be one of {list(kinds)}, got {kind!r}")
+    if kind == "numeric" and "normalizer" in merged:
+        return _value_plan(name, entry, merged)
     mode = merged.get("vocab_mode", vocab_mode)
     if mode not in VOCAB_MODES:
         raise DataError(f"field {name!r}: vocab_mode should be one of {list(VOCAB_MODES)}, got {mode!r}")
@@ -209,11 +232,28 @@ def _plan(
             bucketing = {"boundaries": list(values)}
         else:
             raise DataError(
-                f"numeric field {name!r} needs bucketing: criteo, or bucketing: {{boundaries: [b0, b1, ...]}}; got {bucketing!r}"
+                f"numeric field {name!r} needs bucketing: criteo or bucketing: {{boundaries: [b0, b1, ...]}} "
+                f"(categorical ids), or normalizer: {' | '.join(NORMALIZERS)} (value x vector); got bucketing {bucketing!r}"
             )
-    elif "bucketing" in entry:
-        raise DataError(f"field {name!r}: bucketing applies to numeric fields only")
+    else:
+        for key in ("bucketing", "normalizer"):
+            if key in entry:
+                raise DataError(f"field {name!r}: {key} applies to numeric fields only")
     return FieldPlan(name, kind, mode, count, n, max_len, splitter, keep, bucketing, boundaries)
+
+
+def _value_plan(name: str, entry: Mapping[str, Any], merged: Mapping[str, Any]) -> FieldPlan:
+    """A numeric field embedded as value x vector (it has no ids, so no vocabulary settings)."""
+    normalizer = merged["normalizer"]
+    if normalizer not in NORMALIZERS:
+        raise DataError(f"field {name!r}: normalizer should be one of {list(NORMALIZERS)}, got {normalizer!r}")
+    if "bucketing" in merged:
+        raise DataError(f"numeric field {name!r}: give bucketing (categorical ids) or normalizer (value x vector), not both")
+    for key in (*ID_KEYS, "max_len", "splitter", "keep"):
+        if key in entry:
+            raise DataError(f"field {name!r}: {key} does not apply to a numeric field embedded as value x vector "
+                            "(normalizer); it has no ids")
+    return FieldPlan(name, "numeric", "none", normalizer=normalizer)
 
 
 def make_vocab(plan: FieldPlan, counted: Vocabulary | None = None) -> Vocabulary | HashedVocabulary:

@@ -17,8 +17,10 @@ hold several dataset ids):
 Mapping: feature_cols[].name (a name or a list of names: one field each), active (false: left
 out), dtype (str / float / int: every raw cell is read as text, so only a check), type
 (categorical; sequence with splitter / max_len, truncated keeping the first max_len items as
-FuxiCTR does; numeric only with this system's `bucketing` key, since the model has no value x
-vector input), min_categr_count (per column, else the config's, else 1 as in FuxiCTR),
+FuxiCTR does; numeric embedded as value x vector as FuxiCTR does, with `normalizer`
+StandardScaler / MinMaxScaler / none fit on train - a missing value gives the zero vector,
+where FuxiCTR fills it with 0 first - or, with this system's `bucketing` key, bucketised into
+categorical ids), min_categr_count (per column, else the config's, else 1 as in FuxiCTR),
 preprocess (a data_tools.derive name, e.g. extract_country_code, convert_weekday; `copy_from(COL)`;
 convert_to_bucket = the Criteo bucketing), copy_from; label_col {name, dtype}; train_data /
 valid_data / test_data (relative paths: from the YAML file's folder). Any other key is refused by
@@ -39,7 +41,8 @@ from .options import OptionError
 DATASET_KEYS = {"data_format", "data_root", "train_data", "valid_data", "test_data", "min_categr_count",
                 "feature_cols", "label_col"}
 COLUMN_KEYS = {"name", "active", "dtype", "type", "min_categr_count", "splitter", "max_len", "preprocess",
-               "copy_from", "bucketing"}
+               "copy_from", "bucketing", "normalizer"}
+NORMALIZERS = {"StandardScaler": "standard", "MinMaxScaler": "min_max", None: "none"}  # FuxiCTR's -> data_tools.fields
 LABEL_KEYS = {"name", "dtype"}
 DTYPES = {"str", "float", "int"}
 # FuxiCTR preprocess functions whose input is a fixed raw column (not the field's own name).
@@ -114,14 +117,18 @@ def _columns(dataset: str, cols: Any, default_min: int | None) -> list[Any]:
                     raise OptionError(f"{where}: a sequence column needs {key}")
             entry.update(kind="sequence", splitter=col["splitter"], keep="first")
             entry["max_len"] = col["max_len"]
-        elif kind == "numeric":
-            if "bucketing" not in col:
-                raise OptionError(
-                    f"{where}: type numeric (FuxiCTR: value x vector) not supported; every field is categorical "
-                    "here: add bucketing: criteo or bucketing: {boundaries: [...]}, or preprocess: convert_to_bucket")
+        elif kind == "numeric" and "bucketing" in col:
+            if "normalizer" in col:
+                raise OptionError(f"{where}: bucketing (categorical ids) and normalizer (value x vector) exclude each other")
             entry.update(kind="numeric", bucketing=col["bucketing"])
+        elif kind == "numeric":
+            if col.get("normalizer") not in NORMALIZERS:
+                raise OptionError(f"{where}.normalizer: expected StandardScaler or MinMaxScaler (or none), got {col['normalizer']!r}")
+            entry = {"kind": "numeric", "normalizer": NORMALIZERS[col.get("normalizer")]}  # no ids: no min count
         elif kind != "categorical":
             raise OptionError(f"{where}.type: expected categorical, sequence or numeric, got {kind!r}")
+        if "normalizer" in col and kind != "numeric":
+            raise OptionError(f"{where}.normalizer: only for type numeric")
         for key in ("splitter", "max_len"):
             if key in col and kind != "sequence":
                 raise OptionError(f"{where}.{key}: only for type sequence")

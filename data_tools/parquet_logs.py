@@ -16,6 +16,7 @@ entries of ROOT that are not partitions). The dataset spec names everything:
       - category
       - {name: hist_items, kind: sequence, max_len: 20}          # list column or "a|b|c" strings
       - {name: price, kind: numeric, bucketing: {boundaries: [1, 10, 100]}}
+      - {name: age, kind: numeric, normalizer: standard}         # value x vector (data_tools.numeric)
 
 Each split is the union of its dates' partitions (dates ascending, files by path, row groups in
 file order); a date may belong to one split only. Vocabularies are fit on the train dates.
@@ -45,6 +46,7 @@ from tf4ctr_dist.data.storage import Location, describe, display_url, resolve
 
 from .engine import Engine
 from .fields import FieldPlan, clean_lists, numeric_tokens, resolve_fields, split_strings
+from .numeric import column_values
 from .options import ParquetLogsOptions
 from .pipeline import Chunk, Source, prepare
 from .progress import Progress
@@ -313,6 +315,8 @@ class ParquetLogsSource(Source):
         return values.astype(np.float32)
 
     def _tokens(self, plan: FieldPlan, column: pa.ChunkedArray, where: str) -> pa.Array:
+        if plan.embeds_value:
+            return column_values(column, lambda row: f"{where} (row {row} of the row group)", plan.name)
         if plan.kind == "numeric":
             return numeric_tokens(plan, pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False))
         if plan.kind == "sequence":

@@ -1,12 +1,14 @@
 """The preparation every converter shares: (1) count train tokens of the counted fields and save
-their vocabularies, (2) map every row to ids and route it to its split, (3) write parts and the
-manifest atomically.
+their vocabularies, and fit the normalisers of numeric value x vector fields (data_tools.numeric),
+(2) map every row to ids (or normalised values) and route it to its split, (3) write parts and
+the manifest atomically.
 
 A converter is a `Source`: its field plans, an ordered list of shards, and `read(shard)` yielding
 `Chunk`s of raw tokens (labels validated, splits assigned). Pass 1 runs only when some field is
-counted, and only over shards that can hold train rows; hashed fields never need it, so a
-dataset whose fields are all hashed reads its input once. Both passes go through an engine
-(data_tools.engine); the output is independent of the engine (see there).
+counted or has a normaliser to fit, and only over shards that can hold train rows; hashed
+fields never need it, so a dataset whose fields are all hashed reads its input once. Both
+passes go through an engine (data_tools.engine); the output is independent of the engine (see
+there).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tf4ctr_dist.data.manifest import SPLITS, FieldSpec, Manifest
 
 from .engine import SPLIT_COLUMN, Engine, LocalEngine
 from .fields import FieldPlan, lookup_lists
+from .numeric import FITTED, NumericStats, ValueNormalizer
 from .vocab import COUNT_SCHEMA, DEFAULT_MEMORY_BUDGET, HashedVocabulary, Vocabulary, VocabCounter, aggregate_counts, count_values
 from .options import DEFAULT_ROW_GROUP_ROWS, WriteOptions
 from .progress import Progress
@@ -33,6 +36,7 @@ TRAIN = 0
 # Rows of count_shard's table below the counts (field ids of real fields are >= 0).
 TRAIN_ROWS_FIELD = -1  # the shard's train rows
 READ_ROWS_FIELD = -2  # the rows it read (train or not): progress of the counting pass
+STATS_FIELD = -3  # per fitted numeric field: count = its index, token = NumericStats.to_json()
 T = TypeVar("T")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -46,8 +50,9 @@ def vocab_file_name(index: int, name: str) -> str:
 @dataclass
 class Chunk:
     """Raw rows of one input batch: labels (float32, 0/1), tokens per field (string array, or
-    clean list<string> for sequence fields), split index per row (or one for all), group ids,
-    and the bytes of the shard's input read so far (None: not known), for progress lines."""
+    clean list<string> for sequence fields, float64 values with nulls for numeric value x
+    vector fields), split index per row (or one for all), group ids, and the bytes of the
+    shard's input read so far (None: not known), for progress lines."""
 
     labels: np.ndarray
     tokens: dict[str, pa.Array]
@@ -105,21 +110,25 @@ def adaptive_row_group_rows(train_rows: int) -> int:
 # ---- shard functions (run by an engine: in process, or as Ray tasks) --------------------------
 
 
-def count_chunks(source: Source, shard: Any, names: Sequence[str]) -> Iterator[tuple[pa.Table | None, int, Chunk]]:
+FitChunk = tuple[pa.Table | None, int, Chunk, list[NumericStats] | None]
+
+
+def count_chunks(source: Source, shard: Any, names: Sequence[str], fitted: Sequence[str] = ()) -> Iterator[FitChunk]:
     """Per chunk: partial counts (field = index in `names`) over its train rows (None: it has
-    none), its train rows, and the chunk (for progress)."""
+    none), its train rows, the chunk (for progress), and the NumericStats of the numeric fields
+    `fitted` over its train rows (None: no train rows)."""
     plans = {f.name: f for f in source.fields}
-    for chunk in source.read(shard, names):
+    for chunk in source.read(shard, [*names, *fitted]):
         train = chunk.split_mask(TRAIN)
         if isinstance(train, (bool, np.bool_)):
             if not train:
-                yield None, 0, chunk
+                yield None, 0, chunk, None
                 continue
             rows, keep = chunk.rows, None
         else:
             rows, keep = int(np.count_nonzero(train)), pa.array(train)
             if rows == 0:
-                yield None, 0, chunk
+                yield None, 0, chunk, None
                 continue
         partials = []
         for i, name in enumerate(names):
@@ -129,27 +138,46 @@ def count_chunks(source: Source, shard: Any, names: Sequence[str]) -> Iterator[t
             if plans[name].kind == "sequence":
                 column = pc.list_flatten(column)
             partials.append(count_values(i, column))
-        yield pa.concat_tables(partials), rows, chunk
+        stats = []
+        for name in fitted:
+            values = chunk.tokens[name] if keep is None else chunk.tokens[name].filter(keep)
+            stats.append(NumericStats.of(values.drop_null().to_numpy(zero_copy_only=False)))
+        yield pa.concat_tables(partials) if partials else None, rows, chunk, stats
 
 
-def count_shard(source: Source, names: Sequence[str], shard: Any) -> pa.Table:
+def count_shard(source: Source, names: Sequence[str], fitted: Sequence[str], shard: Any) -> pa.Table:
     """count_chunks of a whole shard, aggregated, as one table (what a Ray Data block holds):
     the counts, then two rows (token ""): field TRAIN_ROWS_FIELD, count = the shard's train
-    rows; field READ_ROWS_FIELD, count = the rows it read."""
+    rows; field READ_ROWS_FIELD, count = the rows it read; then one STATS_FIELD row per fitted
+    numeric field (count = its index in `fitted`, token = its NumericStats as JSON)."""
     partials, rows, read = [], 0, 0
-    for partial, n, chunk in count_chunks(source, shard, names):
+    stats = [NumericStats() for _ in fitted]
+    for partial, n, chunk, chunk_stats in count_chunks(source, shard, names, fitted):
         read += chunk.rows
+        rows += n
+        if chunk_stats is not None:
+            stats = [a + b for a, b in zip(stats, chunk_stats)]
         if partial is None:
             continue
         partials.append(partial)
-        rows += n
         if len(partials) >= 32:
             partials = [aggregate_counts(partials)]
+    fields = [TRAIN_ROWS_FIELD, READ_ROWS_FIELD, *[STATS_FIELD] * len(stats)]
     meta = pa.table(
-        [pa.array([TRAIN_ROWS_FIELD, READ_ROWS_FIELD], pa.int32()), pa.array(["", ""]), pa.array([rows, read], pa.int64())],
+        [pa.array(fields, pa.int32()), pa.array(["", "", *(s.to_json() for s in stats)]),
+         pa.array([rows, read, *range(len(stats))], pa.int64())],
         schema=COUNT_SCHEMA,
     )
     return pa.concat_tables([aggregate_counts(partials), meta])
+
+
+def _shard_stats(table: pa.Table, fitted: int) -> list[NumericStats]:
+    """The STATS_FIELD rows of a count_shard table (or of one block of it), merged per field."""
+    stats = [NumericStats() for _ in range(fitted)]
+    rows = table.filter(pc.equal(table.column("field"), STATS_FIELD))
+    for index, text in zip(rows.column("count").to_pylist(), rows.column("token").to_pylist()):
+        stats[index] = stats[index] + NumericStats.from_json(text)
+    return stats
 
 
 def _meta(table: pa.Table, field: int) -> int:
@@ -159,12 +187,20 @@ def _meta(table: pa.Table, field: int) -> int:
 
 
 def _schema(source: Source) -> pa.Schema:
-    specs = [FieldSpec(f.name, f.stored_kind, 2, f.max_len, f.vocab_mode) for f in source.fields]  # type: ignore[arg-type]
-    return Manifest(specs, source.label, source.group, {}).arrow_schema()
+    return Manifest(_draft_specs(source), source.label, source.group, {}).arrow_schema()
+
+
+def _draft_specs(source: Source) -> list[FieldSpec]:
+    """Field specs with placeholder vocabulary sizes (fit while writing)."""
+    return [FieldSpec(f.name, f.stored_kind, 1 if f.embeds_value else 2, f.max_len, f.vocab_mode)  # type: ignore[arg-type]
+            for f in source.fields]
+
+
+Vocabs = Mapping[str, Vocabulary | HashedVocabulary | ValueNormalizer]  # raw tokens -> stored column, per field
 
 
 def transform_chunks(
-    source: Source, vocabs: Mapping[str, Vocabulary | HashedVocabulary], shard: Any
+    source: Source, vocabs: Vocabs, shard: Any
 ) -> Iterator[tuple[list[pa.Table | None], Chunk]]:
     """Per chunk: its rows as ids, one table (or None) per split index; and the chunk (for
     progress)."""
@@ -177,6 +213,8 @@ def transform_chunks(
             tokens = chunk.tokens[f.name]
             if f.kind == "sequence":
                 columns.append(lookup_lists(vocabs[f.name], tokens))
+            elif f.embeds_value:
+                columns.append(vocabs[f.name].apply(tokens))  # type: ignore[union-attr]
             else:
                 columns.append(pa.array(vocabs[f.name].lookup(tokens), pa.int64()))
         groups = chunk.groups if chunk.groups is not None else np.zeros(n, dtype=np.int64)
@@ -193,7 +231,7 @@ def transform_chunks(
         yield out, chunk
 
 
-def transform_shard(source: Source, vocabs: Mapping[str, Vocabulary | HashedVocabulary], shard: Any) -> pa.Table:
+def transform_shard(source: Source, vocabs: Vocabs, shard: Any) -> pa.Table:
     """transform_chunks of a whole shard as one table (what a Ray Data block holds): the id
     rows in shard order, each tagged with its split index in a leading SPLIT_COLUMN."""
     tagged = []
@@ -273,9 +311,10 @@ def prepare(
     budget = int(vocab_memory_mb * (1 << 20)) if vocab_memory_mb else DEFAULT_MEMORY_BUDGET
     counted = [f for f in source.fields if f.counted]
     names = [f.name for f in counted]
+    fitted = [f.name for f in source.fields if f.normalizer in FITTED]
     with DatasetWriter(
         out_url,
-        fields=[FieldSpec(f.name, f.stored_kind, 2, f.max_len, f.vocab_mode) for f in source.fields],  # type: ignore[arg-type]
+        fields=_draft_specs(source),
         label=source.label,
         group=source.group,
         row_group_rows=row_group_rows or DEFAULT_ROW_GROUP_ROWS,
@@ -284,26 +323,36 @@ def prepare(
         storage_options=storage_options,
     ) as writer:
         shards = source.shards(engine)
-        vocabs: dict[str, Vocabulary | HashedVocabulary] = {}
+        vocabs: dict[str, Vocabulary | HashedVocabulary | ValueNormalizer] = {}
+        stats = [NumericStats() for _ in fitted]
         train_rows: int | None = None
-        if counted:
+        if counted or fitted:
             train_shards = [s for s in shards if TRAIN in s.splits]
             train_rows = 0
-            _start_pass(progress, "pass 1/2: counting vocabularies", source, train_shards, engine)
+            what = "counting vocabularies" if counted else "fitting normalisers"
+            _start_pass(progress, f"pass 1/2: {what}", source, train_shards, engine)
             with VocabCounter(len(counted), memory_budget=budget) as counter:
                 if engine.streams:
-                    counts = _read_here(progress, source, train_shards, lambda s: count_chunks(source, s, names), lambda c: c[2])
-                    for partial, n, _ in counts:
+                    counts = _read_here(progress, source, train_shards, lambda s: count_chunks(source, s, names, fitted),
+                                        lambda c: c[2])
+                    for partial, n, _, chunk_stats in counts:
                         if partial is not None:
                             counter.add(partial)
+                        if chunk_stats is not None:
+                            stats = [a + b for a, b in zip(stats, chunk_stats)]
                         train_rows += n
                 else:
-                    for table in engine.map_tables(count_shard, train_shards, source, names):
+                    for table in engine.map_tables(count_shard, train_shards, source, names, fitted):
                         train_rows += _meta(table, TRAIN_ROWS_FIELD)
                         progress.add(_meta(table, READ_ROWS_FIELD))
+                        stats = [a + b for a, b in zip(stats, _shard_stats(table, len(fitted)))]
                         counter.add(table.filter(pc.greater_equal(table.column("field"), 0)))
                 progress.end()
                 vocabs.update(zip(names, counter.vocabularies([f.min_count for f in counted])))
+        fits = dict(zip(fitted, stats))
+        for f in source.fields:
+            if f.embeds_value:
+                vocabs[f.name] = ValueNormalizer.fit(f.name, f.normalizer, fits.get(f.name))  # type: ignore[arg-type]
         # Saved with the dataset (staged like the parts): raw value -> id for serving, and counts.
         vocab_files = {
             f.name: writer.write_file(vocab_file_name(i, f.name), vocabs[f.name].table())  # type: ignore[union-attr]
@@ -311,7 +360,7 @@ def prepare(
             if f.counted
         }
         for f in source.fields:
-            if not f.counted:
+            if not f.counted and not f.embeds_value:
                 assert f.buckets is not None
                 vocabs[f.name] = HashedVocabulary(f.buckets)
         if row_group_rows is None:
@@ -340,5 +389,8 @@ def prepare(
         spec["vocab"] = {f.name: f.describe() for f in source.fields}
         for name, info in vocab_files.items():
             spec["vocab"][name]["file"] = info
+        for f in source.fields:
+            if f.embeds_value:
+                spec["vocab"][f.name].update(vocabs[f.name].describe())  # type: ignore[union-attr]
         specs = [f.field_spec(vocabs[f.name]) for f in source.fields]
         return writer.commit(spec, created_by=source.created_by, fields=specs)

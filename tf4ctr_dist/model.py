@@ -56,18 +56,24 @@ def uses_first_order(cfg: ModelConfig) -> bool:
 
 
 def embedding_tables(
-    fields: Sequence[tuple[str, int]], cfg: ModelConfig, mean_pooled: Collection[str] = ()
+    fields: Sequence[tuple[str, int]], cfg: ModelConfig, mean_pooled: Collection[str] = (),
+    numeric: Collection[str] = (),
 ) -> list[EmbeddingBagConfig]:
     """All tables the model will hold: the easy set, plus the hard set with SER, plus the
     first-order set when an encoder needs it.
-    ``mean_pooled`` names the sequence fields (see ``field_tables``)."""
+    ``mean_pooled`` names the sequence fields, ``numeric`` the value x vector fields (see
+    ``field_tables``); every table set treats them alike (the LR term of a numeric field is x * w_f)."""
     d = cfg.embedding_dim
-    linear = field_tables(LINEAR_PREFIX, fields, FIRST_ORDER_DIM, mean_pooled) if uses_first_order(cfg) else []
+
+    def tables(prefix: str, dim: int) -> list[EmbeddingBagConfig]:
+        return field_tables(prefix, fields, dim, mean_pooled, numeric)
+
+    linear = tables(LINEAR_PREFIX, FIRST_ORDER_DIM) if uses_first_order(cfg) else []
     if cfg.ssem == "ser":
         if d % 2:
             raise ValueError(f"ssem=ser needs an even embedding_dim (easy tables use d/2), got {d}")
-        return field_tables(EASY_PREFIX, fields, d // 2, mean_pooled) + field_tables(HARD_PREFIX, fields, d, mean_pooled) + linear
-    return field_tables(EASY_PREFIX, fields, d, mean_pooled) + linear
+        return tables(EASY_PREFIX, d // 2) + tables(HARD_PREFIX, d) + linear
+    return tables(EASY_PREFIX, d) + linear
 
 
 def build_fusion(kind: str, simple_dim: int, complex_dim: int) -> nn.Module:
@@ -149,8 +155,13 @@ def tf4ctr(
     fused_dense: bool = True,
     cpu_kernels: Optional["CpuKernels"] = None,
     keep_mask_words: str = "sfc64",
+    numeric: Collection[str] = (),
 ) -> TF4CTR:
     """TF4CTR for ``fields`` = [(name, vocab_size incl. PAD and OOV), ...] in manifest order.
+
+    ``mean_pooled``: the sequence fields; ``numeric``: the fields embedded as value x vector
+    (vocab_size 1). With numeric fields every EBC is weighted and its input KJT must carry
+    weights (see ``field_tables``; the reader and the serving features give them).
 
     Build on ``device="meta"`` for DistributedModelParallel; tables are then materialised by
     the sharder on their owning rank. ``fused_dense=False`` runs the encoders as plain
@@ -159,13 +170,17 @@ def tf4ctr(
     for the MLP encoders' BatchNorm -> ReLU -> dropout, or None for the eager ops.
     ``keep_mask_words``: the dropout masks' random words ("sfc64"; "torch" for A/B timing).
     """
-    tables = embedding_tables(fields, cfg, mean_pooled)
+    tables = embedding_tables(fields, cfg, mean_pooled, numeric)
     num_fields = len(fields)
     d = cfg.embedding_dim
     easy = [t for t in tables if t.name.startswith(EASY_PREFIX + "_")]
     hard = [t for t in tables if t.name.startswith(HARD_PREFIX + "_")]
-    embedding = EmbeddingBagCollection(tables=easy, device=torch.device(device))
-    hard_embedding = EmbeddingBagCollection(tables=hard, device=torch.device(device)) if hard else None
+
+    def ebc(configs: list[EmbeddingBagConfig]) -> EmbeddingBagCollection:
+        return EmbeddingBagCollection(tables=configs, is_weighted=bool(numeric), device=torch.device(device))
+
+    embedding = ebc(easy)
+    hard_embedding = ebc(hard) if hard else None
     easy_in = num_fields * (d // 2 if hard else d)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.dense_precision]
     if dtype is not None and not fused_dense:
@@ -187,7 +202,7 @@ def tf4ctr(
         simple_encoder=simple,
         complex_encoder=complex_,
         fusion=build_fusion(cfg.dfm, simple.out_dim, complex_.out_dim),
-        linear_embedding=EmbeddingBagCollection(tables=linear, device=torch.device(device)) if linear else None,
+        linear_embedding=ebc(linear) if linear else None,
         simple_head=simple_head,
         complex_head=complex_head,
     )

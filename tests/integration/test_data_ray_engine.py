@@ -81,6 +81,17 @@ def test_parquet_logs_synthetic_and_bars_local_vs_ray(ray_cluster: None, tmp_pat
     same_dataset(tmp_path / "bars-local", tmp_path / "bars-ray")
 
 
+def test_numeric_value_fields_local_vs_ray(ray_cluster: None, tmp_path: Path) -> None:
+    """Normaliser statistics fit per shard on Ray and merged on the driver: the same bytes."""
+    from tests.unit.test_numeric_prepare import NUMERIC_FIELDS, _csvs, _rows
+
+    files = _csvs(tmp_path / "raw", _rows(400, 11), _rows(50, 12))
+    prepare_bars_csv(*files, str(tmp_path / "local"), fields=NUMERIC_FIELDS, row_group_rows=64)
+    prepare_bars_csv(*files, str(tmp_path / "ray"), fields=NUMERIC_FIELDS, row_group_rows=64,
+                     engine=RayEngine(shard_bytes=500))
+    same_dataset(tmp_path / "local", tmp_path / "ray")
+
+
 def test_task_errors_keep_file_and_line(ray_cluster: None, tmp_path: Path) -> None:
     raw = tmp_path / "day.tsv"
     write_criteo_tsv(raw, 1500, seed=6, chunk_rows=500)

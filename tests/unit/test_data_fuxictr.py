@@ -96,7 +96,9 @@ def test_several_datasets_need_an_id(tmp_path: Path) -> None:
         (("type: categorical}", "type: categorical, embedding_dim: 16}"), r"frappe_x1\.feature_cols\[0\]\.embedding_dim: not supported"),
         (("    min_categr_count: 2\n", "    min_categr_count: 2\n    rebuild_dataset: true\n"), r"frappe_x1\.rebuild_dataset: not supported"),
         (("{dtype: float, name: label}", "{dtype: float, name: label, threshold: 3}"), r"frappe_x1\.label_col\.threshold: not supported"),
-        (("type: categorical}", "type: numeric}"), r"feature_cols\[0\]: type numeric .* not supported"),
+        (("type: categorical}", "type: numeric, normalizer: RobustScaler}"),
+         r"feature_cols\[0\]\.normalizer: expected StandardScaler or MinMaxScaler \(or none\), got 'RobustScaler'"),
+        (("type: categorical}", "type: categorical, normalizer: MinMaxScaler}"), r"feature_cols\[0\]\.normalizer: only for type numeric"),
         (("type: categorical}", "type: sequence, max_len: 3}"), r"feature_cols\[0\]: a sequence column needs splitter"),
         (("data_format: csv", "data_format: h5"), r"frappe_x1\.data_format: only csv"),
     ],
@@ -143,3 +145,31 @@ def test_sequence_preprocess_and_copy_from(tmp_path: Path) -> None:
     assert len(set(t.column("hour").to_pylist())) == 2 and len(set(t.column("weekday").to_pylist())) == 3
     # isrc -> country: TW, US, GB
     assert len(set(t.column("isrc").to_pylist())) == 3
+
+
+def test_numeric_columns_embedded_as_value_x_vector(tmp_path: Path) -> None:
+    """FuxiCTR's numeric type with its normalizer names -> this system's value x vector fields."""
+    header = "label,user,price,age,n"
+    rows = [f"{i % 2},u{i % 3},{i * 1.5},{'' if i == 4 else 20 + i},{i % 4}" for i in range(12)]
+    files = [write_csv(tmp_path / f"{s}.csv", header, rows) for s in ("train", "valid", "test")]
+    config = tmp_path / "d.yaml"
+    config.write_text(json.dumps({"t": {
+        "feature_cols": [
+            {"name": "user", "type": "categorical"},
+            {"name": "price", "type": "numeric", "dtype": "float", "normalizer": "MinMaxScaler"},
+            {"name": ["age", "n"], "type": "numeric", "dtype": "float", "normalizer": "StandardScaler"},
+        ],
+        "label_col": {"name": "label", "dtype": "float"}, "min_categr_count": 1,
+        "train_data": "train.csv", "valid_data": "valid.csv", "test_data": "test.csv",
+    }}))
+    m = prepare_fuxictr(str(config), str(tmp_path / "ds"))
+    assert [(f.name, f.kind, f.vocab_size) for f in m.fields] == [
+        ("user", "categorical", 5), ("price", "numeric", 1), ("age", "numeric", 1), ("n", "numeric", 1)]
+    vocab = m.spec["vocab"]
+    assert (vocab["price"]["normalizer"], vocab["price"]["shift"], vocab["price"]["divisor"]) == ("min_max", 0.0, 16.5)
+    ages = np.array([20 + i for i in range(12) if i != 4], dtype=float)
+    assert vocab["age"]["normalizer"] == "standard"
+    assert (vocab["age"]["shift"], vocab["age"]["divisor"]) == pytest.approx((ages.mean(), ages.std()), rel=1e-12)
+    t = pq.read_table(tmp_path / "ds" / m.splits["train"].parts[0].path)
+    assert t.column("price").to_pylist()[:3] == pytest.approx([0.0, 1.5 / 16.5, 3 / 16.5])
+    assert t.column("age").to_pylist()[4] is None

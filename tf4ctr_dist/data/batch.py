@@ -14,7 +14,8 @@ class Batch(Pipelineable):
     """One local batch of B samples.
 
     sparse_features: KJT keyed by field name (manifest order); ids already vocabulary-mapped,
-        PAD (id 0) removed, so a field with no ids pools to the zero vector.
+        PAD (id 0) removed, so a field with no ids pools to the zero vector. With numeric
+        fields it carries weights (tokens.lookup_weights); without, none.
     labels:     (B,) float32 in {0, 1}.
     group_ids:  (B,) int64 group key for gAUC (0 when the dataset has no group column).
     sample_ids: (B,) int64 row index within the split (stable across epochs and world sizes).

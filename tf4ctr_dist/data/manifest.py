@@ -5,6 +5,10 @@ Parquet layout of every part, columns in this order:
   <field>    int64 per categorical field             (mapped id in [0, vocab_size); 0 = PAD)
   <field>    list<int64> per sequence field          (ids in [1, vocab_size); PAD removed, so
                                                       the list length is 0..max_len)
+  <field>    float32 per numeric field, nullable     (the value after the field's normaliser,
+                                                      spec.vocab.<field>; null = missing; the
+                                                      model embeds it as value x the field's
+                                                      one vector, vocab_size 1, vocab_mode none)
   _group     int64, stable 64-bit id of the raw group value (0 when the dataset has no group)
 Ids, vocab_mode "counted": 0 = PAD, 1..n = tokens, n+1 = vocab_size-1 = OOV.
 Ids, vocab_mode "hashed": 0 = PAD, 1..vocab_size-1 = hash buckets (1 + hash(value) mod
@@ -28,21 +32,23 @@ MANIFEST_NAME = "manifest.json"
 GROUP_COLUMN = "_group"
 SPLITS = ("train", "valid", "test")
 
-FieldKind = Literal["categorical", "sequence"]
-VocabMode = Literal["counted", "hashed"]
+FieldKind = Literal["categorical", "sequence", "numeric"]
+VocabMode = Literal["counted", "hashed", "none"]  # none: numeric fields (no ids to map)
 
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One sparse feature: its Parquet column and embedding-table size."""
+    """One feature: its Parquet column and embedding-table size."""
 
     name: str
     kind: FieldKind
-    vocab_size: int  # rows incl. PAD (0) and, when counted, OOV (vocab_size - 1)
+    vocab_size: int  # rows incl. PAD (0) and, when counted, OOV (vocab_size - 1); numeric: 1
     max_len: int | None = None  # sequence fields only
     vocab_mode: VocabMode = "counted"
 
     def arrow_type(self) -> pa.DataType:
+        if self.kind == "numeric":
+            return pa.float32()
         return pa.int64() if self.kind == "categorical" else pa.list_(pa.int64())
 
 
@@ -81,6 +87,17 @@ class Manifest:
     def field_names(self) -> list[str]:
         return [f.name for f in self.fields]
 
+    @property
+    def numeric_fields(self) -> list[str]:
+        """Fields embedded as value x vector. When there are any, every lookup carries a
+        weight (the KJT's weights) and the model's tables are weighted, see
+        tf4ctr_dist.modules.embedding.field_tables."""
+        return [f.name for f in self.fields if f.kind == "numeric"]
+
+    @property
+    def sequence_fields(self) -> list[str]:
+        return [f.name for f in self.fields if f.kind == "sequence"]
+
     def column_names(self) -> list[str]:
         """Parquet columns of every part, in order."""
         return [self.label, *self.field_names, GROUP_COLUMN]
@@ -88,7 +105,7 @@ class Manifest:
     def arrow_schema(self) -> pa.Schema:
         return pa.schema(
             [pa.field(self.label, pa.float32(), nullable=False)]
-            + [pa.field(f.name, f.arrow_type(), nullable=False) for f in self.fields]
+            + [pa.field(f.name, f.arrow_type(), nullable=f.kind == "numeric") for f in self.fields]
             + [pa.field(GROUP_COLUMN, pa.int64(), nullable=False)]
         )
 
@@ -191,17 +208,21 @@ def _parse(data: Any, source: str) -> Manifest:
         where = f"{source}: fields[{i}]"
         name = _need(f, "name", str, where)
         kind = _need(f, "kind", str, where)
-        if kind not in ("categorical", "sequence"):
-            raise DataError(f"{where} ({name}): kind should be 'categorical' or 'sequence', got {kind!r}")
+        if kind not in ("categorical", "sequence", "numeric"):
+            raise DataError(f"{where} ({name}): kind should be 'categorical', 'sequence' or 'numeric', got {kind!r}")
         vocab_size = _need(f, "vocab_size", int, where)
-        if vocab_size < 2:
+        if kind == "numeric" and vocab_size != 1:
+            raise DataError(f"{where} ({name}): a numeric field has one table row (its vector), so vocab_size "
+                            f"should be 1, got {vocab_size}")
+        if kind != "numeric" and vocab_size < 2:
             raise DataError(f"{where} ({name}): vocab_size should be >= 2 (PAD + OOV), got {vocab_size}")
         max_len = f.get("max_len")
         if kind == "sequence" and (not isinstance(max_len, int) or max_len < 1):
             raise DataError(f"{where} ({name}): sequence field needs max_len >= 1, got {max_len!r}")
-        mode = f.get("vocab_mode", "counted")
-        if mode not in ("counted", "hashed"):
-            raise DataError(f"{where} ({name}): vocab_mode should be 'counted' or 'hashed', got {mode!r}")
+        mode = f.get("vocab_mode", "none" if kind == "numeric" else "counted")
+        if (mode != "none") if kind == "numeric" else mode not in ("counted", "hashed"):
+            expected = "'none'" if kind == "numeric" else "'counted' or 'hashed'"
+            raise DataError(f"{where} ({name}): vocab_mode of a {kind} field should be {expected}, got {mode!r}")
         fields.append(FieldSpec(name, kind, vocab_size, max_len if kind == "sequence" else None, mode))
     if not fields:
         raise DataError(f"{source}: 'fields' is empty")

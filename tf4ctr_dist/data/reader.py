@@ -36,6 +36,7 @@ from .batch import Batch
 from .errors import DataError
 from .manifest import GROUP_COLUMN, FieldSpec, Manifest
 from .storage import Location, StorageUnavailable, describe, resolve
+from .tokens import lookup_weights
 from .validate import check_part, validate_row_group
 
 
@@ -43,13 +44,15 @@ from .validate import check_part, validate_row_group
 @dataclass(frozen=True)
 class _Rows:
     """Decoded rows. Categorical ids sit in one (C, n) matrix so shuffling is one fancy-index and
-    a batch's KJT values (field-major) are one ravel; sequence fields stay Arrow list arrays."""
+    a batch's KJT values (field-major) are one ravel; sequence fields stay Arrow list arrays;
+    numeric values sit in one (N, n) matrix like the ids."""
 
     labels: np.ndarray  # (n,) float32
     groups: np.ndarray  # (n,) int64
     sample_ids: np.ndarray  # (n,) int64
     ids: np.ndarray  # (C, n) int64, categorical fields in manifest order
     lists: tuple[pa.Array, ...]  # one list<int> array per sequence field, manifest order
+    numbers: np.ndarray  # (N, n) float32, numeric fields in manifest order; NaN = missing
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,12 +61,13 @@ class _Rows:
         return _Rows(
             self.labels[start:stop], self.groups[start:stop], self.sample_ids[start:stop],
             self.ids[:, start:stop], tuple(a.slice(start, stop - start) for a in self.lists),
+            self.numbers[:, start:stop],
         )
 
     def take(self, index: np.ndarray) -> "_Rows":
         return _Rows(
             self.labels[index], self.groups[index], self.sample_ids[index],
-            self.ids[:, index], tuple(a.take(pa.array(index)) for a in self.lists),
+            self.ids[:, index], tuple(a.take(pa.array(index)) for a in self.lists), self.numbers[:, index],
         )
 
     @staticmethod
@@ -76,6 +80,7 @@ class _Rows:
             np.concatenate([p.sample_ids for p in parts]),
             np.concatenate([p.ids for p in parts], axis=1),
             tuple(pa.concat_arrays([p.lists[i] for p in parts]) for i in range(len(parts[0].lists))),
+            np.concatenate([p.numbers for p in parts], axis=1),
         )
 
 
@@ -209,6 +214,7 @@ class ParquetSplitReader:
         self._fields: list[FieldSpec] = list(manifest.fields)
         self._cat = [f.name for f in self._fields if f.kind == "categorical"]
         self._seq = [f.name for f in self._fields if f.kind == "sequence"]
+        self._num = [f.name for f in self._fields if f.kind == "numeric"]
         self._columns = manifest.column_names()
         self._groups: list[_RowGroup] = []
         first = 0
@@ -391,12 +397,16 @@ class ParquetSplitReader:
         ids = np.empty((len(self._cat), n), dtype=np.int64)
         for i, name in enumerate(self._cat):
             ids[i] = table.column(name).to_numpy()
+        numbers = np.empty((len(self._num), n), dtype=np.float32)
+        for i, name in enumerate(self._num):  # validated finite, so NaN can mark the nulls
+            numbers[i] = table.column(name).cast(pa.float32()).fill_null(np.nan).to_numpy()
         return _Rows(
             labels=table.column(self.manifest.label).to_numpy().astype(np.float32, copy=False),
             groups=table.column(GROUP_COLUMN).to_numpy().astype(np.int64, copy=False),
             sample_ids=np.arange(group.first_row + piece.start, group.first_row + piece.stop, dtype=np.int64),
             ids=ids,
             lists=tuple(table.column(name).combine_chunks() for name in self._seq),
+            numbers=numbers,
         )
 
     # ---- files --------------------------------------------------------------------------------
@@ -542,14 +552,15 @@ class ParquetSplitReader:
         sample_ids = np.full(size, -1, dtype=np.int64)
         valid = np.zeros(size, dtype=np.float32)
         lengths = np.zeros((len(self._fields), size), dtype=np.int32)  # (F, B), field-major
+        weights = np.empty(0, dtype=np.float32) if self._num else None
         if rows is None or n == 0:
             values = np.empty(0, dtype=np.int64)
-        elif not self._seq and rows.ids.all():
+        elif not self._seq and not self._num and rows.ids.all():
             # Fast path (e.g. every BARS / Criteo dataset): one id per field and row, no PAD.
             values = rows.ids.ravel()  # (C*n,) field-major, as the KJT wants
             lengths[:, :n] = 1
         else:
-            values = self._jagged(rows, lengths)
+            values, weights = self._jagged(rows, lengths)
         if n:
             labels[:n] = rows.labels
             groups[:n] = rows.groups
@@ -559,6 +570,7 @@ class ParquetSplitReader:
             keys=[f.name for f in self._fields],
             values=torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
             lengths=torch.from_numpy(lengths.ravel()),
+            weights=None if weights is None else torch.from_numpy(weights),
         )
         return Batch(
             sparse_features=kjt,
@@ -568,11 +580,14 @@ class ParquetSplitReader:
             valid=torch.from_numpy(valid),
         )
 
-    def _jagged(self, rows: _Rows, lengths: np.ndarray) -> np.ndarray:
-        """General case: PAD (id 0) removed everywhere, sequence fields flattened. Fills `lengths`."""
+    def _jagged(self, rows: _Rows, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """General case: PAD (id 0) removed everywhere, sequence fields flattened. Fills `lengths`.
+
+        Returns (values, weights): weights (len(values),) float32 when the dataset has numeric
+        fields (see `lookup_weights`), else None."""
         n = len(rows)
         values: list[np.ndarray] = []
-        cat = seq = 0
+        cat = seq = num = 0
         for f, spec in enumerate(self._fields):
             if spec.kind == "categorical":
                 ids = rows.ids[cat]
@@ -580,6 +595,11 @@ class ParquetSplitReader:
                 present = ids != 0  # PAD means "no id": zero length, pools to the zero vector
                 lengths[f, :n] = present
                 values.append(ids[present])
+            elif spec.kind == "numeric":
+                present = ~np.isnan(rows.numbers[num])  # missing: no lookup, the zero vector
+                num += 1
+                lengths[f, :n] = present
+                values.append(np.zeros(int(present.sum()), dtype=np.int64))  # the one row, id 0
             else:
                 column = rows.lists[seq]
                 seq += 1
@@ -592,7 +612,13 @@ class ParquetSplitReader:
                     ids = ids[~pad]
                 lengths[f, :n] = row_lengths
                 values.append(ids)
-        return np.concatenate(values)
+        if not self._num:
+            return np.concatenate(values), None
+        weights, num = [], 0
+        for f, spec in enumerate(self._fields):
+            weights.append(lookup_weights(spec.kind, lengths[f, :n], rows.numbers[num] if spec.kind == "numeric" else None))
+            num += spec.kind == "numeric"
+        return np.concatenate(values), np.concatenate(weights)
 
 
 def _take(buffer: list[_Rows], k: int) -> tuple[_Rows | None, list[_Rows]]:

@@ -6,6 +6,9 @@ so a served row maps to exactly the ids its training rows got.
   cast), so an int 123 and the string "123" are the same token.
 * stable_hash: SipHash-2-4 of the UTF-8 text with pandas' fixed key, the same on every machine.
 * bucketize_criteo: missing -> 0, v > 2 -> floor(ln(v)^2), else int(v) (toward zero).
+* numeric fields embedded as value x vector: missing_values (null or empty text) and normalize,
+  (x - shift) / divisor in float64, stored as float32, with the statistics `prepare` fit on train.
+* lookup_weights: with such fields every lookup of a batch carries a weight (reader and serving).
 """
 
 from __future__ import annotations
@@ -52,3 +55,42 @@ def bucketize_criteo(values: np.ndarray) -> np.ndarray:
     small = present & ~big
     out[small] = np.trunc(values[small]).astype(np.int64)
     return out
+
+
+NORMALIZERS = ("none", "min_max", "standard")
+
+
+def missing_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(n,) bool: where a numeric column holds no value (null, or text that is empty after
+    trimming spaces, as a CSV cell)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    missing = column.is_null()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        missing = pc.or_(missing, pc.equal(pc.utf8_trim_whitespace(column), "")).fill_null(True)
+    return missing.to_numpy(zero_copy_only=False)
+
+
+def normalize(values: np.ndarray, shift: float, divisor: float) -> np.ndarray:
+    """(x - shift) / divisor of float64 values (NaN = missing stays NaN), as float32: the value
+    a numeric field's lookup is weighted with, the same in prepare and serving."""
+    return ((np.asarray(values, dtype=np.float64) - shift) / divisor).astype(np.float32)
+
+
+def lookup_weights(kind: str, lengths: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    """One field's block of the KJT weights of a dataset with numeric fields (a weighted EBC
+    SUM-pools weight x row; see tf4ctr_dist.modules.embedding.field_tables).
+
+    kind: the field's stored kind (manifest); lengths: (n,) lookups per row; values: numeric
+    fields only, (n,) the values, NaN where missing (length 0). A categorical id weighs 1, each
+    id of a sequence of length L weighs 1/L (so the sum is the mean), a numeric lookup its value.
+    Returns (lengths.sum(),) float32.
+    """
+    if kind == "numeric":
+        assert values is not None
+        return values[lengths > 0].astype(np.float32, copy=False)
+    if kind == "sequence":
+        return np.repeat(1.0 / np.maximum(lengths, 1), lengths).astype(np.float32)
+    return np.ones(int(lengths.sum()), dtype=np.float32)

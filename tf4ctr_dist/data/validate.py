@@ -19,6 +19,9 @@ def validate_row_group(table: pa.Table, manifest: Manifest, where: str) -> None:
         raise DataError(f"{where}: column {manifest.label!r} has values other than 0 and 1")
     for spec in manifest.fields:
         column = table.column(spec.name)
+        if spec.kind == "numeric":
+            _check_values(column, spec.name, where)
+            continue
         if column.null_count:
             raise DataError(f"{where}: column {spec.name!r} has nulls; expected ids")
         ids = pc.list_flatten(column) if spec.kind == "sequence" else column
@@ -33,6 +36,18 @@ def validate_row_group(table: pa.Table, manifest: Manifest, where: str) -> None:
             longest = pc.max(pc.list_value_length(column)).as_py() or 0
             if spec.max_len is not None and longest > spec.max_len:
                 raise DataError(f"{where}: column {spec.name!r} has a list of {longest} ids; max_len is {spec.max_len}")
+
+
+def _check_values(column: pa.ChunkedArray, name: str, where: str) -> None:
+    """A numeric field's values: null is a missing value, NaN and infinities are refused (a NaN
+    weight would turn the field's vector, and through it the loss, into NaN)."""
+    if pa.types.is_integer(column.type) or len(column) == column.null_count:
+        return
+    finite = pc.is_finite(column)  # null where the value is null
+    if pc.all(finite).as_py() is False:
+        row = pc.index(finite, False).as_py()
+        raise DataError(f"{where}: column {name!r} has the non-finite value {column[row].as_py()} at row {row} "
+                        "of the row group; expected finite numbers, or null for a missing value")
 
 
 def check_part(pf: pq.ParquetFile, manifest: Manifest, url: str, row_groups: list[int]) -> None:

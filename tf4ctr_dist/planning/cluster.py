@@ -133,8 +133,9 @@ class ClusterSpec:
 @dataclass(frozen=True)
 class FieldInput:
     name: str
-    vocab_size: int  # embedding rows incl. PAD and OOV
+    vocab_size: int  # embedding rows incl. PAD and OOV (1 for a numeric field)
     pooling_factor: float = 1.0  # ids per sample (1 for categorical fields)
+    numeric: bool = False  # embedded as value x vector: one row, weighted lookups
 
 
 def fields_from_vocab_sizes(sizes: Iterable[int], prefix: str = "C") -> list[FieldInput]:
@@ -150,7 +151,8 @@ def fields_from_manifest(url: str) -> list[FieldInput]:
 
     manifest = load_manifest(url)
     return [
-        FieldInput(f.name, f.vocab_size, float(f.max_len) if f.kind == "sequence" and f.max_len else 1.0)
+        FieldInput(f.name, f.vocab_size, float(f.max_len) if f.kind == "sequence" and f.max_len else 1.0,
+                   f.kind == "numeric")
         for f in manifest.fields
     ]
 
@@ -206,7 +208,9 @@ def _check_fields(fields: Sequence[FieldInput]) -> None:
     if not fields:
         raise ValueError("no fields given")
     for f in fields:
-        if f.vocab_size < 2:
+        if f.numeric and f.vocab_size != 1:
+            raise ValueError(f"field {f.name}: a numeric field has one row (its vector), got vocab_size {f.vocab_size}")
+        if not f.numeric and f.vocab_size < 2:
             raise ValueError(f"field {f.name}: vocab_size should be >= 2 (PAD + OOV), got {f.vocab_size}")
         if f.pooling_factor <= 0:
             raise ValueError(f"field {f.name}: pooling_factor should be > 0, got {f.pooling_factor}")

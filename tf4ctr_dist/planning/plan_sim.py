@@ -264,7 +264,8 @@ def simulate_plan(
     notes: list[str] = []
 
     pairs = [(f.name, f.vocab_size) for f in fields]
-    tables = embedding_tables(pairs, cfg.model)
+    numeric = {f.name for f in fields if f.numeric}
+    tables = embedding_tables(pairs, cfg.model, numeric=numeric)
     pf_by_feature = {f.name: f.pooling_factor for f in fields}
     pooling = {t.name: pf_by_feature[t.feature_names[0]] for t in tables if pf_by_feature[t.feature_names[0]] != 1.0}
     optimizer = cfg.train.embedding_optimizer
@@ -274,7 +275,7 @@ def simulate_plan(
     emb_lr = cfg.train.embedding_lr or cfg.train.lr
     sharders = make_sharders(placement, emb_lr, cfg.train.emb_reg if placement.fused else 0.0)
 
-    module = TF4CTRTrain(tf4ctr(pairs, cfg.model, device="meta"), Objective(cfg.loss))
+    module = TF4CTRTrain(tf4ctr(pairs, cfg.model, device="meta", numeric=numeric), Objective(cfg.loss))
     _tag_optimizer_state(module, optimizer)
     dense_params = sum(p.numel() for n, p in module.named_parameters() if not is_embedding_param(n))
 

@@ -57,7 +57,10 @@ def _concat(kjts: list[KeyedJaggedTensor]) -> KeyedJaggedTensor:
     parts = [k.to_dict() for k in kjts]
     values = [torch.cat([p[key].values() for p in parts]) for key in keys]
     lengths = [torch.cat([p[key].lengths() for p in parts]) for key in keys]
-    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths).int())
+    weights = None
+    if kjts[0].weights_or_none() is not None:  # a model with value x vector fields
+        weights = torch.cat([torch.cat([p[key].weights() for p in parts]) for key in keys])
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths).int(), weights=weights)
 
 
 def scoring_app(path: str, replicas: int = 1, max_batch_size: int = 64, batch_wait_s: float = 0.005):

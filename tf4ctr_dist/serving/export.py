@@ -58,8 +58,8 @@ def build_model(manifest: Manifest, cfg: RunConfig):
     from tf4ctr_dist.model import tf4ctr
 
     fields = [(f.name, f.vocab_size) for f in manifest.fields]
-    sequences = {f.name for f in manifest.fields if f.kind == "sequence"}
-    return tf4ctr(fields, cfg.model, device="cpu", mean_pooled=sequences, cpu_kernels=None)
+    return tf4ctr(fields, cfg.model, device="cpu", mean_pooled=set(manifest.sequence_fields), cpu_kernels=None,
+                  numeric=set(manifest.numeric_fields))
 
 
 def read_vocabularies(data_url: str, manifest: Manifest, storage_options: Optional[dict] = None) -> dict[str, list[str]]:
@@ -242,6 +242,9 @@ def _id_only(manifest: Manifest):
 class _NoRaw:
     def __init__(self, name: str, kind: str, mode: str, size: int) -> None:
         self.name, self.kind, self.vocab_mode, self.vocab_size = name, kind, mode, size
+
+    def lookups(self, column, weighted: bool):
+        return self.ids(column)
 
     def ids(self, column):
         raise DataError(f"field {self.name!r}: the run's dataset saved no vocabulary for it, so raw values "

@@ -11,7 +11,11 @@ too, and a test holds the two to the same ids on the same raw files):
 * hashed fields: 1 + SipHash-2-4(utf-8 text, pandas' fixed key) mod buckets; missing is hashed
   as "" like any value; there is no OOV row.
 * numeric fields are bucketed first (criteo: missing -> 0, v > 2 -> floor(ln(v)^2), else int(v);
-  boundaries: number of boundaries <= v, missing -> ""), then mapped as above.
+  boundaries: number of boundaries <= v, missing -> ""), then mapped as above; or, embedded as
+  value x vector (manifest kind numeric), looked up as id 0 with the weight (x - shift) /
+  divisor from the dataset's normaliser (spec.vocab; missing: null or "" -> no lookup, a NaN or
+  infinite value is refused). With such fields every lookup carries a weight: 1 for an id,
+  1/L for each id of a sequence of length L (tf4ctr_dist.data.tokens.lookup_weights).
 * sequence fields: a string column split on the field's splitter (or a list column), empty items
   dropped, the first or last max_len kept, each item mapped; PAD never appears.
 """
@@ -27,7 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tf4ctr_dist.data.errors import DataError
-from tf4ctr_dist.data.tokens import MISSING, as_strings, bucketize_criteo, stable_hash
+from tf4ctr_dist.data.tokens import (
+    MISSING, as_strings, bucketize_criteo, lookup_weights, missing_values, normalize, stable_hash,
+)
 
 
 def hashed_ids(column: pa.Array, buckets: int) -> np.ndarray:
@@ -40,8 +46,8 @@ class FieldMapper:
     """How one field's raw values become ids (built from the manifest's field and spec)."""
 
     name: str
-    kind: str  # categorical | sequence | numeric
-    vocab_mode: str  # counted | hashed
+    kind: str  # categorical | sequence | numeric (bucketised or value x vector)
+    vocab_mode: str  # counted | hashed | none (value x vector)
     vocab_size: int
     tokens: Optional[pd.Index] = None  # counted: token -> position (id - 1)
     buckets: Optional[int] = None  # hashed
@@ -49,6 +55,15 @@ class FieldMapper:
     max_len: Optional[int] = None
     splitter: str = "|"
     keep: str = "first"
+    shift: Optional[float] = None  # numeric value x vector: weight = (x - shift) / divisor
+    divisor: float = 1.0
+
+    @property
+    def stored_kind(self) -> str:
+        """The manifest's kind: what the model's lookups of this field are."""
+        if self.shift is not None:
+            return "numeric"
+        return "sequence" if self.kind == "sequence" else "categorical"
 
     @property
     def oov(self) -> int:
@@ -82,8 +97,36 @@ class FieldMapper:
         missing = np.isnan(values)
         return pc.if_else(pa.array(missing), pa.scalar(MISSING), tokens) if missing.any() else tokens
 
+    def values(self, column: pa.Array) -> np.ndarray:
+        """A value x vector field's weights (n,) float32 after the normaliser, NaN where missing."""
+        missing = missing_values(column)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            column = pc.utf8_trim_whitespace(column)  # as `prepare` reads a CSV cell
+        try:
+            x = as_numeric(column)
+        except (pa.ArrowInvalid, ValueError) as e:
+            raise DataError(f"field {self.name!r}: numeric values expected ({e})") from None
+        bad = np.flatnonzero(~np.isfinite(x) & ~missing)
+        if bad.size:
+            raise DataError(f"field {self.name!r}: row {int(bad[0])} has the value {x[bad[0]]}; expected a finite "
+                            "number, or null / empty for a missing value")
+        return normalize(np.where(missing, np.nan, x), float(self.shift or 0.0), self.divisor)
+
+    def lookups(self, column: pa.Array, weighted: bool) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """(values, lengths, weights) of the field for n rows: lengths (n,) int32, values
+        (sum lengths,) ids, weights (sum lengths,) float32 when ``weighted`` (the model has
+        value x vector fields), else None."""
+        if self.stored_kind == "numeric":
+            x = self.values(column)
+            lengths = (~np.isnan(x)).astype(np.int32)
+            return np.zeros(int(lengths.sum()), np.int64), lengths, lookup_weights("numeric", lengths, x)
+        values, lengths = self.ids(column)
+        return values, lengths, lookup_weights(self.stored_kind, lengths) if weighted else None
+
     def ids(self, column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """(values, lengths) of the field for n rows: lengths (n,) int32, values (sum lengths,)."""
+        """(values, lengths) of an id field for n rows: lengths (n,) int32, values (sum lengths,)."""
         n = len(column)
         if self.kind == "sequence":
             lists = self._lists(column)
@@ -142,6 +185,14 @@ def build_mappers(fields: Sequence[Mapping[str, Any]], spec: Mapping[str, Any],
         m = FieldMapper(name=f["name"], kind=kind, vocab_mode=mode, vocab_size=int(f["vocab_size"]),
                         bucketing=info.get("bucketing"), max_len=f.get("max_len") or info.get("max_len"),
                         splitter=info.get("splitter", "|"), keep=info.get("keep", "first"))
+        if f["kind"] == "numeric":
+            shift, divisor = info.get("shift"), info.get("divisor")
+            if not isinstance(shift, (int, float)) or not isinstance(divisor, (int, float)) or not divisor:
+                raise DataError(f"numeric field {f['name']!r}: the manifest's spec.vocab gives no normaliser "
+                                f"(shift, divisor), got {shift!r}, {divisor!r}")
+            m.shift, m.divisor = float(shift), float(divisor)
+            mappers.append(m)
+            continue
         if mode == "hashed":
             m.buckets = int(info.get("buckets") or f["vocab_size"] - 1)
         else:

@@ -86,18 +86,22 @@ class Scorer(nn.Module):
         return self.dense(*self.pooled(features))
 
     def features(self, rows: Any) -> KeyedJaggedTensor:
-        """Raw rows (see features.to_table) -> the KJT of mapped ids (field-major, PAD dropped)."""
+        """Raw rows (see features.to_table) -> the KJT of mapped ids (field-major, PAD dropped),
+        with weights when the model has value x vector fields (its tables are weighted)."""
         table = to_table(rows, self.feature_names)
         n = table.num_rows
-        values, lengths = [], []
+        weighted = self.model.embedding.is_weighted()
+        values, lengths, weights = [], [], []
         for m in self.mappers:
-            v, l = m.ids(table.column(m.name))
+            v, l, w = m.lookups(table.column(m.name), weighted)
             values.append(v)
             lengths.append(l if len(l) == n else np.zeros(n, np.int32))
+            weights.append(w)
         return KeyedJaggedTensor(
             keys=self.feature_names,
             values=torch.from_numpy(np.ascontiguousarray(np.concatenate(values) if values else [], dtype=np.int64)),
             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+            weights=torch.from_numpy(np.concatenate(weights).astype(np.float32)) if weighted else None,
         )
 
     @torch.no_grad()

@@ -122,8 +122,8 @@ def build_training(
     # The scan stops at the first row group that holds both labels.
     check_label_classes(cfg.data.url, manifest, wanted, storage_options, cfg.data.storage_retry_seconds)
     fields = [(f.name, f.vocab_size) for f in manifest.fields]
-    sequences = {f.name for f in manifest.fields if f.kind == "sequence"}
-    tables = embedding_tables(fields, cfg.model, sequences)
+    sequences, numeric = set(manifest.sequence_fields), set(manifest.numeric_fields)
+    tables = embedding_tables(fields, cfg.model, sequences, numeric)
 
     placement = check_run_config(cfg, device.type, world_size)
     local_batch = cfg.train.batch_size // world_size
@@ -132,7 +132,8 @@ def build_training(
     fused_decay = cfg.train.emb_reg if placement.fused else 0.0
     kernels, kernel_record = load_cpu_kernels(cfg, placement, device)
 
-    module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta", mean_pooled=sequences, cpu_kernels=kernels),
+    module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta", mean_pooled=sequences, cpu_kernels=kernels,
+                                numeric=numeric),
                          Objective(cfg.loss))
     dmp, plan = shard_model(
         module,
