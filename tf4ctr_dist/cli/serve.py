@@ -18,11 +18,14 @@ import sys
 def add_commands(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "export", help="write a finished run's model as one serving artifact",
-        description="Consolidate the run's best checkpoint (tables from any sharding, dense weights, BatchNorm "
-        "statistics) with its feature spec and vocabularies into one file (safetensors layout, no pickled code). "
+        description="Consolidate the run's best checkpoint (tables from any sharding, read in blocks of rows; "
+        "dense weights, BatchNorm statistics) with its feature spec and vocabularies into one file (safetensors layout, no pickled code). "
         "Load it with tf4ctr_dist.serving.load(FILE).")
     e.add_argument("--run", required=True, help="the run folder (its config.json and checkpoints/)")
     e.add_argument("--out", required=True, help="the artifact file to write (local path)")
+    e.add_argument("--block-mb", type=float, default=256.0,
+                   help="tables are read and written in blocks of rows of at most this size (default 256): "
+                   "export memory is bounded by it, not by the largest table")
     e.set_defaults(func=run_export)
 
     p = sub.add_parser(
@@ -56,9 +59,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.block_mb > 0:
+        parser.error(f"--block-mb must be > 0, got {args.block_mb}")
     from tf4ctr_dist.serving import export_run
 
-    summary = export_run(args.run, args.out)
+    summary = export_run(args.run, args.out, block_bytes=max(1, int(args.block_mb * (1 << 20))))
     print(json.dumps(summary), flush=True)
     return 0
 
