@@ -2,7 +2,7 @@
 
   tf4ctr export --run RUN --out FILE             one self-contained artifact (tables, dense
                                                  weights, feature spec, vocabularies)
-  tf4ctr predict (--run RUN | --model FILE) --data URL --out URL   scores -> Parquet
+  tf4ctr predict (--run RUN | --model FILE) --data URL... --out URL   scores -> Parquet
   tf4ctr serve FILE [--host 127.0.0.1] [--port 8000]               Ray Serve HTTP endpoint
 
 Light imports only: torch, torchrec and ray load once the arguments are checked.
@@ -30,17 +30,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "predict", help="score a prepared split or raw logs with a run's model; writes Parquet",
-        description="Score a prepared dataset's split (ids as training read them) or a raw CSV/TSV/Parquet file "
-        "in the run's input columns (mapped through the saved vocabularies). Writes Parquet with the row index, "
-        "the label (and group) columns and the score, atomically.")
+        description="Score a prepared dataset's split (ids as training read them) or raw CSV/TSV/Parquet files "
+        "in the run's input columns (mapped through the saved vocabularies). Writes one Parquet file with the row "
+        "index, the label (and group) columns and the score, atomically.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a finished run folder: its best checkpoint")
     src.add_argument("--model", help="an artifact written by `tf4ctr export`")
-    p.add_argument("--data", required=True, help="a prepared dataset URL, or a raw file (.csv/.tsv/.parquet)")
+    p.add_argument("--data", required=True, nargs="+", metavar="URL",
+                   help="a prepared dataset URL, or raw files (.csv/.tsv/.parquet; several: rows numbered on "
+                   "across them in this order)")
     p.add_argument("--out", required=True, help="the Parquet file to write (local path or s3://...)")
     p.add_argument("--split", default="test", help="split of a prepared dataset (default: test)")
     p.add_argument("--keep", action="append", default=[], metavar="COL",
                    help="raw input: another column to copy to the output (e.g. an id); repeatable")
+    p.add_argument("--columns", metavar="A,B,...",
+                   help="raw CSV/TSV without a header line: its columns in order (default: the column order the "
+                   "dataset was prepared from, when its manifest recorded it, as criteo and bars-csv do)")
     p.add_argument("--batch-size", type=int, default=65_536)
     p.set_defaults(func=run_predict)
 
@@ -71,11 +76,17 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    columns = None
+    if args.columns is not None:
+        columns = [c.strip() for c in args.columns.split(",")]
+        if not all(columns) or len(set(columns)) != len(columns):
+            parser.error(f"--columns: expected distinct names separated by commas, got {args.columns!r}")
     from tf4ctr_dist.serving import from_run, load
     from tf4ctr_dist.serving.predict import predict
 
     scorer = from_run(args.run) if args.run else load(args.model)
-    summary = predict(scorer, args.data, args.out, split=args.split, batch_size=args.batch_size, keep=args.keep)
+    summary = predict(scorer, args.data, args.out, split=args.split, batch_size=args.batch_size, keep=args.keep,
+                      columns=columns)
     print(json.dumps(summary), flush=True)
     return 0
 

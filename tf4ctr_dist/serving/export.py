@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import pyarrow.parquet as pq
@@ -219,7 +221,7 @@ def load(path: str) -> Scorer:
     model = build_model(manifest, cfg)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
-    info = {"source": json.loads(meta["source"]), "path": path}
+    info = {"source": json.loads(meta["source"]), "path": path, "raw_columns": _raw_columns(spec)}
     return Scorer(model, build_mappers(fields, spec, vocabs), manifest.label, manifest.group, info)
 
 
@@ -236,7 +238,46 @@ def from_run(run: str, storage_options: Optional[dict] = None) -> Scorer:
     mappers = build_mappers(fields, manifest.spec, vocabs) if vocabs or not any(
         f.vocab_mode == "counted" for f in manifest.fields) else []
     return Scorer(model, mappers or _id_only(manifest), manifest.label, manifest.group,
-                  {"source": {"run": run, "checkpoint": entry.name, "data": cfg.data.url}})
+                  {"source": {"run": run, "checkpoint": entry.name, "data": cfg.data.url},
+                   "raw_columns": _raw_columns(manifest.spec)})
+
+
+def _raw_columns(spec: dict) -> Optional[list[str]]:
+    """spec.raw_columns (the raw input's column order, recorded by prepare), if a list of names."""
+    names = spec.get("raw_columns")
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What predict needs to plan its work, without loading a model's weights."""
+
+    feature_names: list[str]
+    label: str
+    group: Optional[str]
+    raw_columns: Optional[list[str]]
+
+
+def describe(run: Optional[str] = None, model: Optional[str] = None,
+             storage_options: Optional[dict] = None) -> ModelInfo:
+    """The fields, label, group and raw column order of a run (its dataset's manifest) or of an
+    artifact (its header only); exactly one of ``run`` / ``model``."""
+    if (run is None) == (model is None):
+        raise ValueError("describe: give exactly one of run, model")
+    if model is not None:
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"{model}: no such artifact file")
+        _, meta, _ = artifact.read_header(model)
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{model}: not a tf4ctr serving artifact (format {meta.get('format')!r})")
+        try:
+            fields, spec, group = json.loads(meta["fields"]), json.loads(meta["spec"]), json.loads(meta["group"])
+            return ModelInfo([f["name"] for f in fields], meta["label"], group, _raw_columns(spec))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{model}: artifact metadata incomplete ({e})") from None
+    cfg = run_config(run)
+    manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
+    return ModelInfo(manifest.field_names, manifest.label, manifest.group, _raw_columns(manifest.spec))
 
 
 def _all_vocab_files(manifest: Manifest) -> bool:
