@@ -2,7 +2,8 @@
 
   tf4ctr export --run RUN --out FILE             one self-contained artifact (tables, dense
                                                  weights, feature spec, vocabularies)
-  tf4ctr predict (--run RUN | --model FILE) --data URL... --out URL   scores -> Parquet
+  tf4ctr predict (--run RUN | --model FILE) --data URL... --out URL [--workers N]
+                                                 scores -> Parquet (N Ray workers: same file)
   tf4ctr serve FILE [--host 127.0.0.1] [--port 8000]               Ray Serve HTTP endpoint
 
 Light imports only: torch, torchrec and ray load once the arguments are checked.
@@ -32,7 +33,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "predict", help="score a prepared split or raw logs with a run's model; writes Parquet",
         description="Score a prepared dataset's split (ids as training read them) or raw CSV/TSV/Parquet files "
         "in the run's input columns (mapped through the saved vocabularies). Writes one Parquet file with the row "
-        "index, the label (and group) columns and the score, atomically.")
+        "index, the label (and group) columns and the score, atomically. --workers N spreads the work over N Ray "
+        "workers (a local cluster on 127.0.0.1, or --address); the output is the same file, bit for bit.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a finished run folder: its best checkpoint")
     src.add_argument("--model", help="an artifact written by `tf4ctr export`")
@@ -47,6 +49,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="raw CSV/TSV without a header line: its columns in order (default: the column order the "
                    "dataset was prepared from, when its manifest recorded it, as criteo and bars-csv do)")
     p.add_argument("--batch-size", type=int, default=65_536)
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray workers scoring disjoint shares (default 1: in this process). Parallel: a prepared "
+                   "split, Parquet files, several CSV/TSV files (one per file)")
+    p.add_argument("--address", help="the Ray cluster to run --workers on (default: $RAY_ADDRESS, else a local "
+                   "cluster on 127.0.0.1 for this command)")
     p.set_defaults(func=run_predict)
 
     s = sub.add_parser(
@@ -76,17 +83,28 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.address and args.workers == 1:
+        parser.error("--address runs --workers on a Ray cluster; give --workers N (N > 1) with it")
     columns = None
     if args.columns is not None:
         columns = [c.strip() for c in args.columns.split(",")]
         if not all(columns) or len(set(columns)) != len(columns):
             parser.error(f"--columns: expected distinct names separated by commas, got {args.columns!r}")
-    from tf4ctr_dist.serving import from_run, load
-    from tf4ctr_dist.serving.predict import predict
+    if args.workers > 1:
+        from tf4ctr_dist.serving.parallel import predict_on_workers
 
-    scorer = from_run(args.run) if args.run else load(args.model)
-    summary = predict(scorer, args.data, args.out, split=args.split, batch_size=args.batch_size, keep=args.keep,
-                      columns=columns)
+        summary = predict_on_workers(args.data, args.out, run=args.run, model=args.model, workers=args.workers,
+                                     split=args.split, batch_size=args.batch_size, keep=args.keep, columns=columns,
+                                     address=args.address)
+    else:
+        from tf4ctr_dist.serving import from_run, load
+        from tf4ctr_dist.serving.predict import predict
+
+        scorer = from_run(args.run) if args.run else load(args.model)
+        summary = predict(scorer, args.data, args.out, split=args.split, batch_size=args.batch_size, keep=args.keep,
+                          columns=columns)
     print(json.dumps(summary), flush=True)
     return 0
 
