@@ -113,3 +113,45 @@ def test_artifact_written_in_blocks_is_the_same_file(tmp_path, saved):
         with pytest.raises(ValueError, match=message):
             artifact.write(str(tmp_path / "bad"), specs, produce, {})
         assert not list(tmp_path.glob("bad*"))  # nothing left under the name or beside it
+
+
+@pytest.mark.parametrize("cuts", [
+    ((0, 0, 20, 5), (20, 0, 17, 5)),  # row-wise: two row blocks (needs GPUs to train; the layout is the point)
+    ((0, 0, 37, 2), (0, 2, 37, 3)),  # column-wise: two column blocks
+    ((0, 0, 11, 2), (0, 2, 11, 3), (11, 0, 26, 2), (11, 2, 26, 3)),  # table-row-wise: a grid
+], ids=["row_wise", "column_wise", "grid"])
+def test_sharded_layouts(tmp_path, cuts):
+    """A table saved as several chunks (offsets, sizes): any row block gathers its rows from
+    every chunk it overlaps, each read holding only that block's rows of the chunk."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    torch.manual_seed(1)
+    table = torch.randn(37, 5)
+    pieces = {f"piece{i}": table[r : r + nr, c : c + nc].clone() for i, (r, c, nr, nc) in enumerate(cuts)}
+    dcp.save(pieces, checkpoint_id=str(tmp_path), no_dist=True)
+
+    class Sharded(FileSystemReader):
+        """The pieces' records presented as the chunks of one tensor "table", as a sharded save
+        writes them (DCP metadata maps each chunk's offsets to its record)."""
+
+        def read_metadata(self, *args, **kwargs):
+            md = super().read_metadata(*args, **kwargs)
+            first = md.state_dict_metadata["piece0"]
+            chunks, storage = [], dict(md.storage_data)
+            for i, (r, c, nr, nc) in enumerate(cuts):
+                chunks.append(ChunkStorageMetadata(offsets=torch.Size([r, c]), sizes=torch.Size([nr, nc])))
+                storage[MetadataIndex("table", [r, c])] = md.storage_data[MetadataIndex(f"piece{i}", [0, 0])]
+            md.state_dict_metadata["table"] = type(first)(first.properties, torch.Size([37, 5]), chunks)
+            md.storage_data = storage
+            return md
+
+    reads: list = []
+    reader = RowRangeReader(Sharded(str(tmp_path)), on_read=lambda key, n: reads.append(n))
+    for block_bytes in (20, 60, 1 << 20):
+        reads.clear()
+        got = torch.cat(list(iter_row_blocks(reader, "table", (37, 5), torch.float32, block_bytes)))
+        assert torch.equal(got, table), block_bytes
+        assert sum(reads) == table.numel() * 4 and max(reads) <= max(20, block_bytes)
+    assert torch.equal(read_rows(reader, "table", 9, 23), table[9:23])  # across the row cuts
