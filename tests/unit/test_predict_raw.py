@@ -1,5 +1,6 @@
-"""`predict` on raw text files: headerless TSV in Criteo's layout (the column order recorded at
-prepare time, or --columns), bad rows named by file and line, several files numbered on."""
+"""`predict` on raw input: headerless TSV in Criteo's layout (the column order recorded at
+prepare time, or --columns), bad rows named by file and line, several files numbered on; and
+the shares --workers spreads, cut at the batches one process would use."""
 
 from __future__ import annotations
 
@@ -108,3 +109,32 @@ def test_bars_csv_without_header_and_several_files(tmp_path):
         predict(scorer, str(second), str(tmp_path / "x.parquet"), columns=["label", "a", "b", "u"])
     with pytest.raises(DataError, match="--keep applies to raw input"):
         predict(scorer, url, str(tmp_path / "x.parquet"), keep=["id"])
+
+
+def test_shares_cut_at_the_batches_of_one_process(tmp_path):
+    """What --workers N rests on: the shares of a prepared split and of a Parquet file, scored
+    one by one, give exactly the batches (and tables) of the whole input scored at once."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from tf4ctr_dist.serving.predict import numbered, plan, score_share
+
+    url, (_, _, test_csv) = prepare(tmp_path / "bars")
+    _, path = fresh_artifact(url, str(tmp_path / "m.tf4ctr"))
+    scorer = load(path)
+    parquet = tmp_path / "test.parquet"
+    raw = pacsv.read_csv(test_csv, convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in "label a b u".split()}))
+    pq.write_table(raw, parquet, row_group_size=150)
+
+    def tables(data: list[str], pieces: int) -> list[pa.Table]:
+        shares = plan(scorer, data, "test", 96, pieces=pieces)
+        assert len(shares) == pieces
+        return list(numbered((s, score_share(scorer, s, 96)) for s in shares))
+
+    for data in ([url], [str(parquet)]):
+        whole = tables(data, 1)
+        assert [t.num_rows for t in whole] == [96] * 10 + [40]
+        for pieces in (2, 3, 11):
+            parts = tables(data, pieces)
+            assert [t.num_rows for t in parts] == [t.num_rows for t in whole], (data, pieces)
+            assert all(a.equals(b) for a, b in zip(parts, whole)), (data, pieces)

@@ -19,9 +19,9 @@ Parquet file as ranges of its rows, a raw text file whole. One process scores th
 share is cut into the same batches: the model sees exactly the batch a row would be in when one
 process scores everything (prepared: the reader's batches of the whole split; raw: batch_size
 rows counted from the start of the file). That is what makes the output of N workers equal the
-output of one bit for bit: the dense layers' GEMMs round a row's score differently depending on
-the batch it is in (the blocking follows the batch size), so a split that cut batches elsewhere
-(the reader's rank shares, a file's row groups) would change the last bits of some scores.
+output of one bit for bit: a row's score can differ in the last bit with the batch it is in (CPU
+BLAS picks its GEMM blocking by the matrix sizes; a few rows in a thousand, seen here), so a
+split that cut batches elsewhere (the reader's rank shares, a file's row groups) would not.
 """
 
 from __future__ import annotations
