@@ -195,6 +195,8 @@ class BarsSource(Source):
                if self.one_file_split else {}),
             "label_col": self.label,
             "group_col": self.group,
+            # the input's column order, for scoring raw files without a header (tf4ctr predict)
+            "raw_columns": list(self.inputs[0].columns),
             "fields": [f.name for f in self.fields],
             **({"derived": {n: {"from": self.sources[n], "preprocess": p} for n, p in self.preprocess.items()}}
                if self.preprocess else {}),

@@ -187,6 +187,8 @@ class CriteoSource(Source):
             **({"files": [inp.url for inp in self.inputs]} if len(self.inputs) > 1 else {}),
             "header": self.inp.header,
             "delimiter": self.inp.delimiter,
+            # the input's column order, for scoring raw files without a header (tf4ctr predict)
+            "raw_columns": list(self.inp.columns),
             "min_count": self.min_count,
             "split": list(self.fractions),
             "seed": self.seed,

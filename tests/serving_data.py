@@ -27,11 +27,11 @@ def write_raw(folder: Path, rows: tuple[int, int, int] = (4000, 1000, 1000), see
     return tuple(paths)  # type: ignore[return-value]
 
 
-def prepare(folder: Path) -> tuple[str, tuple[str, str, str]]:
-    """(dataset URL, raw CSV paths)."""
+def prepare(folder: Path, rows: tuple[int, int, int] = (4000, 1000, 1000)) -> tuple[str, tuple[str, str, str]]:
+    """(dataset URL, raw CSV paths); rows: of train, valid, test."""
     from data_tools.bars_csv import prepare_bars_csv
 
-    raw = write_raw(folder / "raw")
+    raw = write_raw(folder / "raw", rows)
     url = str(folder / "dataset")
     prepare_bars_csv(*raw, url, field_options={"u": {"vocab_mode": "hashed", "buckets": 64}})
     return url, raw

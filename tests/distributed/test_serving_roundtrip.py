@@ -1,6 +1,7 @@
 """A model leaves a 2-worker run: `tf4ctr predict` and the exported artifact reproduce the
 distributed model's own test predictions (per row, <= 1e-6) and its test AUC, for table-wise
-and column-wise sharded tables. (Row-wise takes the same export path, DCP reassembling the
+and column-wise sharded tables; an export in tiny row blocks writes the same bytes while no read
+from the checkpoint exceeds a block. (Row-wise takes the same export path, DCP reassembling the
 rows, but needs a GPU backend: gloo cannot run it here.)"""
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def _train_and_predict(rank: int, world_size: int, overrides: list[str]):
     return result, gathered
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
-def test_predict_and_export_reproduce_the_run(dataset, tmp_path, sharding):
+# TorchRec cuts column-wise shards of 128 columns (its MIN_CW_DIM): with embedding_dim=256 the
+# hard tables (256 wide) are saved as two column chunks, so column-wise really is column-wise.
+@pytest.mark.parametrize("sharding, extra", [("table_wise", []), ("column_wise", ["embedding_dim=256"])],
+                         ids=["table_wise", "column_wise"])
+def test_predict_and_export_reproduce_the_run(dataset, tmp_path, sharding, extra):
     from sklearn.metrics import roc_auc_score
 
     from tf4ctr_dist.cli import main
@@ -63,7 +67,7 @@ def test_predict_and_export_reproduce_the_run(dataset, tmp_path, sharding):
     run = tmp_path / "run"
     overrides = [f"data.url={url}", f"out={run}", "cluster.workers=2", "train.batch_size=256",
                  "train.eval_batch_size=512", "train.epochs=1", "train.monitor=[AUC]", "train.log_every=0",
-                 f"sharding={sharding}", "embedding_optimizer=rowwise_adagrad", "embedding_lr=0.05", *SMALL]
+                 f"sharding={sharding}", "embedding_optimizer=rowwise_adagrad", "embedding_lr=0.05", *SMALL, *extra]
     (result, gathered), _ = run_gloo(_train_and_predict, 2, overrides, timeout=300)
     reference = np.zeros(1000, dtype=np.float64)
     seen = np.zeros(1000, dtype=bool)
@@ -89,6 +93,7 @@ def test_predict_and_export_reproduce_the_run(dataset, tmp_path, sharding):
     artifact = tmp_path / "model.tf4ctr"
     assert main(["export", "--run", str(run), "--out", str(artifact)]) == 0
     scorer = load(str(artifact))
+    _blocks_give_the_same_artifact(run, artifact, sharding, tmp_path)
     import pyarrow.csv as pacsv
 
     raw = pacsv.read_csv(test_csv, convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in "label a b u".split()}))
@@ -101,3 +106,45 @@ def test_predict_and_export_reproduce_the_run(dataset, tmp_path, sharding):
     assert raw_scored.column_names == ["row", "label", "score"]
     assert np.abs(raw_scored.column("score").to_numpy() - reference).max() <= 1e-6
     assert not list(tmp_path.glob("*.tmp-*"))  # written atomically, nothing left over
+
+
+def _blocks_give_the_same_artifact(run, artifact, sharding, tmp_path):
+    """Export with blocks of 64 bytes (a few rows of a table): bit-identical to the export in
+    one block per table; every read from the checkpoint's shard files is at most one block, and
+    each table's bytes are read once."""
+    from collections import defaultdict
+
+    from tf4ctr_dist.data.manifest import load_manifest
+    from tf4ctr_dist.serving.export import CKPT_PREFIX, _best_entry, build_model, checkpoint_tensors, export_run, run_config
+
+    small = tmp_path / "blocks.tf4ctr"
+    export_run(str(run), str(small), block_bytes=64)
+    assert small.read_bytes() == artifact.read_bytes()
+
+    cfg = run_config(str(run))
+    store, entry = _best_entry(str(run), cfg)
+    saved = store.storage_reader(entry).read_metadata().state_dict_metadata
+    tables = {k.removeprefix(CKPT_PREFIX): len(v.chunks) for k, v in saved.items()
+              if k.startswith(CKPT_PREFIX) and "embedding_bags" in k}
+    assert tables
+    if sharding == "column_wise":  # the tables really are saved in several chunks
+        assert max(tables.values()) > 1, tables
+
+    reads, blocks = defaultdict(list), defaultdict(list)
+    specs, produced = checkpoint_tensors(str(run), cfg, build_model(load_manifest(cfg.data.url), cfg), block_bytes=64,
+                                         on_read=lambda key, n: reads[key.removeprefix(CKPT_PREFIX)].append(n))
+    for key, block in produced:
+        blocks[key].append(block.numel() * block.element_size())
+    for key in tables:
+        dtype, shape = specs[key]
+        size = int(np.prod(shape)) * torch_size(dtype)
+        row = size // shape[0]
+        assert max(blocks[key]) <= max(64, row) and sum(blocks[key]) == size, key
+        assert max(reads[key]) <= max(64, row) and sum(reads[key]) == size, key
+        assert len(blocks[key]) > 1, key  # several blocks: the test reads tables in pieces
+
+
+def torch_size(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()

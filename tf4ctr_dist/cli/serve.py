@@ -2,7 +2,8 @@
 
   tf4ctr export --run RUN --out FILE             one self-contained artifact (tables, dense
                                                  weights, feature spec, vocabularies)
-  tf4ctr predict (--run RUN | --model FILE) --data URL --out URL   scores -> Parquet
+  tf4ctr predict (--run RUN | --model FILE) --data URL... --out URL [--workers N]
+                                                 scores -> Parquet (N Ray workers: same file)
   tf4ctr serve FILE [--host 127.0.0.1] [--port 8000]               Ray Serve HTTP endpoint
 
 Light imports only: torch, torchrec and ray load once the arguments are checked.
@@ -18,27 +19,41 @@ import sys
 def add_commands(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "export", help="write a finished run's model as one serving artifact",
-        description="Consolidate the run's best checkpoint (tables from any sharding, dense weights, BatchNorm "
-        "statistics) with its feature spec and vocabularies into one file (safetensors layout, no pickled code). "
+        description="Consolidate the run's best checkpoint (tables from any sharding, read in blocks of rows; "
+        "dense weights, BatchNorm statistics) with its feature spec and vocabularies into one file (safetensors layout, no pickled code). "
         "Load it with tf4ctr_dist.serving.load(FILE).")
     e.add_argument("--run", required=True, help="the run folder (its config.json and checkpoints/)")
     e.add_argument("--out", required=True, help="the artifact file to write (local path)")
+    e.add_argument("--block-mb", type=float, default=256.0,
+                   help="tables are read and written in blocks of rows of at most this size (default 256): "
+                   "export memory is bounded by it, not by the largest table")
     e.set_defaults(func=run_export)
 
     p = sub.add_parser(
         "predict", help="score a prepared split or raw logs with a run's model; writes Parquet",
-        description="Score a prepared dataset's split (ids as training read them) or a raw CSV/TSV/Parquet file "
-        "in the run's input columns (mapped through the saved vocabularies). Writes Parquet with the row index, "
-        "the label (and group) columns and the score, atomically.")
+        description="Score a prepared dataset's split (ids as training read them) or raw CSV/TSV/Parquet files "
+        "in the run's input columns (mapped through the saved vocabularies). Writes one Parquet file with the row "
+        "index, the label (and group) columns and the score, atomically. --workers N spreads the work over N Ray "
+        "workers (a local cluster on 127.0.0.1, or --address); the output is the same file, bit for bit.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a finished run folder: its best checkpoint")
     src.add_argument("--model", help="an artifact written by `tf4ctr export`")
-    p.add_argument("--data", required=True, help="a prepared dataset URL, or a raw file (.csv/.tsv/.parquet)")
+    p.add_argument("--data", required=True, nargs="+", metavar="URL",
+                   help="a prepared dataset URL, or raw files (.csv/.tsv/.parquet; several: rows numbered on "
+                   "across them in this order)")
     p.add_argument("--out", required=True, help="the Parquet file to write (local path or s3://...)")
     p.add_argument("--split", default="test", help="split of a prepared dataset (default: test)")
     p.add_argument("--keep", action="append", default=[], metavar="COL",
                    help="raw input: another column to copy to the output (e.g. an id); repeatable")
+    p.add_argument("--columns", metavar="A,B,...",
+                   help="raw CSV/TSV without a header line: its columns in order (default: the column order the "
+                   "dataset was prepared from, when its manifest recorded it, as criteo and bars-csv do)")
     p.add_argument("--batch-size", type=int, default=65_536)
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray workers scoring disjoint shares (default 1: in this process). Parallel: a prepared "
+                   "split, Parquet files, several CSV/TSV files (one per file)")
+    p.add_argument("--address", help="the Ray cluster to run --workers on (default: $RAY_ADDRESS, else a local "
+                   "cluster on 127.0.0.1 for this command)")
     p.set_defaults(func=run_predict)
 
     s = sub.add_parser(
@@ -56,9 +71,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.block_mb > 0:
+        parser.error(f"--block-mb must be > 0, got {args.block_mb}")
     from tf4ctr_dist.serving import export_run
 
-    summary = export_run(args.run, args.out)
+    summary = export_run(args.run, args.out, block_bytes=max(1, int(args.block_mb * (1 << 20))))
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -66,11 +83,28 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    from tf4ctr_dist.serving import from_run, load
-    from tf4ctr_dist.serving.predict import predict
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.address and args.workers == 1:
+        parser.error("--address runs --workers on a Ray cluster; give --workers N (N > 1) with it")
+    columns = None
+    if args.columns is not None:
+        columns = [c.strip() for c in args.columns.split(",")]
+        if not all(columns) or len(set(columns)) != len(columns):
+            parser.error(f"--columns: expected distinct names separated by commas, got {args.columns!r}")
+    if args.workers > 1:
+        from tf4ctr_dist.serving.parallel import predict_on_workers
 
-    scorer = from_run(args.run) if args.run else load(args.model)
-    summary = predict(scorer, args.data, args.out, split=args.split, batch_size=args.batch_size, keep=args.keep)
+        summary = predict_on_workers(args.data, args.out, run=args.run, model=args.model, workers=args.workers,
+                                     split=args.split, batch_size=args.batch_size, keep=args.keep, columns=columns,
+                                     address=args.address)
+    else:
+        from tf4ctr_dist.serving import from_run, load
+        from tf4ctr_dist.serving.predict import predict
+
+        scorer = from_run(args.run) if args.run else load(args.model)
+        summary = predict(scorer, args.data, args.out, split=args.split, batch_size=args.batch_size, keep=args.keep,
+                          columns=columns)
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -191,9 +191,10 @@ class CheckpointStore:
                 if i % self.world_size != self.rank:
                     continue
                 try:
-                    data = self._retry(lambda: self.fs.cat_file(f"{self.root}/{entry.name}/{name}"),
-                                       f"{self.url}/{entry.name}/{name}")
-                    _check_digest(data, entry, name, self.url)
+                    # hashed as it streams: a shard file can hold more than one host's memory
+                    digest = self._retry(lambda: _file_sha256(self.fs, f"{self.root}/{entry.name}/{name}"),
+                                         f"{self.url}/{entry.name}/{name}")
+                    _check_digest(digest, entry, name, self.url)
                 except FileNotFoundError:
                     problems.append(f"{name} is missing")
                 except CheckpointIntegrityError:
@@ -208,6 +209,12 @@ class CheckpointStore:
                 "Refusing to read it"
             )
         self._verified.add(entry.name)
+
+    def storage_reader(self, entry: CheckpointEntry):
+        """A DCP StorageReader of ``entry`` (its files verified first), for custom load plans
+        such as serving.dcp_rows' row blocks."""
+        self.verify(entry)
+        return self._reader(entry)
 
     def _reader(self, entry: CheckpointEntry):
         from torch.distributed.checkpoint import FileSystemReader
@@ -405,9 +412,19 @@ def _entry_from(raw: Any, where: str) -> CheckpointEntry:
     return entry
 
 
-def _check_digest(data: bytes, entry: CheckpointEntry, name: str, url: str) -> None:
+def _file_sha256(fs: Any, path: str, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_digest(data: bytes | str, entry: CheckpointEntry, name: str, url: str) -> None:
+    """data: the file's bytes, or their sha256 hex digest."""
     expected = entry.files.get(name)
-    if expected is None or not hmac.compare_digest(hashlib.sha256(data).hexdigest(), str(expected)):
+    actual = data if isinstance(data, str) else hashlib.sha256(data).hexdigest()
+    if expected is None or not hmac.compare_digest(actual, str(expected)):
         why = f"not listed in {INDEX}" if expected is None else f"does not match its sha256 in {INDEX}"
         raise CheckpointIntegrityError(f"checkpoint file {url}/{entry.name}/{name} {why}; refusing to read it")
 

@@ -21,10 +21,11 @@ def load(path: str) -> Any:
     return _load(path)
 
 
-def export_run(run: str, out: str, storage_options: Any = None) -> dict:
+def export_run(run: str, out: str, storage_options: Any = None, block_bytes: int = 256 << 20) -> dict:
+    """Write a finished run's artifact to ``out``, tables in row blocks of <= block_bytes."""
     from tf4ctr_dist.serving.export import export_run as _export
 
-    return _export(run, out, storage_options)
+    return _export(run, out, storage_options, block_bytes)
 
 
 def from_run(run: str, storage_options: Any = None) -> Any:

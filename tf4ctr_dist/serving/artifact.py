@@ -5,10 +5,12 @@
                          "__metadata__": {key: string}}  (padded with spaces to 8-byte alignment)
     the rest      every tensor's raw little-endian bytes, at its offsets
 
-This is the safetensors format (any safetensors reader opens the file); it is written here
-tensor by tensor, so an export holds one tensor in memory at a time: the header is fixed first
-from the shapes, then each tensor is produced, written and dropped. Reading maps the file and
-never runs code from it.
+This is the safetensors format (any safetensors reader opens the file). The header needs every
+tensor's shape and offsets up front, and those come from the shapes alone (for a checkpoint's
+tables: its metadata), so the data can then be written as it is produced: tensor by tensor, and
+a large tensor in blocks of rows (consecutive ``(name, block)`` pairs of one name; a row is the
+unit, so block k's bytes follow block k-1's in the tensor's row-major layout). An export thus
+holds one block in memory, never a whole table. Reading maps the file and never runs code from it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def write(path: str, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
     """Write ``path`` atomically (a temporary file renamed at the end); returns its size in bytes.
 
     specs: name -> (dtype, shape) of every tensor, in file order; produce(): yields (name, tensor)
-    in that order, one at a time (each checked against its spec)."""
+    in that order, one at a time; a tensor may come as several consecutive (name, rows) blocks
+    whose rows add up to shape[0] (each checked against its spec: dtype, shape[1:], row count)."""
     header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
     offset = 0
     for name, (dtype, shape) in specs.items():
@@ -52,14 +55,26 @@ def write(path: str, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
             f.write(struct.pack("<Q", len(text)))
             f.write(text)
             order = iter(specs)
+            current, rows = None, 0  # the tensor being written, rows of it written so far
             for name, tensor in produce():
-                expected = next(order, None)
-                dtype, shape = specs[name] if name in specs else (None, None)
-                if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                    raise ValueError(f"artifact tensor {name}: got {tensor.dtype} {tuple(tensor.shape)}, "
-                                     f"expected {expected} {dtype} {shape}")
+                if name != current:
+                    _check_complete(current, rows, specs)
+                    expected = next(order, None)
+                    if name != expected:
+                        raise ValueError(f"artifact tensor {name}: expected {expected} next")
+                    current, rows = name, 0
+                dtype, shape = specs[name]
+                whole = tuple(tensor.shape) == tuple(shape)
+                fits = len(shape) > 0 and tensor.dim() == len(shape) and tuple(tensor.shape[1:]) == tuple(shape[1:]) \
+                    and rows + tensor.shape[0] <= shape[0]
+                if tensor.dtype != dtype or not (whole and rows == 0 or fits):
+                    raise ValueError(f"artifact tensor {name}: got {tensor.dtype} {tuple(tensor.shape)} after {rows} "
+                                     f"row(s), expected {dtype} {tuple(shape)}")
+                rows += tensor.shape[0] if len(shape) else 1
                 if tensor.numel():  # reshape(-1): a 0-d tensor cannot be viewed as bytes
-                    f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+                    # the buffer itself, not a bytes copy: a block is held once
+                    f.write(memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+            _check_complete(current, rows, specs)
             if next(order, None) is not None:
                 raise ValueError("artifact: fewer tensors produced than declared")
             f.flush()
@@ -71,8 +86,15 @@ def write(path: str, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
     return os.path.getsize(path)
 
 
-def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of an artifact; the tensors view a read-only map of the file."""
+def _check_complete(name, rows: int, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+    if name is not None:
+        shape = specs[name][1]
+        if rows != (shape[0] if len(shape) else 1):
+            raise ValueError(f"artifact tensor {name}: {rows} row(s) written of {tuple(shape)}")
+
+
+def read_header(path: str) -> tuple[dict, dict[str, str], int]:
+    """(tensor entries, metadata, data start) of an artifact, reading its header only."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -80,12 +102,21 @@ def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except FileNotFoundError:
         raise
     except (OSError, ValueError, struct.error) as e:
         raise DataError(f"{path}: not a tf4ctr serving artifact ({e})") from None
     metadata = header.pop("__metadata__", {})
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    return header, metadata, 8 + n
+
+
+def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an artifact; the tensors view a read-only map of the file."""
+    header, metadata, start = read_header(path)
+    size = os.path.getsize(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if size > start else np.zeros(0, np.uint8)
     tensors = {}
     for name, info in header.items():
         try:

@@ -4,17 +4,23 @@ Sources: the run's config.json (model settings, dataset URL), the dataset's mani
 spec) and vocab/<field>.parquet files (checked against the sha256 the manifest recorded), and
 the run's best committed checkpoint (tables, dense weights, BatchNorm statistics).
 
-Tables come out of the DCP checkpoint one at a time: DCP reassembles each table from however the
-run sharded it (table-wise, column-wise, row-wise: the saved chunks carry their offsets), and a
-load of one key reads only that key's chunks. So an export holds one table in memory, never the
-whole model; the artifact is written tensor by tensor (see artifact.py). A table larger than
-one host's memory would need its rows streamed in blocks as well; not done here.
+Tables come out of the DCP checkpoint in blocks of rows (``block_bytes``, default 256 MiB; see
+dcp_rows): each block is planned against however the run sharded the table (table-wise,
+column-wise, row-wise: the saved chunks carry their offsets), and only the bytes of its rows are
+read from the shard files. The artifact writer takes the blocks one after the other (the
+safetensors header is fixed first from the checkpoint's shapes; see artifact.py), so an export
+holds about two blocks of a table in memory, whatever its size (plus the vocabularies, held
+whole: token lists, an order of magnitude smaller than the tables they index); a table larger
+than one host's memory exports the same way as a small one. The block size changes nothing in
+the file: every block size gives the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import pyarrow.parquet as pq
@@ -25,6 +31,7 @@ from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import Manifest, load_manifest
 from tf4ctr_dist.data.storage import resolve
 from tf4ctr_dist.serving import artifact
+from tf4ctr_dist.serving.dcp_rows import DEFAULT_BLOCK_BYTES, OnRead, RowRangeReader, iter_row_blocks
 from tf4ctr_dist.serving.features import build_mappers
 from tf4ctr_dist.serving.scorer import Scorer
 
@@ -106,9 +113,12 @@ def _best_entry(run: str, cfg: RunConfig):
     return store, entry
 
 
-def checkpoint_tensors(run: str, cfg: RunConfig, model: torch.nn.Module) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
-    """(specs, tensors): every tensor of ``model.state_dict()`` from the run's best checkpoint,
-    one at a time (tables each on their own, consolidated from their shards)."""
+def checkpoint_tensors(run: str, cfg: RunConfig, model: torch.nn.Module, block_bytes: Optional[int] = None,
+                       on_read: Optional[OnRead] = None) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+    """(specs, blocks): every tensor of ``model.state_dict()`` from the run's best checkpoint, as
+    (key, rows) blocks in ``specs`` order: consecutive blocks of one key are its rows in order,
+    each at most ``block_bytes`` (a row is never cut; None: each tensor whole). specs: key ->
+    (dtype, shape). on_read(key, nbytes): each read from the checkpoint's files (dcp_rows)."""
     store, entry = _best_entry(run, cfg)
     saved = store.tensor_shapes(entry)
     state = model.state_dict()
@@ -121,25 +131,28 @@ def checkpoint_tensors(run: str, cfg: RunConfig, model: torch.nn.Module) -> tupl
     if missing:
         raise ConfigError(f"{store.url}/{entry.name} does not fit the run's model ({len(missing)} tensors, e.g. "
                           f"{'; '.join(missing[:3])})")
+    if block_bytes is not None and block_bytes < 1:
+        raise ConfigError(f"export block size must be >= 1 byte, got {block_bytes}")
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        reader = RowRangeReader(store.storage_reader(entry), on_read)
         for key, (dtype, shape) in specs.items():
-            target = torch.empty(shape, dtype=dtype)
-            store.load(entry, {CKPT_PREFIX + key: target})  # DCP reads this key's chunks only
-            yield key, target
-            del target
+            for block in iter_row_blocks(reader, CKPT_PREFIX + key, shape, dtype, block_bytes):
+                yield key, block
 
     return specs, tensors()
 
 
-def export_run(run: str, out: str, storage_options: Optional[dict] = None) -> dict[str, Any]:
-    """Write the artifact of ``run`` to the local file ``out``; returns a summary."""
+def export_run(run: str, out: str, storage_options: Optional[dict] = None,
+               block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, Any]:
+    """Write the artifact of ``run`` to the local file ``out``, tables read and written in row
+    blocks of at most ``block_bytes`` (see the module docstring); returns a summary."""
     cfg = run_config(run)
     manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
     vocabs = read_vocabularies(cfg.data.url, manifest, storage_options)
     build_mappers([vars(f) for f in manifest.fields], manifest.spec, vocabs)  # refuse what load() would
     model = build_model(manifest, cfg)
-    model_specs, model_tensors = checkpoint_tensors(run, cfg, model)
+    model_specs, model_tensors = checkpoint_tensors(run, cfg, model, block_bytes)
     del model
     _, entry = _best_entry(run, cfg)
     size = write_artifact(out, cfg, manifest, vocabs, model_specs, model_tensors,
@@ -151,7 +164,8 @@ def export_run(run: str, out: str, storage_options: Optional[dict] = None) -> di
 def write_artifact(out: str, cfg: RunConfig, manifest: Manifest, vocabs: dict[str, list[str]], model_specs: dict,
                    model_tensors: Iterator[tuple[str, torch.Tensor]], source: dict) -> int:
     """The artifact file: vocabularies first, then the model's tensors as ``model_tensors``
-    yields them (state-dict keys, in ``model_specs`` order); returns its size in bytes."""
+    yields them (state-dict keys, in ``model_specs`` order, whole or in consecutive row blocks);
+    returns its size in bytes."""
     encoded = {name: _encode_tokens(tokens) for name, tokens in vocabs.items()}
     specs: dict = {}
     for name, (data, offsets) in encoded.items():
@@ -207,7 +221,7 @@ def load(path: str) -> Scorer:
     model = build_model(manifest, cfg)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
-    info = {"source": json.loads(meta["source"]), "path": path}
+    info = {"source": json.loads(meta["source"]), "path": path, "raw_columns": _raw_columns(spec)}
     return Scorer(model, build_mappers(fields, spec, vocabs), manifest.label, manifest.group, info)
 
 
@@ -224,7 +238,46 @@ def from_run(run: str, storage_options: Optional[dict] = None) -> Scorer:
     mappers = build_mappers(fields, manifest.spec, vocabs) if vocabs or not any(
         f.vocab_mode == "counted" for f in manifest.fields) else []
     return Scorer(model, mappers or _id_only(manifest), manifest.label, manifest.group,
-                  {"source": {"run": run, "checkpoint": entry.name, "data": cfg.data.url}})
+                  {"source": {"run": run, "checkpoint": entry.name, "data": cfg.data.url},
+                   "raw_columns": _raw_columns(manifest.spec)})
+
+
+def _raw_columns(spec: dict) -> Optional[list[str]]:
+    """spec.raw_columns (the raw input's column order, recorded by prepare), if a list of names."""
+    names = spec.get("raw_columns")
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What predict needs to plan its work, without loading a model's weights."""
+
+    feature_names: list[str]
+    label: str
+    group: Optional[str]
+    raw_columns: Optional[list[str]]
+
+
+def describe(run: Optional[str] = None, model: Optional[str] = None,
+             storage_options: Optional[dict] = None) -> ModelInfo:
+    """The fields, label, group and raw column order of a run (its dataset's manifest) or of an
+    artifact (its header only); exactly one of ``run`` / ``model``."""
+    if (run is None) == (model is None):
+        raise ValueError("describe: give exactly one of run, model")
+    if model is not None:
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"{model}: no such artifact file")
+        _, meta, _ = artifact.read_header(model)
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{model}: not a tf4ctr serving artifact (format {meta.get('format')!r})")
+        try:
+            fields, spec, group = json.loads(meta["fields"]), json.loads(meta["spec"]), json.loads(meta["group"])
+            return ModelInfo([f["name"] for f in fields], meta["label"], group, _raw_columns(spec))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{model}: artifact metadata incomplete ({e})") from None
+    cfg = run_config(run)
+    manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
+    return ModelInfo(manifest.field_names, manifest.label, manifest.group, _raw_columns(manifest.spec))
 
 
 def _all_vocab_files(manifest: Manifest) -> bool:

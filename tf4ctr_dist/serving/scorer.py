@@ -69,6 +69,12 @@ class Scorer(nn.Module):
         self.info = dict(info or {})
         self.eval()
 
+    @property
+    def raw_columns(self) -> Optional[list[str]]:
+        """The column order of the raw files the dataset was prepared from, when its manifest
+        recorded it (spec.raw_columns): the columns of raw text input without a header line."""
+        return self.info.get("raw_columns")
+
     def train(self, mode: bool = True) -> "Scorer":  # a scorer never trains (dropout, BN stay off)
         return super().train(False)
 

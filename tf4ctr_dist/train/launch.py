@@ -59,7 +59,22 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
 
 
 def _init_ray(cfg: RunConfig) -> None:
-    address = cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")
+    # Dev mode: a local cluster sized so every worker is schedulable even on a 2-core laptop.
+    cpus = max(os.cpu_count() or 1, int(cfg.cluster.workers * cfg.cluster.cpus_per_worker) + 1)
+    # With the dashboard: Ray Train's placement-group cleaner polls the State API, which the
+    # dashboard serves, and without it logs a warning every second of the run (about 5 s more
+    # start-up).
+    init_ray(cfg.cluster.ray_address, cpus, worker_env(cfg), what=f"{cfg.cluster.workers} worker(s)",
+             dashboard=True, log_to_driver=True)
+
+
+def init_ray(address: str | None, cpus: int, env: dict[str, str] | None = None, *, what: str,
+             dashboard: bool = False, log_to_driver: bool = True) -> bool:
+    """Join the Ray cluster at ``address`` (or $RAY_ADDRESS), or else start a private local one
+    on 127.0.0.1 with ``cpus`` CPUs (dev mode); nothing when Ray is already initialised in this
+    process. ``env``: environment variables for the workers. Returns True when this call
+    started or joined Ray (the caller shuts it down when done)."""
+    address = address or os.environ.get("RAY_ADDRESS")
     if not address and "ray" not in sys.modules:
         # Dev mode: nothing outside this machine may reach the local cluster (it runs any code
         # it is sent). Set before ray's first import; its processes inherit it.
@@ -67,27 +82,24 @@ def _init_ray(cfg: RunConfig) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if address:
-        env = worker_env(cfg)
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
-        return
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env} if env else None)
+        return True
     from ray._private import ray_constants
 
     if ray_constants.ENABLE_RAY_CLUSTER:
         print(f"[tf4ctr] warning: ray was imported before the local cluster was started, so its "
               f"processes listen on this machine's network address too (set {_LOOPBACK_ONLY_ENV}=0 "
               f"before importing ray to keep them on 127.0.0.1)", file=sys.stderr, flush=True)
-    # Dev mode: a local cluster sized so every worker is schedulable even on a 2-core laptop.
-    cpus = max(os.cpu_count() or 1, int(cfg.cluster.workers * cfg.cluster.cpus_per_worker) + 1)
-    # With the dashboard: Ray Train's placement-group cleaner polls the State API, which the
-    # dashboard serves, and without it logs a warning every second of the run (about 5 s more
-    # start-up). address="local": never join a cluster that someone else started on this machine.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **worker_env(cfg)}})
+    # address="local": never join a cluster that someone else started on this machine.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard,
+             **({"dashboard_host": "127.0.0.1"} if dashboard else {}),
+             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
+             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **(env or {})}})
     print(f"[tf4ctr] started a local Ray cluster ({cpus} CPUs, listening on 127.0.0.1 only) "
-          f"for {cfg.cluster.workers} worker(s)", flush=True)
+          f"for {what}", flush=True)
+    return True
 
 
 def _storage_path(out: str) -> str:
