@@ -152,3 +152,12 @@ def test_model_inference_settings():
     torch.testing.assert_close(fused, eager, rtol=0, atol=1e-6)
     gap = (bf16 - eager).abs().max()
     assert 1e-6 < gap < 5e-3
+
+
+def test_cli_precision_choices_are_the_configs():
+    from typing import get_args
+
+    from tf4ctr_dist.cli.serve import PRECISIONS
+    from tf4ctr_dist.config import INFERENCE_PRECISION
+
+    assert PRECISIONS == get_args(INFERENCE_PRECISION)

@@ -117,3 +117,15 @@ def test_requests_are_checked(dataset):
                           (b'{"columns": [1]}', "should be an object")]:
         with pytest.raises(DataError, match=message):
             parse_request(body, names)
+
+
+def test_precision_override_scores_in_bf16(dataset, tmp_path):
+    url, (_, _, test_csv) = dataset
+    _, path = _fresh_artifact(url, str(tmp_path / "m.tf4ctr"))
+    raw = _raw(test_csv).slice(0, 300)
+    fp32 = load(path).score(raw)
+    low = load(path, "bf16")
+    assert low.model.complex_encoder.inference_dtype == torch.bfloat16
+    gap = np.abs(low.score(raw) - fp32).max()
+    assert 1e-7 < gap < 5e-3  # it ran in bf16, and bf16 is close
+    np.testing.assert_array_equal(load(path, "fp32").score(raw), fp32)  # fp32 = this run's default

@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+PRECISIONS = ("auto", "fp32", "bf16")  # config.INFERENCE_PRECISION (not imported: the CLI stays light)
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
@@ -49,6 +51,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="raw CSV/TSV without a header line: its columns in order (default: the column order the "
                    "dataset was prepared from, when its manifest recorded it, as criteo and bars-csv do)")
     p.add_argument("--batch-size", type=int, default=65_536)
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="the towers' matmuls while scoring (model.inference_precision): auto = the run's "
+                   "dense_precision; bf16 roughly doubles CPU speed and moves scores by about 1e-4 (default: the run's setting)")
     p.add_argument("--workers", type=int, default=1,
                    help="Ray workers scoring disjoint shares (default 1: in this process). Parallel: a prepared "
                    "split, Parquet files, several CSV/TSV files (one per file)")
@@ -65,6 +70,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="model.inference_precision while serving (default: the run's; see predict --precision)")
     s.add_argument("--max-batch-size", type=int, default=64, help="requests scored together (serve.batch)")
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     s.set_defaults(func=run_serve)
@@ -97,12 +104,12 @@ def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
         summary = predict_on_workers(args.data, args.out, run=args.run, model=args.model, workers=args.workers,
                                      split=args.split, batch_size=args.batch_size, keep=args.keep, columns=columns,
-                                     address=args.address)
+                                     address=args.address, precision=args.precision)
     else:
         from tf4ctr_dist.serving import from_run, load
         from tf4ctr_dist.serving.predict import predict
 
-        scorer = from_run(args.run) if args.run else load(args.model)
+        scorer = from_run(args.run, precision=args.precision) if args.run else load(args.model, args.precision)
         summary = predict(scorer, args.data, args.out, split=args.split, batch_size=args.batch_size, keep=args.keep,
                           columns=columns)
     print(json.dumps(summary), flush=True)
@@ -119,7 +126,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tf4ctr_dist.serving.deploy import serve_forever
 
     serve_forever(args.model, host=args.host, port=args.port, replicas=args.replicas,
-                  max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
+                  max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000, precision=args.precision)
     return 0
 
 

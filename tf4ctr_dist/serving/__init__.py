@@ -14,11 +14,12 @@ from typing import Any
 __all__ = ["load", "export_run", "from_run"]
 
 
-def load(path: str) -> Any:
-    """The artifact written by `tf4ctr export` as a `Scorer` (see serving.scorer)."""
+def load(path: str, precision: str | None = None) -> Any:
+    """The artifact written by `tf4ctr export` as a `Scorer` (see serving.scorer); ``precision``
+    (fp32 / bf16 / auto) overrides the run's model.inference_precision."""
     from tf4ctr_dist.serving.export import load as _load
 
-    return _load(path)
+    return _load(path, precision)
 
 
 def export_run(run: str, out: str, storage_options: Any = None, block_bytes: int = 256 << 20) -> dict:
@@ -28,7 +29,8 @@ def export_run(run: str, out: str, storage_options: Any = None, block_bytes: int
     return _export(run, out, storage_options, block_bytes)
 
 
-def from_run(run: str, storage_options: Any = None) -> Any:
+def from_run(run: str, storage_options: Any = None, precision: str | None = None) -> Any:
+    """A finished run's best weights as a `Scorer`; ``precision`` as for `load`."""
     from tf4ctr_dist.serving.export import from_run as _from_run
 
-    return _from_run(run, storage_options)
+    return _from_run(run, storage_options, precision)

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -63,7 +63,8 @@ def _concat(kjts: list[KeyedJaggedTensor]) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths).int(), weights=weights)
 
 
-def scoring_app(path: str, replicas: int = 1, max_batch_size: int = 64, batch_wait_s: float = 0.005):
+def scoring_app(path: str, replicas: int = 1, max_batch_size: int = 64, batch_wait_s: float = 0.005,
+                precision: Optional[str] = None):
     """The Serve application (bind it with serve.run)."""
     from ray import serve
     from starlette.requests import Request
@@ -75,7 +76,7 @@ def scoring_app(path: str, replicas: int = 1, max_batch_size: int = 64, batch_wa
             from tf4ctr_dist.serving import load
 
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, replicas)))
-            self.scorer = load(artifact)
+            self.scorer = load(artifact, precision)
             self.score_batch.set_max_batch_size(max_batch_size)
             self.score_batch.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -112,9 +113,9 @@ def scoring_app(path: str, replicas: int = 1, max_batch_size: int = 64, batch_wa
 
 
 def start(path: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, max_batch_size: int = 64,
-          batch_wait_s: float = 0.005, name: str = "tf4ctr") -> str:
+          batch_wait_s: float = 0.005, name: str = "tf4ctr", precision: Optional[str] = None) -> str:
     """Start Serve (on the connected Ray cluster, or a private local one on 127.0.0.1) and deploy
-    the model; returns the URL it answers on."""
+    the model (``precision``: model.inference_precision override); returns the URL it answers on."""
     import ray
     from ray import serve
 
@@ -124,16 +125,17 @@ def start(path: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 
         else:
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(scoring_app(os.path.abspath(path), replicas, max_batch_size, batch_wait_s), name=name, route_prefix="/")
+    serve.run(scoring_app(os.path.abspath(path), replicas, max_batch_size, batch_wait_s, precision), name=name,
+              route_prefix="/")
     return f"http://{host}:{port}/"
 
 
 def serve_forever(path: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-                  max_batch_size: int = 64, batch_wait_s: float = 0.005) -> None:
+                  max_batch_size: int = 64, batch_wait_s: float = 0.005, precision: Optional[str] = None) -> None:
     # Keep a private local cluster on loopback (set before ray's first import; see train.launch).
     if "ray" not in sys.modules and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    url = start(path, host, port, replicas, max_batch_size, batch_wait_s)
+    url = start(path, host, port, replicas, max_batch_size, batch_wait_s, precision=precision)
     print(f"[tf4ctr] serving {path} at {url} (POST JSON rows; Ctrl-C stops)", flush=True)
     try:
         while True:

@@ -60,10 +60,13 @@ def run_config(run: str) -> RunConfig:
         raise ConfigError(f"{url}: not a run configuration ({e})") from None
 
 
-def build_model(manifest: Manifest, cfg: RunConfig):
-    """The TF4CTR of the run, unsharded, on CPU, with the eager dense ops (no compiled kernels)."""
+def build_model(manifest: Manifest, cfg: RunConfig, precision: Optional[str] = None):
+    """The TF4CTR of the run, unsharded, on CPU, with the eager dense ops (no compiled kernels).
+    ``precision``: model.inference_precision for scoring (default: the run's)."""
     from tf4ctr_dist.model import tf4ctr
 
+    if precision is not None:
+        cfg = RunConfig.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "inference_precision": precision}})
     fields = [(f.name, f.vocab_size) for f in manifest.fields]
     return tf4ctr(fields, cfg.model, device="cpu", mean_pooled=set(manifest.sequence_fields), cpu_kernels=None,
                   numeric=set(manifest.numeric_fields))
@@ -204,8 +207,9 @@ def _decode_tokens(data: torch.Tensor, offsets: torch.Tensor) -> list[str]:
     return [raw[a:b].decode() for a, b in zip(o, o[1:])]
 
 
-def load(path: str) -> Scorer:
-    """The artifact at ``path`` as a single-device Scorer (CPU, eval mode)."""
+def load(path: str, precision: Optional[str] = None) -> Scorer:
+    """The artifact at ``path`` as a single-device Scorer (CPU, eval mode); ``precision``
+    overrides the run's model.inference_precision (fp32 / bf16 / auto)."""
     tensors, meta = artifact.read(path)
     if meta.get("format") != FORMAT:
         raise DataError(f"{path}: not a tf4ctr serving artifact (format {meta.get('format')!r})")
@@ -218,19 +222,20 @@ def load(path: str) -> Scorer:
                                    "fields": fields, "splits": {}, "spec": spec}, source=path)
     vocabs = {f["name"]: _decode_tokens(tensors[f"vocab.{f['name']}.bytes"], tensors[f"vocab.{f['name']}.offsets"])
               for f in fields if f.get("vocab_mode", "counted") == "counted"}
-    model = build_model(manifest, cfg)
+    model = build_model(manifest, cfg, precision)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     info = {"source": json.loads(meta["source"]), "path": path, "raw_columns": _raw_columns(spec)}
     return Scorer(model, build_mappers(fields, spec, vocabs), manifest.label, manifest.group, info)
 
 
-def from_run(run: str, storage_options: Optional[dict] = None) -> Scorer:
-    """The run's best weights as a Scorer, in memory (what export then load gives, without the file)."""
+def from_run(run: str, storage_options: Optional[dict] = None, precision: Optional[str] = None) -> Scorer:
+    """The run's best weights as a Scorer, in memory (what export then load gives, without the file);
+    ``precision`` as for `load`."""
     cfg = run_config(run)
     manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
     vocabs = read_vocabularies(cfg.data.url, manifest, storage_options) if _all_vocab_files(manifest) else {}
-    model = build_model(manifest, cfg)
+    model = build_model(manifest, cfg, precision)
     _, tensors = checkpoint_tensors(run, cfg, model)
     model.load_state_dict(dict(tensors), strict=True)
     store, entry = _best_entry(run, cfg)

@@ -47,7 +47,8 @@ def _absolute(url: str) -> str:
 def predict_on_workers(data: str | Sequence[str], out: str, *, run: Optional[str] = None, model: Optional[str] = None,
                        workers: int = 2, split: str = "test", batch_size: int = 65_536, keep: Sequence[str] = (),
                        columns: Optional[Sequence[str]] = None, storage_options: Optional[dict] = None,
-                       address: Optional[str] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                       address: Optional[str] = None, log: Callable[[str], None] = print,
+                       precision: Optional[str] = None) -> dict[str, Any]:
     """Score ``data`` with the model of ``run`` (a run folder) or ``model`` (an artifact) on
     ``workers`` Ray actors and write ``out``; see the module docstring. Returns a summary."""
     from tf4ctr_dist.serving.export import describe
@@ -67,7 +68,7 @@ def predict_on_workers(data: str | Sequence[str], out: str, *, run: Optional[str
             log(f"[tf4ctr] predict: {why}: scoring it in this process")
         from tf4ctr_dist.serving import from_run, load
 
-        scorer = from_run(run, storage_options) if run else load(model)  # type: ignore[arg-type]
+        scorer = from_run(run, storage_options, precision) if run else load(model, precision)  # type: ignore[arg-type]
         return {**predict(scorer, urls, out, split, batch_size, keep, storage_options, columns), "workers": 1}
 
     out = _absolute(out)
@@ -84,7 +85,7 @@ def predict_on_workers(data: str | Sequence[str], out: str, *, run: Optional[str
     actors: list = []
     try:
         remote = ray.remote(num_cpus=1, max_restarts=0)(PredictWorker)
-        actors = [remote.remote(run, model, storage_options, n) for _ in range(n)]
+        actors = [remote.remote(run, model, storage_options, n, precision) for _ in range(n)]
         _get([a.load.remote() for a in actors])  # every worker loads its scorer (in parallel) before any share
         rows = _run_shares(actors, shares, parts, batch_size, keep, storage_options, log)
         t0 = time.monotonic()
@@ -103,8 +104,9 @@ def predict_on_workers(data: str | Sequence[str], out: str, *, run: Optional[str
 class PredictWorker:
     """A Ray actor: one scorer, loaded once, scoring whole shares into part files."""
 
-    def __init__(self, run: Optional[str], model: Optional[str], storage_options: Optional[dict], workers: int) -> None:
-        self.run, self.model, self.storage_options = run, model, storage_options
+    def __init__(self, run: Optional[str], model: Optional[str], storage_options: Optional[dict], workers: int,
+                 precision: Optional[str] = None) -> None:
+        self.run, self.model, self.storage_options, self.precision = run, model, storage_options, precision
         self.threads = max(1, (os.cpu_count() or 1) // workers)  # the node's cores, shared with the others
         self.scorer: Any = None
 
@@ -114,7 +116,8 @@ class PredictWorker:
         from tf4ctr_dist.serving import from_run, load
 
         torch.set_num_threads(self.threads)
-        self.scorer = from_run(self.run, self.storage_options) if self.run else load(self.model)
+        self.scorer = (from_run(self.run, self.storage_options, self.precision) if self.run
+                       else load(self.model, self.precision))
 
     def score(self, share: Share, part: str, batch_size: int, keep: Sequence[str]) -> tuple[int, float]:
         """(rows, seconds): the share scored into the Parquet file ``part`` (none if no rows)."""
