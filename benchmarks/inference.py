@@ -10,6 +10,9 @@ batches. Variants:
               (BatchNorm folded into the Linear, Linear + ReLU as one oneDNN op), fp32
   bf16        the same with model.inference_precision=bf16 (the matmuls in bfloat16)
   eager       model.inference=eager: the training-mode ops with dropout off (the earlier path)
+  scorer      the single-device model `tf4ctr predict` and `tf4ctr serve` run (serving.export.
+              build_model: unsharded EmbeddingBagCollection, model.inference=fused, fp32), on the
+              same KJTs (its own random weights: timed, not compared)
 
 Each variant scores every preloaded batch once per round; rounds rotate the order and the
 ratios are medians of per-round ratios (a slow drift of the machine cannot bias them). The
@@ -37,6 +40,7 @@ INFERENCE_VARIANTS: dict[str, dict[str, str]] = {
     "default": {"inference": "fused", "inference_precision": "auto"},
     "bf16": {"inference": "fused", "inference_precision": "bf16"},
     "eager": {"inference": "eager", "inference_precision": "auto"},
+    "scorer": {"inference": "fused", "inference_precision": "auto"},
 }
 
 
@@ -57,7 +61,7 @@ def inference_worker(rank: int, world: int, spec: dict) -> dict:
     models: dict[str, Any] = {}
     batches = ids = None
     for name in names:
-        if name == "reference":
+        if name in ("reference", "scorer"):
             continue
         cfg = RunConfig.from_dict(run_config(spec["url"], workers=1, batch=spec["train_batch"],
                                              eval_batch=spec["batch"], model=INFERENCE_VARIANTS[name]))
@@ -74,6 +78,12 @@ def inference_worker(rank: int, world: int, spec: dict) -> dict:
         parts.dmp.eval()
         models[name] = parts.dmp
     assert batches is not None
+    if "scorer" in names:
+        from tf4ctr_dist.serving.export import build_model
+
+        cfg = RunConfig.from_dict(run_config(spec["url"], workers=1, batch=spec["train_batch"],
+                                             eval_batch=spec["batch"], model=INFERENCE_VARIANTS["scorer"]))
+        models["scorer"] = build_model(manifest, cfg).eval()
     if "reference" in names:
         model_cfg, _ = typed(spec["model"], spec["loss"])
         torch.manual_seed(SEED)
@@ -85,6 +95,8 @@ def inference_worker(rank: int, world: int, spec: dict) -> dict:
         with torch.no_grad():
             if name == "reference":
                 return [torch.sigmoid(models[name](x)[0]).view(-1) for x in ids]
+            if name == "scorer":
+                return [torch.sigmoid(models[name](b.sparse_features)[0]).view(-1) for b in batches]
             return [models[name](b)[1][1] for b in batches]  # (loss, (z, p, y, valid)) -> p
 
     samples = sum(int(b.valid.sum()) for b in batches)
@@ -195,6 +207,7 @@ def inference_figures(section: dict | None, forward_flops: float | None, matmul_
         "inference_vs_reference": _get(v, "default.ratio_vs_base"),
         "inference_vs_reference_bf16": _get(v, "bf16.ratio_vs_base"),
         "inference_vs_reference_eager": _get(v, "eager.ratio_vs_base"),
+        "inference_vs_reference_scorer": _get(v, "scorer.ratio_vs_base"),
         "inference_roofline_share": ratio(dense(default), matmul_flops),
         "inference_roofline_share_bf16": ratio(dense(bf16), matmul_bf16_flops),
         "reference_inference_roofline_share": ratio(dense(_get(v, "reference.samples_per_s")), matmul_flops),
@@ -212,12 +225,15 @@ def inference_rows(derived: dict, section: dict | None) -> list[tuple[str, Any, 
     for name, label in (("reference", "reference forward (nn.Embedding, eager BN/ReLU)"),
                         ("default", "ours 1w, model.inference=fused, fp32"),
                         ("bf16", "ours 1w, inference_precision=bf16"),
-                        ("eager", "ours 1w, model.inference=eager")):
+                        ("eager", "ours 1w, model.inference=eager"),
+                        ("scorer", "predict / serve model (unsharded EBC), fused fp32")):
         if name in v:
             rows.append((label, _get(v, f"{name}.samples_per_s"), "samples/s"))
     rows.append(("ratio ours fused fp32 / reference", derived.get("inference_vs_reference"), "x"))
     rows.append(("ratio ours bf16 / reference", derived.get("inference_vs_reference_bf16"), "x"))
     rows.append(("ratio ours eager / reference", derived.get("inference_vs_reference_eager"), "x"))
+    if "scorer" in v:
+        rows.append(("ratio predict / serve model / reference", derived.get("inference_vs_reference_scorer"), "x"))
     rows.append(("inference roofline share, fused fp32 (vs fp32 mm)", derived.get("inference_roofline_share"), "%"))
     rows.append(("inference roofline share, bf16 (vs bf16 mm)", derived.get("inference_roofline_share_bf16"), "%"))
     rows.append(("inference roofline share, reference (vs fp32 mm)",

@@ -148,8 +148,8 @@ class OutageProxy:
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
-    src.settimeout(None)
     try:
+        src.settimeout(None)  # raises when the other direction already closed this socket
         while data := src.recv(65536):
             dst.sendall(data)
     except OSError:

@@ -126,12 +126,13 @@ def test_retrain_warm_starts_on_new_partitions(tmp_path):
 
 def test_benchmark_job_runs_end_to_end_and_writes_the_report(tmp_path):
     """`python -m benchmarks` on a tiny dataset: every training path it times (ours, the reference,
-    the interleaved one-process comparison) runs and lands in the JSON (figures are not checked:
-    speed is measured by the benchmark itself, not asserted)."""
+    the interleaved one-process comparison) and the inference comparison run and land in the JSON
+    (figures are not checked: speed is measured by the benchmark itself, not asserted)."""
     out = tmp_path / "bench.json"
     r = _run(["-m", "benchmarks", "--rows-small", "20000", "--batch", "512", "--only",
-              "train_1w,reference,interleaved", "--steps", "4", "--windows", "2", "--warmup", "1",
+              "train_1w,reference,interleaved,inference", "--steps", "4", "--windows", "2", "--warmup", "1",
               "--interleaved-rounds", "2", "--skip-s3", "--skip-rss", "--eval-batches", "0",
+              "--eval-batch", "1024", "--inference-batches", "1",
               "--cache-dir", str(tmp_path / "cache"), "--out", str(out)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ratio ours 1w / reference, interleaved" in r.stdout
@@ -148,9 +149,17 @@ def test_benchmark_job_runs_end_to_end_and_writes_the_report(tmp_path):
     assert one["concurrent_table_backward"] is False  # ...which has the threads itself
     assert one["cpu_kernel"] is True  # fp32 on CPU: the compiled BatchNorm/ReLU/dropout kernel
     assert report["ingest_vs_step"] is None  # ingest not run: reported as unmeasured, not as 0
-    # the same raw keys as the last run of the benchmark before it moved to benchmarks/
-    recorded = json.loads((REPO / "benchmarks" / "results" / "2026-12-03T1242-smoke-before-move.json").read_text())
-    for section in ("reference", "interleaved"):
+    inference = report["raw"]["inference"]
+    assert set(inference["rounds"]) == {"reference", "default", "bf16", "eager", "scorer"}
+    assert all(len(v) == 2 for v in inference["rounds"].values())
+    assert report["inference_vs_reference"] > 0 and report["inference_roofline_share"] > 0
+    # the fused path is the eager one up to float rounding; bf16 is not
+    assert inference["max_abs_diff_vs_eager"]["default"] < 1e-5 < inference["max_abs_diff_vs_eager"]["bf16"]
+    # the same keys as the recorded full run that tests/unit/test_benchmarks.py holds the report to
+    from tests.unit.test_benchmarks import RECORDED
+
+    recorded = json.loads(RECORDED.read_text())
+    for section in ("reference", "interleaved", "inference"):
         assert set(report["raw"][section]) == set(recorded["raw"][section]), section
-    assert set(one) == set(recorded["raw"]["train"]["table_wise_1w"]) - {"eval"}  # eval not run here
+    assert set(one) == set(recorded["raw"]["train"]["table_wise_1w"]) - {"eval", "profile"}  # not run here
     assert set(report) == set(recorded)
