@@ -219,7 +219,7 @@ def test_interleaved_rounds_give_per_round_ratios_against_the_reference():
 
 # The last report of the benchmark before it moved out of the package (tf4ctr_dist/bench.py at
 # 1996ed6, smoke settings: every CPU section ran), as it wrote it.
-RECORDED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "2026-12-03T1842-full-amd-inference.json"
+RECORDED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "2026-12-03T1921-full-amd-inference.json"
 
 
 def _key_paths(d: Any, prefix: str = "") -> set[str]:
@@ -240,7 +240,7 @@ def test_report_builder_keeps_the_recorded_runs_keys_and_figures():
     assert _key_paths(report) == _key_paths(recorded)
     # the derived figures are recomputed from raw, not copied: they must come out the same
     derived = [k for k in recorded if k not in ("targets", "raw", "machine", "config")]
-    assert len(derived) == 26 and "ratio_vs_reference_eager_bn_interleaved" in derived
+    assert len(derived) == 27 and "ratio_vs_reference_eager_bn_interleaved" in derived
     assert "inference_vs_reference" in derived and "inference_roofline_share" in derived
     for key in derived:
         assert report[key] == (pytest.approx(recorded[key]) if recorded[key] is not None else None), key
