@@ -119,6 +119,7 @@ def inference_worker(rank: int, world: int, spec: dict) -> dict:
             rounds[name].append((time.perf_counter() - t0, time.process_time() - c0))
         log(f"  inference round {r + 1}/{spec['rounds']}: " + ", ".join(
             f"{n} {samples / rounds[n][-1][0]:,.0f}/s" for n in names))
+    # summarize_ab reports each variant's last "losses"; for a forward that is its mean probability
     means = {n: [float(outputs[n].mean())] for n in names}
     return {"rounds": rounds, "losses": means, "samples_per_round": samples, "threads": torch.get_num_threads(),
             "max_abs_diff_vs_eager": agreement}

@@ -52,6 +52,9 @@ CASES = {
     "row-wise on CPU": (["sharding=row_wise"], 2, "row_wise sharding needs GPUs"),
     "no such preset": (["--config", "criteo_x5"], 2, "--config 'criteo_x5': no such preset; presets: "),
     "half the CSVs": (["--train", "a.csv"], 2, "CSV input needs all three of --train, --valid and --test"),
+    "unknown inference path": (["inference=fast"], 2, "model.inference: 'fast' is not one of 'fused', 'eager'"),
+    "unknown inference precision": (["inference_precision=fp16"], 2,
+                                    "model.inference_precision: 'fp16' is not one of 'auto', 'fp32', 'bf16'"),
 }
 
 
@@ -86,3 +89,28 @@ def test_a_good_run_gets_past_the_checks(tmp_path, dataset, monkeypatch):
                  "epochs=0"]) == 0
     (cfg,) = launched
     assert cfg.train.batch_size == 512 and cfg.train.epochs == 0 and cfg.data.url == dataset
+
+
+# The serving commands' own options, refused the same way (argparse: usage, then one error line).
+SERVING_CASES = {
+    "export block of 0 MiB": (["export", "--run", "RUN", "--out", "m.tf4ctr", "--block-mb", "0"],
+                              "tf4ctr export: error: --block-mb must be > 0, got 0.0"),
+    "predict precision fp16": (["predict", "--model", "m.tf4ctr", "--data", "d.csv", "--out", "o.parquet",
+                                "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    "predict on 0 workers": (["predict", "--model", "m.tf4ctr", "--data", "d.csv", "--out", "o.parquet",
+                              "--workers", "0"], "tf4ctr predict: error: --workers must be >= 1, got 0"),
+    "serve precision fp16": (["serve", "m.tf4ctr", "--precision", "fp16"], "argument --precision: invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", list(SERVING_CASES))
+def test_serving_options_refused_in_seconds(tmp_path, case):
+    argv, message = SERVING_CASES[case]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing is written"
+    assert time.perf_counter() - t0 < 15

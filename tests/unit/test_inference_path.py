@@ -158,6 +158,8 @@ def test_cli_precision_choices_are_the_configs():
     from typing import get_args
 
     from tf4ctr_dist.cli.serve import PRECISIONS
-    from tf4ctr_dist.config import INFERENCE_PRECISION
+    from tf4ctr_dist.config import INFERENCE, INFERENCE_PRECISION
+    from tf4ctr_dist.modules.mlp import INFERENCE_PATHS
 
     assert PRECISIONS == get_args(INFERENCE_PRECISION)
+    assert INFERENCE_PATHS == get_args(INFERENCE)  # modules/ checks its argument without the config
