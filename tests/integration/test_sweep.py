@@ -100,6 +100,22 @@ def test_tiny_sweep_writes_the_table(tmp_path):
     assert f"{p:.3g} (paired)" in lines["dfm=wsf"]
 
 
+
+def test_a_grid_over_the_worker_count_runs_every_trial(tmp_path):
+    """The dev cluster is sized for the largest trial, not the first: before that, the 2-worker
+    trial below waited forever for a second worker on a 2-CPU machine."""
+    pytest.importorskip("ray.tune")
+    spec = _spec(tmp_path, _dataset(tmp_path), {"cluster.workers": [1, 2]}, [1])
+    out = tmp_path / "sweep"
+    proc = subprocess.run(_cmd(spec, out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "; 2 + 1 per trial)" in proc.stdout  # sized for the 2-worker trial
+    rows = _rows(out)
+    assert [(r["cluster.workers"], r["status"]) for r in rows] == [("1", "finished"), ("2", "finished")]
+    for r in rows:
+        result = json.loads((Path(r["run_dir"]) / "result.json").read_text())
+        assert result["config"]["cluster"]["workers"] == int(r["cluster.workers"])
+
 def test_a_mistyped_key_fails_before_ray_starts(tmp_path):
     spec = _spec(tmp_path, str(tmp_path / "nodata"), {"dfn": ["sum", "wsf"]}, [1])
     t0 = time.monotonic()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tf4ctr_dist.config import ConfigError, RunConfig
-from tf4ctr_dist.studies.sweep import (baseline_label, build_trials, expand_cells, max_concurrent,
-                                       spec_from_dict)
+from tf4ctr_dist.studies.sweep import (baseline_label, build_trials, cluster_config, expand_cells,
+                                       max_concurrent, spec_from_dict)
 
 
 def test_grid_times_random_times_seeds():
@@ -50,6 +50,26 @@ def test_baseline_and_concurrency():
     cfg = RunConfig().with_overrides(["workers=2", "cpus_per_worker=1"])
     assert max_concurrent(16, cfg) == 5 and max_concurrent(2, cfg) == 1
 
+
+
+def test_the_cluster_is_sized_for_the_largest_trial(monkeypatch):
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    spec = spec_from_dict({"grid": {"cluster.workers": [1, 3], "cluster.cpus_per_worker": [2, 1]}, "seeds": [1]})
+    trials = build_trials(spec, RunConfig(), "/sweep", ["data.url=/d"])
+    assert trials[0].config.cluster.workers == 1  # the first trial is not the largest
+    largest = cluster_config(trials)
+    assert (largest.cluster.workers, largest.cluster.cpus_per_worker) == (3, 2)
+    assert max_concurrent(8, largest) == 1
+    # Settings fixed for the whole Ray cluster cannot vary between trials.
+    for key, values in (("train.blas_numerics", ["portable", "native"]), ("cluster.use_gpu", [False, True])):
+        trials = build_trials(spec_from_dict({"grid": {key: values}}), RunConfig(), "/sweep", ["data.url=/d"])
+        with pytest.raises(ConfigError, match=f"{key} differs between trials"):
+            cluster_config(trials)
+    # With MKL_CBWR set by the user the workers' environment is the same either way.
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    trials = build_trials(spec_from_dict({"grid": {"train.blas_numerics": ["portable", "native"]}}), RunConfig(),
+                          "/sweep", ["data.url=/d"])
+    assert cluster_config(trials) is trials[0].config
 
 def test_variants_set_several_keys_at_once_and_can_be_the_baseline():
     spec = spec_from_dict({"variants": {"tf4ctr": {"ssem": "ser", "dfm": "wsf", "loss": "tf"},

@@ -292,6 +292,27 @@ def max_concurrent(cluster_cpus: float, cfg: RunConfig) -> int:
     return max(1, int(cluster_cpus // per_trial))
 
 
+def cluster_config(trials: Sequence[Trial]) -> RunConfig:
+    """The trial config the sweep's Ray cluster is started, sized and checked from.
+
+    The one whose workers need the most CPUs, so that every trial fits, whatever the grid does to
+    cluster.workers or cluster.cpus_per_worker (sizing from the first trial alone left the larger
+    ones waiting forever for workers). What is fixed for the whole cluster must be the same in
+    every trial: the cluster to join, the device, and the workers' process environment
+    (train.blas_numerics sets MKL_CBWR, which MKL reads once, at process start)."""
+    from tf4ctr_dist.train.launch import worker_env
+
+    first = trials[0].config
+    fixed = {"cluster.ray_address": lambda c: c.cluster.ray_address, "cluster.use_gpu": lambda c: c.cluster.use_gpu,
+             "train.blas_numerics": worker_env}
+    for key, value in fixed.items():
+        for t in trials[1:]:
+            if value(t.config) != value(first):
+                raise ConfigError(f"sweep: {key} differs between trials ({t.cell.label}); it is fixed for the "
+                                  f"whole Ray cluster the sweep runs on: run one sweep per value")
+    return max((t.config for t in trials), key=lambda c: c.cluster.workers * c.cluster.cpus_per_worker)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inside Ray: the trainable.
 
@@ -381,6 +402,7 @@ def run_sweep(spec: SweepSpec, base: RunConfig, out: str, extra_overrides: Seque
     check_before_launch(first, device, dataset=first.data.url)
     for t in trials[1:]:
         check_before_launch(t.config, device)
+    largest = cluster_config(trials)
     manifest = {"spec": spec.__dict__, "baseline": baseline,
                 "trials": {t.id: {"cell": t.cell.label, "values": t.cell.values, "seed": t.seed,
                                   "config": t.config.to_dict()} for t in trials}}
@@ -395,16 +417,16 @@ def run_sweep(spec: SweepSpec, base: RunConfig, out: str, extra_overrides: Seque
 
     from tf4ctr_dist.train.launch import _init_ray
 
-    _init_ray(first)
+    _init_ray(largest)
     import ray
     from ray import tune
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    per_trial = first.cluster.workers * first.cluster.cpus_per_worker
+    per_trial = largest.cluster.workers * largest.cluster.cpus_per_worker
     if per_trial + 1 > cpus:
         raise ConfigError(f"sweep: one trial needs {per_trial:g} worker CPU(s) + 1 for its trainable, "
                           f"the cluster has {cpus:g}; lower cluster.workers or cluster.cpus_per_worker")
-    concurrent = max_concurrent_trials or max_concurrent(cpus, first)
+    concurrent = max_concurrent_trials or max_concurrent(cpus, largest)
     say(f"at most {concurrent} trial(s) at once ({cpus:g} CPUs; {per_trial:g} + 1 per trial)")
 
     trainable = tune.with_resources(
