@@ -153,7 +153,7 @@ def inference_section(url: str, *, batch: int, batches: int, rounds: int, thread
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from benchmarks.probes import measure_matmul, model_flops
+    from benchmarks.probes import measure_bf16_matmul, measure_matmul, model_flops
     from benchmarks.settings import LOSS, model_cfg
     from benchmarks.workers import ensure_dataset
 
@@ -173,15 +173,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     url = ensure_dataset(args.rows, args.cache_dir)
     torch.set_num_threads(threads)
     mm = measure_matmul(2048)
-    mm_bf16 = measure_matmul(2048, dtype="bfloat16")
+    mm_bf16 = measure_bf16_matmul(2048)
+    bf16_rate = mm_bf16["flops_per_s"] if mm_bf16 else None
     flops = model_flops(model_cfg(), dict(LOSS), fields=FIELDS)
     section = inference_section(url, batch=args.batch, batches=args.batches, rounds=args.rounds, threads=threads,
                                 timeout=3600)
-    derived = inference_figures(section, flops["forward_per_sample"], mm["flops_per_s"], mm_bf16["flops_per_s"])
+    derived = inference_figures(section, flops["forward_per_sample"], mm["flops_per_s"], bf16_rate)
     machine["loadavg_end"] = os.getloadavg()
     rows = inference_rows(derived, section)
     rows += [("fp32 matmul 2048^2, all threads (best)", mm["flops_per_s"], "FLOP/s"),
-             ("bf16 matmul 2048^2, all threads (best)", mm_bf16["flops_per_s"], "FLOP/s"),
+             ("bf16 matmul 2048^2, all threads (best)", bf16_rate, "FLOP/s"),
              ("dense FLOPs per inference sample (counted)", flops["forward_per_sample"], "FLOP")]
     print(format_table(rows))
     print(f"(threads {threads}; load average start {machine['loadavg_start'][0]:.2f}, "

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks.settings import FIELDS, typed
+from benchmarks.settings import FIELDS, log, typed
 
 
 def cores() -> int:
@@ -108,6 +108,18 @@ def measure_matmul(
         "device": device,
         "threads": torch.get_num_threads(),
     }
+
+
+def measure_bf16_matmul(n: int = 2048) -> dict[str, Any] | None:
+    """`measure_matmul` in bfloat16 on the CPU, or None where the CPU has no bf16 dot products
+    (AVX2 only): there torch's portable bf16 mm is no roofline (one 2048^3 product took a minute
+    on an AVX2 EPYC), and the bf16 variants' roofline shares are reported as unmeasured."""
+    from tf4ctr_dist.modules.mlp import cpu_has_fast_bf16
+
+    if not cpu_has_fast_bf16():
+        log("bf16 matmul rate: not measured (this CPU has no bf16 dot products: AVX512-BF16 / AMX)")
+        return None
+    return measure_matmul(n, dtype="bfloat16")
 
 
 def model_flops(model_cfg: dict, loss_cfg: dict, fields: int = FIELDS, batch: int = 256) -> dict[str, float]:

@@ -103,6 +103,7 @@ class ModelConfig:
     # Their matmuls in evaluation / predict / serve: auto = dense_precision; bf16 on an fp32 model
     # roughly doubles inference speed on CPUs with bf16 dot products (AVX512-BF16, AMX) and moves
     # probabilities by about 1e-4 (BENCHMARKS.md); metrics computed under it differ accordingly.
+    # On CPUs without them (AVX2 only) bf16 runs torch's portable matmul: several times slower.
     inference_precision: INFERENCE_PRECISION = "auto"
     # mlp/mlp is TF4CTR as published; the others give the paper's backbones (presets dnn, deepfm, ...).
     easy_encoder: ENCODER = "mlp"

@@ -111,6 +111,29 @@ def test_encoder_bf16_inference_is_close_but_not_fp32():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_bf16_fold_runs_on_every_cpu(onednn, monkeypatch):
+    """oneDNN builds no bf16 Linear on CPUs without bf16 instructions (AVX2-only): the fold then
+    takes the portable addmm. Both routes give the bf16 function, on whatever CPU runs the test
+    (onednn=True only where this CPU has bf16 instructions; False forces the portable route)."""
+    from tf4ctr_dist.modules import mlp
+
+    if not onednn:
+        monkeypatch.setattr(mlp, "_ONEDNN_DTYPES", frozenset({torch.float32}))
+    bf16_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    has_bf16 = torch.backends.mkldnn.is_available() and bf16_check is not None and bool(bf16_check())
+    assert (torch.bfloat16 in mlp._ONEDNN_DTYPES) == (onednn and has_bf16)
+    linear, bn = _block(4)
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = torch.relu(bn(linear(x)))
+        got = folded_linear_relu(x.to(torch.bfloat16), linear, bn, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    scale = expected.abs().max()
+    assert (got.float() - expected).abs().max() < 3e-2 * scale
+    assert (got.float() - expected).abs().max() > 1e-5 * scale
+
+
 FIELDS = [(f"f{i}", 40) for i in range(5)]
 
 

@@ -119,12 +119,18 @@ def test_requests_are_checked(dataset):
             parse_request(body, names)
 
 
-def test_precision_override_scores_in_bf16(dataset, tmp_path):
+def test_precision_override_scores_in_bf16(dataset, tmp_path, caplog):
+    from tf4ctr_dist.modules.mlp import cpu_has_fast_bf16
+
     url, (_, _, test_csv) = dataset
     _, path = _fresh_artifact(url, str(tmp_path / "m.tf4ctr"))
     raw = _raw(test_csv).slice(0, 300)
     fp32 = load(path).score(raw)
-    low = load(path, "bf16")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tf4ctr_dist"):
+        low = load(path, "bf16")
+    # on a CPU without bf16 dot products the user is told that bf16 is the slow choice here
+    assert any("bf16" in r.getMessage() for r in caplog.records) == (not cpu_has_fast_bf16())
     assert low.model.complex_encoder.inference_dtype == torch.bfloat16
     gap = np.abs(low.score(raw) - fp32).max()
     assert 1e-7 < gap < 5e-3  # it ran in bf16, and bf16 is close

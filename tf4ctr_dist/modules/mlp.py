@@ -190,7 +190,8 @@ def folded_linear_relu(x: torch.Tensor, linear: nn.Linear, bn: Optional[nn.Batch
     if dtype is not None:
         weight = weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    if x.device.type == "cpu" and _ONEDNN and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
         # oneDNN's Linear with the ReLU fused into its output stage (the op torch's own compiler
         # emits for Linear -> ReLU on CPU): one pass over (B, out) where addmm first copies the
         # bias into every output row, then MKL accumulates onto it, then ReLU reads it again.
@@ -203,7 +204,27 @@ def folded_linear_relu(x: torch.Tensor, linear: nn.Linear, bn: Optional[nn.Batch
 
 # A leaf for torch.fx, like the training block.
 torch.fx.wrap("folded_linear_relu")
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear_dtypes() -> frozenset:
+    """The dtypes oneDNN's fused Linear runs on this CPU: float32 wherever it is built in, and
+    bfloat16 only with bf16 instructions (AVX512-BF16, AMX); on an AVX2-only CPU it refuses to build
+    a bf16 primitive, and bf16 takes the portable addmm (correct, without the speed-up)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return frozenset()
+    bf16_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    bf16 = bool(bf16_check()) if bf16_check is not None else False
+    return frozenset({torch.float32, torch.bfloat16} if bf16 else {torch.float32})
+
+
+_ONEDNN_DTYPES = _onednn_linear_dtypes()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (oneDNN with AVX512-BF16 or AMX). Without,
+    bf16 (dense_precision, inference_precision) still computes the same function, but on torch's
+    portable path, several times slower than fp32: the builders say so."""
+    return torch.bfloat16 in _ONEDNN_DTYPES
 
 
 class MLPEncoder(nn.Module):

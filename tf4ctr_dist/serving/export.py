@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -35,6 +36,7 @@ from tf4ctr_dist.serving.dcp_rows import DEFAULT_BLOCK_BYTES, OnRead, RowRangeRe
 from tf4ctr_dist.serving.features import build_mappers
 from tf4ctr_dist.serving.scorer import Scorer
 
+logger = logging.getLogger("tf4ctr_dist")
 FORMAT = "tf4ctr-serving"
 VERSION = "1"
 CKPT_PREFIX = "model.model."  # app_state "model" -> DMP(TF4CTRTrain) -> .model (TF4CTR)
@@ -64,9 +66,14 @@ def build_model(manifest: Manifest, cfg: RunConfig, precision: Optional[str] = N
     """The TF4CTR of the run, unsharded, on CPU, with the eager dense ops (no compiled kernels).
     ``precision``: model.inference_precision for scoring (default: the run's)."""
     from tf4ctr_dist.model import tf4ctr
+    from tf4ctr_dist.modules.mlp import cpu_has_fast_bf16
 
     if precision is not None:
         cfg = RunConfig.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "inference_precision": precision}})
+    scoring = cfg.model.inference_precision if cfg.model.inference_precision != "auto" else cfg.model.dense_precision
+    if scoring == "bf16" and not cpu_has_fast_bf16():
+        logger.warning("scoring in bf16 on a CPU without bf16 dot products (AVX512-BF16 / AMX): the same "
+                       "function as on one with them, but several times slower than fp32 here")
     fields = [(f.name, f.vocab_size) for f in manifest.fields]
     return tf4ctr(fields, cfg.model, device="cpu", mean_pooled=set(manifest.sequence_fields), cpu_kernels=None,
                   numeric=set(manifest.numeric_fields))

@@ -25,6 +25,7 @@ from tf4ctr_dist.distributed.sharding import build_optimizer, describe_plan, sha
 from tf4ctr_dist.distributed.table_kernel import uses_table_kernel
 from tf4ctr_dist.kernels import CpuKernels, load
 from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
+from tf4ctr_dist.modules.mlp import cpu_has_fast_bf16
 
 
 @dataclass
@@ -168,6 +169,10 @@ def build_training(
         threads = torch.get_num_threads()
         notes.append(f"table backward: tf4ctr row-wise Adagrad kernel on {threads} intra-op "
                      f"thread{'s' if threads != 1 else ''} (in place of fbgemm's CPU kernel)")
+    if device.type == "cpu" and "bf16" in (cfg.model.dense_precision, cfg.model.inference_precision) \
+            and not cpu_has_fast_bf16():
+        notes.append("bf16: this CPU has no bf16 dot products (AVX512-BF16 / AMX); the bf16 matmuls run "
+                     "torch's portable path, several times slower than fp32")
     if module.model.concurrent_table_backward:
         notes.append(f"table backward: the two table sets on two threads ({torch.get_num_threads()} intra-op threads)")
     plan_text += "".join(f"\n  {n}" for n in notes)
