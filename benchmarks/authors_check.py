@@ -5,7 +5,9 @@ Both sides start from the same weights (this project's initialisation for `--see
 their TF4CTRv2), train the same Frappe batches (their encoded train.h5, rows in a fixed random
 order) with frappe_x1's model, TF loss, embedding penalty 0.1 (full tables), clipping at 10 and
 Adam 1e-3, lr x0.1 before step `--decay-at`, then score 4,096 validation rows in eval mode
-(BatchNorm running statistics). Dropout is 0: the two sides draw masks from other streams.
+(BatchNorm running statistics). Dropout is `--dropout` (frappe_x1's 0.2 by default): on the eager
+path both sides' dropout layers draw the same masks (`authors_side.use_seeded_dropout`, keyed
+by layer name and step), so where dropout sits and how it scales is checked as well.
 
 float64 (the default) checks the maths: this project's eager ops against theirs, where any
 difference in the model, the loss, the penalty, the clip, Adam, the lr decay or BatchNorm's
@@ -33,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.authors_side import use_seeded_dropout
+
 SIDE = Path(__file__).with_name("authors_side.py")
 PREFIXES = {  # this project's parameter names -> theirs
     "simple_encoder.net.": "easy_encoder.mlp.",
@@ -59,13 +63,13 @@ def to_theirs(state: dict) -> dict:
     return out
 
 
-def build_model(fields: list[tuple[str, int]], seed: int, path: str):
+def build_model(fields: list[tuple[str, int]], seed: int, path: str, dropout: float = 0.0):
     from tf4ctr_dist.cli.train import resolve_preset
     from tf4ctr_dist.config import load_config
     from tf4ctr_dist.kernels import load
     from tf4ctr_dist.model import Objective, TF4CTRTrain, tf4ctr
 
-    cfg = load_config(resolve_preset("frappe_x1"), ["net_dropout=0.0"])
+    cfg = load_config(resolve_preset("frappe_x1"), [f"net_dropout={dropout}"])
     torch.manual_seed(seed)
     kernels = load(cfg.train.cpu_kernels) if path == "default" else None
     model = tf4ctr(fields, cfg.model, cpu_kernels=kernels, fused_dense=path == "default")
@@ -96,7 +100,7 @@ def train_ours(workdir: Path, fields: list[tuple[str, int]], args) -> dict:
     from tf4ctr_dist.distributed.sharding import DenseStepHooks
 
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
-    cfg, module = build_model(fields, args.seed, args.path)
+    cfg, module = build_model(fields, args.seed, args.path, args.dropout)
     init = np.load(workdir / "init.npz")
     state = module.model.state_dict()
     for key in state:
@@ -138,6 +142,8 @@ def train_ours(workdir: Path, fields: list[tuple[str, int]], args) -> dict:
             self.labels = torch.from_numpy(labels).to(dtype)
             self.valid = torch.ones(len(labels), dtype=dtype)
 
+    if args.path == "eager" and use_seeded_dropout(module.model, their_name) != 5 * (args.dropout > 0):
+        raise SystemExit("expected a dropout layer after each of the 2 + 3 hidden layers")
     losses = []
     module.train()
     for step in range(args.steps):
@@ -182,7 +188,7 @@ def compare(theirs: dict, ours: dict) -> dict:
 
 def run_theirs(args, workdir: Path, dtype: str) -> dict:
     subprocess.run([args.python, str(SIDE), "train", args.checkout, args.data, str(workdir), dtype, str(args.steps),
-                    str(args.decay_at), str(args.batch)], check=True)
+                    str(args.decay_at), str(args.batch), str(args.dropout)], check=True)
     return dict(np.load(workdir / "authors.npz"))
 
 
@@ -194,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--path", choices=["eager", "default"], default="eager",
                    help="eager: plain torch modules; default: what training runs (float32 only)")
+    p.add_argument("--dropout", type=float,
+                   help="net_dropout on both sides (default: frappe_x1's 0.2 on the eager path, 0 with --path "
+                        "default, which draws its masks from its own stream)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--decay-at", type=int, default=40)
     p.add_argument("--batch", type=int, default=1024)
@@ -202,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.path == "default" and args.dtype != "float32":
         p.error("--path default runs the float32 kernels; use --dtype float32")
+    if args.dropout is None:
+        args.dropout = 0.2 if args.path == "eager" else 0.0
+    if args.path == "default" and args.dropout:
+        p.error("--path default draws its own dropout masks: use --dropout 0")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="tf4ctr-authors-check-") as tmp:
         workdir = Path(tmp)
@@ -209,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab = {k: v["vocab_size"] for spec in json.loads(Path(args.data, "feature_map.json").read_text())["features"]
                  for k, v in spec.items() if v.get("type") == "categorical"}
         fields = [(str(f), vocab[str(f)]) for f in np.load(workdir / "batches.npz")["fields"]]
-        _, module = build_model(fields, args.seed, "eager")
+        _, module = build_model(fields, args.seed, "eager", args.dropout)  # dropout shifts the layer indices
         np.savez(workdir / "init.npz", **{k: v for k, v in to_theirs(module.model.state_dict()).items()
                                           if "running" not in k and "num_batches" not in k})
         theirs = run_theirs(args, workdir, args.dtype)

@@ -6,10 +6,11 @@ add_regularization. Two commands, both reading and writing .npz files in WORKDIR
 
   python authors_side.py batches CHECKOUT DATA_DIR WORKDIR
       WORKDIR/batches.npz: the train split's rows in a fixed random order, 4,096 validation rows
-  python authors_side.py train CHECKOUT DATA_DIR WORKDIR DTYPE STEPS DECAY_AT BATCH
-      loads WORKDIR/init.npz into TF4CTRv2 (frappe_x1's settings, dropout 0), trains STEPS steps
-      (lr x0.1 before step DECAY_AT), writes WORKDIR/authors.npz: per-step data loss, every
-      parameter and buffer, the eval-mode probabilities of the validation rows.
+  python authors_side.py train CHECKOUT DATA_DIR WORKDIR DTYPE STEPS DECAY_AT BATCH DROPOUT
+      loads WORKDIR/init.npz into TF4CTRv2 (frappe_x1's settings, dropout DROPOUT with the masks
+      of `use_seeded_dropout`), trains STEPS steps (lr x0.1 before step DECAY_AT), writes
+      WORKDIR/authors.npz: per-step data loss, every parameter and buffer, the eval-mode
+      probabilities of the validation rows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,36 @@ def load_model_class(path: str, name: str) -> type:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return getattr(module, name)
+
+
+def use_seeded_dropout(model, rename=lambda name: name) -> int:
+    """Give every nn.Dropout in `model` masks that depend only on its name (after `rename`, so
+    both sides use the authors' names) and how often it has run: the k-th call of module N keeps
+    x where a float64 uniform from a generator seeded by crc32("N:k") is >= p, then scales by
+    1 / (1 - p). Both sides draw the same masks for the same layer at the same step, so dropout's
+    placement and scaling are checked too; a dropout the other side lacks shows as a difference.
+    Returns the number of dropout modules."""
+    import zlib
+
+    import torch
+
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Dropout):
+            continue
+        key, calls = rename(name), [0]
+
+        def forward(x, module=module, key=key, calls=calls):
+            if not module.training or module.p == 0:
+                return x
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{key}:{calls[0]}".encode()))
+            calls[0] += 1
+            keep = torch.rand(x.shape, generator=generator, dtype=torch.float64) >= module.p
+            return x * keep.to(x.dtype) * (1.0 / (1.0 - module.p))
+
+        module.forward = forward
+        count += 1
+    return count
 
 
 def main(argv: list[str]) -> None:
@@ -51,11 +82,11 @@ def main(argv: list[str]) -> None:
                  valid_labels=valid["label"][:][:4096].astype(np.float32))
         return
     dtype = {"float64": torch.float64, "float32": torch.float32}[argv[4]]
-    steps, decay_at, batch = int(argv[5]), int(argv[6]), int(argv[7])
+    steps, decay_at, batch, dropout = int(argv[5]), int(argv[6]), int(argv[7]), float(argv[8])
     torch.set_num_threads(1)
     model = TF4CTRv2(feature_map, gpu=-1, learning_rate=1e-3, embedding_regularizer=0.1, net_regularizer=0,
                      embedding_dim=16, hard_hidden_units=[400, 400, 400], easy_hidden_units=[400, 400], gamma=1,
-                     c=0.7, alpha=0.25, SSM="SER", DFM="WSF", hidden_activations="relu", net_dropout=0.0,
+                     c=0.7, alpha=0.25, SSM="SER", DFM="WSF", hidden_activations="relu", net_dropout=dropout,
                      batch_norm=True, optimizer="adam", loss="binary_crossentropy", verbose=0,
                      model_root=f"{workdir}/checkpoints", monitor={"AUC": 1, "gAUC": 1}, monitor_mode="max",
                      early_stop_patience=2, save_best_only=True, eval_steps=None, reduce_lr_on_plateau=True,
@@ -84,6 +115,7 @@ def main(argv: list[str]) -> None:
         return x
 
     losses = []
+    use_seeded_dropout(model)
     model.train()
     for step in range(steps):
         if step == decay_at:

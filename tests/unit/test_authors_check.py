@@ -84,3 +84,26 @@ def test_compare_sees_a_moved_parameter_and_keeps_pre_batchnorm_biases_apart(mod
     ours[bias] = ours[bias] + 1.0
     apart = authors_check.compare(theirs, ours)
     assert apart["param_rel_max"] == 0 and apart["pre_bn_rel_max"] > 0
+
+
+def test_seeded_dropout_masks_follow_the_layer_name_and_the_call():
+    from benchmarks.authors_side import use_seeded_dropout
+
+    _, ours = authors_check.build_model(FIELDS, seed=3, path="eager", dropout=0.25)
+    twin = torch.nn.ModuleDict({"easy_encoder": torch.nn.ModuleDict({"mlp": torch.nn.Sequential(
+        torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity(), torch.nn.Dropout(0.25))})})
+    assert use_seeded_dropout(ours.model, authors_check.their_name) == 5  # after each of 2 + 3 hidden layers
+    assert use_seeded_dropout(twin) == 1
+    mine, theirs = ours.model.simple_encoder.net[3], twin.easy_encoder.mlp[3]  # both 'easy_encoder.mlp.3'
+    x = torch.rand(64, 400, dtype=torch.float64) + 0.5
+    first, second = mine(x), mine(x)
+    torch.testing.assert_close(theirs(x), first, rtol=0, atol=0)  # same name, same call: same mask
+    torch.testing.assert_close(theirs(x), second, rtol=0, atol=0)
+    assert not torch.equal(first, second)  # the next call draws another mask
+    kept = first != 0
+    assert abs(kept.double().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(first[kept], x[kept] / 0.75)
+    other = ours.model.simple_encoder.net[7](x)  # the second easy layer: another mask on its first call
+    assert not torch.equal(other != 0, kept)
+    mine.eval()
+    assert mine(x) is x
