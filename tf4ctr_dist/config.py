@@ -157,9 +157,10 @@ class TrainConfig:
     # This package's compiled CPU kernels (tf4ctr_dist/kernels): on = required (the run fails if
     # they cannot be built), auto = used where they build, off = eager ops and fbgemm's kernels.
     cpu_kernels: CPU_KERNELS = "auto"
-    # CPU matrix products (MKL): portable = MKL's AVX2 code path on every CPU that has AVX2
-    # (MKL_CBWR=AVX2 in the workers), so a seed trains the same model on another CPU model;
-    # native = MKL picks per CPU (AVX-512 where present). An MKL_CBWR set by the user wins.
+    # CPU numerics: portable = the AVX2 code paths of MKL and of torch's own kernels on every CPU
+    # that has AVX2 (MKL_CBWR=AVX2 and ATEN_CPU_CAPABILITY=avx2 in the workers), so a seed trains
+    # the same model on another CPU model; native = both pick per CPU (AVX-512 where present).
+    # A value the user set for either variable wins.
     blas_numerics: BLAS_NUMERICS = "portable"
     # Per-epoch analyses written to metrics.jsonl and TensorBoard (tf4ctr_dist/studies/analyses.py):
     # buckets = difficulty buckets on valid, histograms = prediction histograms on train and valid,

@@ -48,6 +48,9 @@ def test_two_ray_workers_train_from_s3(s3_server, ray_cluster, tmp_path):
     # train.blas_numerics=portable reached the workers before MKL started (the job's runtime_env).
     import os
     assert on_disk["numerics"]["mkl_cbwr"] == os.environ.get("MKL_CBWR", "AVX2")
+    from tf4ctr_dist.train.launch import _has_avx2
+    if "ATEN_CPU_CAPABILITY" not in os.environ and _has_avx2():  # torch's kernels too
+        assert on_disk["numerics"]["cpu_capability"] == "AVX2"
     assert on_disk["numerics"]["device"] == "cpu" and on_disk["numerics"]["intra_op_threads"] >= 1
     # No credential reaches the run folder.
     for path in Path(out).rglob("*"):

@@ -54,6 +54,7 @@ def test_baseline_and_concurrency():
 
 def test_the_cluster_is_sized_for_the_largest_trial(monkeypatch):
     monkeypatch.delenv("MKL_CBWR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     spec = spec_from_dict({"grid": {"cluster.workers": [1, 3], "cluster.cpus_per_worker": [2, 1]}, "seeds": [1]})
     trials = build_trials(spec, RunConfig(), "/sweep", ["data.url=/d"])
     assert trials[0].config.cluster.workers == 1  # the first trial is not the largest
@@ -65,8 +66,10 @@ def test_the_cluster_is_sized_for_the_largest_trial(monkeypatch):
         trials = build_trials(spec_from_dict({"grid": {key: values}}), RunConfig(), "/sweep", ["data.url=/d"])
         with pytest.raises(ConfigError, match=f"{key} differs between trials"):
             cluster_config(trials)
-    # With MKL_CBWR set by the user the workers' environment is the same either way.
+    # With MKL_CBWR and ATEN_CPU_CAPABILITY set by the user the workers' environment is the same
+    # either way.
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     trials = build_trials(spec_from_dict({"grid": {"train.blas_numerics": ["portable", "native"]}}), RunConfig(),
                           "/sweep", ["data.url=/d"])
     assert cluster_config(trials) is trials[0].config

@@ -79,7 +79,7 @@ def predict_on_workers(data: str | Sequence[str], out: str, *, run: Optional[str
 
     from tf4ctr_dist.train.launch import init_ray
 
-    env = {k: os.environ[k] for k in ("MKL_CBWR",) if k in os.environ}  # the driver's BLAS numerics
+    env = {k: os.environ[k] for k in ("MKL_CBWR", "ATEN_CPU_CAPABILITY") if k in os.environ}  # the driver's CPU numerics
     started = init_ray(address, max(os.cpu_count() or 1, n), env, what=f"predict ({n} workers)", dashboard=False,
                        log_to_driver=False)
     actors: list = []

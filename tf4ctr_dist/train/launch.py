@@ -43,19 +43,39 @@ def _ray_worker(loop_config: dict) -> None:
 _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+# train.blas_numerics=portable: the same CPU code paths on every x86-64 CPU with AVX2, so a seed
+# trains the same model on another CPU model. MKL_CBWR: MKL's own switch for its matrix products.
+# ATEN_CPU_CAPABILITY: torch's vectorised elementwise kernels run two vectors per iteration and
+# the leftover elements through scalar code that rounds differently (pow, sigmoid...); which
+# elements are left over depends on the vector width (AVX2 or AVX-512) wherever a tensor's
+# length mod 32 is 16 or more, e.g. the 375 rows of a worker's last batch at batch 1024.
+PORTABLE_NUMERICS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def _has_avx2() -> bool:
+    """This machine's CPU runs AVX2 code (torch takes ATEN_CPU_CAPABILITY=avx2 without checking)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:
+        return False
+
+
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     """Environment variables the workers need from process start (the job's runtime_env).
 
-    MKL reads MKL_CBWR when it first runs, before any code of ours in a worker could set it, so
-    ``train.blas_numerics=portable`` reaches the workers this way. Left out where the user chose a
-    value: in this process's environment, or in the runtime_env of the submitted Ray job (Ray
-    refuses a driver runtime_env that repeats a job's variable)."""
-    env: dict[str, str] = {}
-    if cfg.train.blas_numerics == "portable" and "MKL_CBWR" not in os.environ:
-        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
-        if "MKL_CBWR" not in ((job.get("runtime_env") or {}).get("env_vars") or {}):
-            env["MKL_CBWR"] = "AVX2"
-    return env
+    MKL reads MKL_CBWR and torch reads ATEN_CPU_CAPABILITY once, before any code of ours in a
+    worker could set them, so ``train.blas_numerics=portable`` reaches the workers this way
+    (ATEN_CPU_CAPABILITY only where this machine has AVX2: the workers are assumed to be CPUs of
+    the same family). Each is left out where the user chose a value: in this process's
+    environment, or in the runtime_env of the submitted Ray job (Ray refuses a driver
+    runtime_env that repeats a job's variable)."""
+    if cfg.train.blas_numerics != "portable":
+        return {}
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {key: value for key, value in PORTABLE_NUMERICS.items()
+            if key not in os.environ and key not in job_env and (key != "ATEN_CPU_CAPABILITY" or _has_avx2())}
 
 
 def _init_ray(cfg: RunConfig) -> None:
