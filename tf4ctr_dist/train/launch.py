@@ -7,6 +7,7 @@ local cluster, and use the node's role or the cluster's secret store elsewhere.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -52,11 +53,12 @@ _LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 PORTABLE_NUMERICS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
+@functools.cache  # worker_env runs once per trial when a sweep checks its cluster settings
 def _has_avx2() -> bool:
     """This machine's CPU runs AVX2 code (torch takes ATEN_CPU_CAPABILITY=avx2 without checking)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx2" in line for line in f)
+            return any(line.startswith("flags") and "avx2" in line.split() for line in f)
     except OSError:
         return False
 
