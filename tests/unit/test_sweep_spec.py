@@ -108,3 +108,44 @@ def test_variant_mistakes_are_refused_with_the_key():
     spec = spec_from_dict({"variants": {"a": {"ssem": "serr"}}})
     with pytest.raises(ConfigError, match="variant=a"):
         build_trials(spec, RunConfig(), "/sweep", ["data.url=/d"])
+
+
+def _result(scores: list[float], improved: list[bool], monitor=("AUC", "gAUC")) -> dict:
+    """A result.json with per-epoch validation AUC = gAUC = score / 2."""
+    history = [{"epoch": i + 1, "valid": {"AUC": s / 2, "gAUC": s / 2, "logloss": 9.0}, "improved": imp}
+               for i, (s, imp) in enumerate(zip(scores, improved))]
+    return {"history": history, "config": {"train": {"monitor": list(monitor)}}}
+
+
+def test_plateau_dynamics_reads_the_first_plateau_from_the_history():
+    from tf4ctr_dist.studies.sweep import plateau_dynamics
+
+    # stopped at its first plateau: epoch 3 did not improve, epoch 4 (lower lr) gained too little
+    stopped = plateau_dynamics(_result([1.80, 1.85, 1.84, 1.845], [True, True, False, False]))
+    assert stopped["first_plateau_epoch"] == 3 and stopped["passed_first_plateau"] == 0
+    assert abs(stopped["plateau_gain"] - 0.005) < 1e-12  # the monitored sum, logloss left out
+    passed = plateau_dynamics(_result([1.80, 1.85, 1.84, 1.86, 1.855, 1.85], [True, True, False, True, False, False]))
+    assert passed["first_plateau_epoch"] == 3 and passed["passed_first_plateau"] == 1
+    assert abs(passed["plateau_gain"] - 0.02) < 1e-12
+    only_auc = plateau_dynamics(_result([1.80, 1.70, 1.90], [True, False, True], monitor=("AUC",)))
+    assert abs(only_auc["plateau_gain"] - 0.10) < 1e-12
+    never = plateau_dynamics(_result([1.80, 1.85], [True, True]))
+    assert never == {"first_plateau_epoch": None, "plateau_gain": None, "passed_first_plateau": None}
+
+
+def test_results_table_compares_the_plateau_dynamics_across_cells(tmp_path):
+    from tf4ctr_dist.studies.sweep import _flat, write_results
+
+    rows = []
+    for seed, (a, b) in enumerate([(0.004, 0.001), (0.003, 0.0005), (0.005, 0.0012)]):
+        for cell, gain in (("eager", a), ("kernel", b)):
+            result = _result([1.80, 1.85, 1.84, 1.84 + gain], [True, True, False, gain > 0.01])
+            rows.append({"cell": cell, "seed": seed, "status": "finished", **_flat(result)})
+    write_results(str(tmp_path), rows, [], baseline="eager")
+    table = (tmp_path / "results.md").read_text()
+    kernel = next(line for line in table.splitlines() if line.startswith("| kernel"))
+    assert "plateau_gain" in table and "passed_first_plateau" in table
+    assert "0.000900 +- " in kernel  # mean of 0.001, 0.0005, 0.0012
+    assert "(paired)" in kernel
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert "first_plateau_epoch" in csv_text.splitlines()[0]

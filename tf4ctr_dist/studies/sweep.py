@@ -43,7 +43,8 @@ DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 SCHEDULERS = ("none", "asha", "median")
 RESULT_METRICS = ("AUC", "gAUC", "logloss")
 # The markdown table's columns (mean +- std over seeds, p-value against the baseline).
-TABLE_METRICS = ("test_AUC", "test_gAUC", "test_logloss", "valid_AUC")
+TABLE_METRICS = ("test_AUC", "test_gAUC", "test_logloss", "valid_AUC", "best_epoch", "plateau_gain",
+                 "passed_first_plateau")
 
 
 @dataclass
@@ -324,6 +325,30 @@ def _read_json(url: str) -> Optional[dict]:
     return json.loads(fs.cat_file(path))
 
 
+def plateau_dynamics(result: dict) -> dict[str, Any]:
+    """How a run met its first lr plateau, from result.json's per-epoch history.
+
+    first_plateau_epoch: the first epoch whose monitored validation score did not improve (the lr
+    was decayed after it); plateau_gain: the score's change over the next epoch, the first at the
+    lower lr; passed_first_plateau: 1 if a later epoch improved on the best, 0 if the run stopped
+    with its best from before the plateau. Under the published patience of 2 a run that gains too
+    little in that one epoch stops there, so two settings with the same mean test AUC can still
+    differ here (README "Results": the compiled kernel against the eager ops). None where the run
+    met no plateau.
+    """
+    history = result.get("history") or []
+    monitor = ((result.get("config") or {}).get("train") or {}).get("monitor") or []
+    score = [sum(v for m, v in (record.get("valid") or {}).items() if m in monitor and isinstance(v, float))
+             for record in history]
+    first = next((i for i, record in enumerate(history) if not record.get("improved", True)), None)
+    if first is None:
+        return {"first_plateau_epoch": None, "plateau_gain": None, "passed_first_plateau": None}
+    later = history[first + 1:]
+    return {"first_plateau_epoch": first + 1,
+            "plateau_gain": score[first + 1] - score[first] if later else None,
+            "passed_first_plateau": int(any(record.get("improved") for record in later))}
+
+
 def _flat(result: dict) -> dict[str, Any]:
     out: dict[str, Any] = {"epochs": result.get("epochs"), "best_epoch": result.get("best_epoch")}
     for split in ("valid", "test"):
@@ -331,6 +356,7 @@ def _flat(result: dict) -> dict[str, Any]:
             v = (result.get(split) or {}).get(m)
             if v is not None:
                 out[f"{split}_{m}"] = v
+    out.update(plateau_dynamics(result))
     return out
 
 
@@ -483,7 +509,8 @@ def collect_rows(trials: Sequence[Trial], reported: dict[str, tuple[dict, Any]])
 
 
 CSV_TAIL = ("seed", "status", "valid_AUC", "valid_gAUC", "valid_logloss", "test_AUC", "test_gAUC",
-            "test_logloss", "best_epoch", "epochs", "run_dir", "error")
+            "test_logloss", "best_epoch", "epochs", "first_plateau_epoch", "plateau_gain", "passed_first_plateau",
+            "run_dir", "error")
 
 
 def write_results(out: str, rows: Sequence[dict], swept: Sequence[str], baseline: Optional[str]) -> None:
