@@ -121,6 +121,9 @@ class LocalCluster:
         # sets in this process (it makes `ray start --address` refuse to join).
         inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
         self.env = {**inherited, **(env or {})}
+        self._pick_head_ports()
+
+    def _pick_head_ports(self) -> None:
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
@@ -148,9 +151,7 @@ class LocalCluster:
                 raise
             self.stop()
             os.makedirs(self.temp_dir, exist_ok=True)  # stop() removes it
-            self.gcs_port, self.dashboard_port = free_port(), free_port()
-            self.gcs_address = f"127.0.0.1:{self.gcs_port}"
-            self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+            self._pick_head_ports()
             self._start_head(num_cpus, resources, include_dashboard)
 
     def _start_head(self, num_cpus: int, resources: str | None, include_dashboard: bool) -> None:
