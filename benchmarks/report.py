@@ -193,6 +193,7 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
         ("table_wise_1w", "ours 1 worker  table_wise + fused rowwise_adagrad"),
         ("table_wise_1w_bf16", "ours 1 worker  same, dense_precision=bf16"),
         ("table_wise_2w", "ours 2 workers table_wise + fused rowwise_adagrad"),
+        ("table_wise_2w_sync_bn", "ours 2 workers same, train.sync_batch_norm"),
         ("data_parallel_adam_1w", "ours 1 worker  data_parallel + Adam (full L2)"),
     ):
         if g(f"train.{key}") is not None:
@@ -206,6 +207,9 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     rows.append(("ratio ours 2w / reference", report.get("ratio_vs_reference_2w"), "x"))
     rows.append(("ratio ours dp-Adam 1w / reference", report.get("ratio_vs_reference_dp_adam"), "x"))
     rows.append(("scaling 2 workers / 1 worker", report.get("scaling_2w_over_1w"), "x"))
+    if g("train.table_wise_2w_sync_bn") is not None:
+        rows.append(("ratio ours 2w sync_batch_norm / 2w", ratio(g("train.table_wise_2w_sync_bn.samples_per_s"),
+                                                                 g("train.table_wise_2w.samples_per_s")), "x"))
     if g("interleaved") is not None:
         rows.append(("interleaved in one process (median of per-round ratios)", "", ""))
         for name, label in (("reference", "reference"), ("default", "ours 1w"), ("default_bf16", "ours 1w bf16"),
@@ -221,6 +225,7 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     rows.append(("per CPU-second (load-insensitive diagnostic)", "", ""))
     for key, label in (("table_wise_1w", "ours 1w"), ("table_wise_1w_bf16", "ours 1w bf16"),
                        ("table_wise_2w", "ours 2w (all ranks)"),
+                       ("table_wise_2w_sync_bn", "ours 2w sync_batch_norm (all ranks)"),
                        ("data_parallel_adam_1w", "ours dp-Adam 1w")):
         if g(f"train.{key}.samples_per_cpu_s") is not None:
             rows.append((f"{label} samples per CPU-second", g(f"train.{key}.samples_per_cpu_s"), "samples/CPU-s"))
@@ -265,6 +270,7 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
         ("table_wise_1w", "1 worker, small dataset"),
         ("table_wise_1w_large", "1 worker, large dataset"),
         ("table_wise_2w", "2 workers, small dataset (max rank)"),
+        ("table_wise_2w_sync_bn", "2 workers sync_batch_norm, small dataset (max rank)"),
         ("data_parallel_adam_1w", "1 worker dp-Adam, small dataset"),
     ):
         if g(f"train.{key}.rss_peak_bytes") is not None:

@@ -81,11 +81,12 @@ def _timeout(args) -> float:
 
 def _train(args, url: str, workers: int, sharding: str, optimizer: str, label: str, *, device: str = "cpu",
            batch: int | None = None, model: dict | None = None, eval_batch: int | None = None,
-           eval_batches: int = 0, eval_passes: int = 3, profile_steps: int = 0) -> dict:
+           eval_batches: int = 0, eval_passes: int = 3, profile_steps: int = 0,
+           sync_batch_norm: bool = False) -> dict:
     batch = batch or args.batch
     config = run_config(url, workers=workers, batch=batch, sharding=sharding, optimizer=optimizer,
                         eval_batch=eval_batch, model=model, shuffle_buffer_rows=args.shuffle_buffer_rows,
-                        device_type=device)
+                        device_type=device, sync_batch_norm=sync_batch_norm)
     spec = {"config": config, "device": device, "label": label, "warmup": args.warmup, "steps": args.steps,
             "windows": args.windows, "eval_batches": eval_batches if eval_batch else 0, "eval_passes": eval_passes,
             "profile_steps": profile_steps}
@@ -228,6 +229,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
                 model={**model_cfg(), "dense_precision": "bf16"})
         if want("train_2w"):
             raw["train"]["table_wise_2w"] = _train(args, small, 2, "table_wise", "rowwise_adagrad", "table_wise_2w")
+        if want("train_2w_sync_bn"):  # BatchNorm over the global batch (eager ops, all-reduces)
+            raw["train"]["table_wise_2w_sync_bn"] = _train(args, small, 2, "table_wise", "rowwise_adagrad",
+                                                           "table_wise_2w_sync_bn", sync_batch_norm=True)
         if want("dp_adam"):
             raw["train"]["data_parallel_adam_1w"] = _train(args, small, 1, "data_parallel", "adam",
                                                            "data_parallel_adam_1w")

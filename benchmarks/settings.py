@@ -19,7 +19,7 @@ CLIP = 10.0
 EMB_LR = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 0.05, "adam": 1e-3}  # demo/criteo presets
 SEED = 2026
 DEFAULT_CACHE = ".tf4ctr-cache"
-SECTIONS = ("train_1w", "train_bf16", "train_2w", "dp_adam", "reference", "interleaved", "inference", "ingest", "s3",
+SECTIONS = ("train_1w", "train_bf16", "train_2w", "train_2w_sync_bn", "dp_adam", "reference", "interleaved", "inference", "ingest", "s3",
             "rss")
 
 TARGETS = {
@@ -67,6 +67,7 @@ def run_config(
     cpu_kernels: str = "auto",
     emb_reg: float = EMB_REG,
     device_type: str = "cpu",
+    sync_batch_norm: bool = False,
 ) -> dict[str, Any]:
     """The benchmark's settings as a RunConfig dict (checked by `RunConfig.from_dict`; a dict so
     that it pickles into spawned workers and lands in the JSON as it is)."""
@@ -88,6 +89,7 @@ def run_config(
             "clip_grad_norm": CLIP,
             "seed": SEED,
             "cpu_kernels": cpu_kernels,
+            "sync_batch_norm": sync_batch_norm,
         },
         "cluster": {"workers": workers, "use_gpu": device_type == "cuda"},
     }

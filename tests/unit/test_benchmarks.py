@@ -189,6 +189,16 @@ def test_bf16_option_figures_are_extra_keys_next_to_the_fp32_headline():
     assert "ours 1w bf16" not in bench_report.format_table(bench_report.report_rows(bench_report.build_report(_fake_raw(), {}, {})))
 
 
+def test_sync_batch_norm_row_is_its_rate_over_the_plain_two_worker_rate():
+    raw = _fake_raw()
+    raw["train"]["table_wise_2w_sync_bn"] = {"samples_per_s": 24_000.0, "spread": 0.1, "windows": [24_000.0],
+                                             "rss_peak_bytes": 0.9e9}
+    lines = bench_report.format_table(bench_report.report_rows(bench_report.build_report(raw, {}, {}))).splitlines()
+    assert any("ratio ours 2w sync_batch_norm / 2w" in ln and "0.80" in ln for ln in lines)  # 24k / 30k
+    plain = bench_report.format_table(bench_report.report_rows(bench_report.build_report(_fake_raw(), {}, {})))
+    assert "sync_batch_norm" not in plain
+
+
 def test_interleaved_rounds_give_per_round_ratios_against_the_reference():
     # 3 rounds of 2 steps of batch 100: (wall s, CPU s) per round and variant
     r = {"rounds": {"reference": [(1.0, 2.0), (2.0, 4.0), (1.0, 2.0)],
@@ -219,7 +229,7 @@ def test_interleaved_rounds_give_per_round_ratios_against_the_reference():
 
 # The last report of the benchmark before it moved out of the package (tf4ctr_dist/bench.py at
 # 1996ed6, smoke settings: every CPU section ran), as it wrote it.
-RECORDED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "2026-12-03T1921-full-amd-inference.json"
+RECORDED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "2026-12-06T0040-full-sync-bn.json"
 
 
 def _key_paths(d: Any, prefix: str = "") -> set[str]:

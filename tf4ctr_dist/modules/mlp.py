@@ -137,9 +137,11 @@ def linear_batch_norm_relu_dropout(
     training: the matmul, then one compiled kernel for the rest: the same BatchNorm math and
     running-statistics update, the same dropout masks as `relu_dropout` (the kernel runs the same
     SFC64 generator), and the Linear's bias handled inside BatchNorm, where it cancels: its
-    gradient is exactly zero instead of rounding noise. Otherwise: the eager ops.
+    gradient is exactly zero instead of rounding noise. Otherwise: the eager ops, which is also
+    where a BatchNorm subclass goes (one with statistics of its own, e.g. over several workers:
+    the kernel computes the statistics of its input only).
     """
-    applies = (kernels is not None and words == "sfc64" and training and bn.training
+    applies = (kernels is not None and words == "sfc64" and training and bn.training and type(bn) is nn.BatchNorm1d
                and x.device.type == "cpu" and x.dim() == 2 and bn.affine and bn.running_mean is not None
                and x.dtype == linear.weight.dtype == bn.weight.dtype == torch.float32)
     if not applies:

@@ -16,10 +16,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tf4ctr_dist.config import RunConfig
+from tf4ctr_dist.config import ConfigError, RunConfig
 from tf4ctr_dist.data.manifest import Manifest, load_manifest
 from tf4ctr_dist.data.validate import check_label_classes
 from tf4ctr_dist.data.reader import ParquetSplitReader
+from tf4ctr_dist.distributed.batch_norm import use_cross_worker_batch_norm
 from tf4ctr_dist.distributed.placement import EmbeddingPlacement, check_run_config, check_table_weight_decay
 from tf4ctr_dist.distributed.sharding import build_optimizer, describe_plan, shard_model, summarize_plan
 from tf4ctr_dist.distributed.table_kernel import uses_table_kernel
@@ -99,6 +100,19 @@ def load_cpu_kernels(cfg: RunConfig, placement: EmbeddingPlacement,
     return kernels, record
 
 
+def apply_sync_batch_norm(cfg: RunConfig, module: torch.nn.Module, world_size: int) -> int:
+    """With ``train.sync_batch_norm`` on several workers, make every BatchNorm layer of
+    ``module`` (still on meta) normalise over the global batch; returns how many layers (0 when
+    off, or with one worker, whose batch is already the global one). Refuses (ConfigError) the
+    setting for a model without BatchNorm, where it would silently do nothing."""
+    if not cfg.train.sync_batch_norm:
+        return 0
+    if not any(isinstance(m, torch.nn.BatchNorm1d) for m in module.modules()):
+        raise ConfigError("train.sync_batch_norm=true, but this model has no BatchNorm layer "
+                          "(model.batch_norm=false and no encoder with its own): drop the setting")
+    return use_cross_worker_batch_norm(module) if world_size > 1 else 0
+
+
 def build_training(
     cfg: RunConfig,
     rank: int,
@@ -136,6 +150,9 @@ def build_training(
     module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta", mean_pooled=sequences, cpu_kernels=kernels,
                                 numeric=numeric),
                          Objective(cfg.loss))
+    global_batch_norm = apply_sync_batch_norm(cfg, module, world_size)
+    if global_batch_norm:
+        kernel_record["bn_relu_dropout"] = False
     dmp, plan = shard_model(
         module,
         tables,
@@ -162,6 +179,9 @@ def build_training(
     # As allocated by the sharded kernels (table_precision=fp16 must show here).
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for k, v in dmp.state_dict().items() if "embedding_bags" in k})
     notes.append(f"table weight dtype: {', '.join(dtypes)}")
+    if global_batch_norm:
+        notes.append(f"BatchNorm statistics over the global batch of {cfg.train.batch_size} rows across "
+                     f"{world_size} workers ({global_batch_norm} layers, eager ops)")
     notes.append(f"cpu_kernels={cfg.train.cpu_kernels}: BatchNorm/ReLU/dropout "
                  f"{'compiled kernel' if kernel_record['bn_relu_dropout'] else 'eager ops'}, table backward "
                  f"{kernel_record['table_backward']}")
