@@ -229,7 +229,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
                 model={**model_cfg(), "dense_precision": "bf16"})
         if want("train_2w"):
             raw["train"]["table_wise_2w"] = _train(args, small, 2, "table_wise", "rowwise_adagrad", "table_wise_2w")
-        if want("train_2w_sync_bn"):  # BatchNorm over the global batch (eager ops, all-reduces)
+        if want("train_2w_sync_bn"):  # BatchNorm over the global batch (pooled kernel halves, collectives)
             raw["train"]["table_wise_2w_sync_bn"] = _train(args, small, 2, "table_wise", "rowwise_adagrad",
                                                            "table_wise_2w_sync_bn", sync_batch_norm=True)
         if want("dp_adam"):

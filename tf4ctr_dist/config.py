@@ -165,8 +165,9 @@ class TrainConfig:
     # BatchNorm statistics in training over the global batch across all workers (true), or over
     # each worker's batch_size / workers rows (false, as DDP does by default). Worth it when the
     # per-worker batch is small (README "Results": 512 rows per worker at batch 1024 cost Frappe
-    # test AUC). Costs three small all-reduces per BatchNorm layer and step, and those layers run
-    # as eager ops instead of the compiled CPU kernel. No effect with one worker.
+    # test AUC). Costs two small collectives per BatchNorm layer and step with the compiled CPU
+    # kernel (which then runs in halves around them), three with the eager ops (BENCHMARKS.md
+    # method 1c). No effect with one worker.
     sync_batch_norm: bool = False
     # Per-epoch analyses written to metrics.jsonl and TensorBoard (tf4ctr_dist/studies/analyses.py):
     # buckets = difficulty buckets on valid, histograms = prediction histograms on train and valid,

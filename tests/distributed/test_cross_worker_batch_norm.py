@@ -5,12 +5,16 @@ nn.BatchNorm1d gives on all the rows: the same outputs, the same input gradients
 loss, per-rank weight/bias gradients that add up to the whole batch's, and the same running
 statistics; for (B, C) and (B, C, L) inputs. Evaluation uses the running statistics.
 
+Kernel block: with the compiled CPU kernels the MLP blocks run Linear -> BatchNorm -> ReLU ->
+dropout as a matmul and the kernel in halves around the layer's pooling; two ranks must give what
+the plain modules give on all the rows, and with dropout the masks of the eager ops.
+
 Model: two ranks train TF4CTR (BatchNorm in every tower, dropout 0, data-parallel tables and
 Adam) through DistributedModelParallel and TrainPipelineSparseDist, as the worker loop does, on
-the halves of the global batches, with the compiled CPU kernels loaded. With the layers converted,
-every weight and running statistic must equal one process training the whole batch; without,
-they must not (the per-rank statistics of 8 rows differ from those of 16), which shows the
-comparison is sharp enough to tell.
+the halves of the global batches, with the compiled CPU kernels loaded (the pooled kernel path)
+and without (the layer's eager ops). With the layers converted, every weight and running
+statistic must equal one process training the whole batch; without, they must not (the per-rank
+statistics of 8 rows differ from those of 16), which shows the comparison is sharp enough to tell.
 """
 
 from __future__ import annotations
@@ -108,6 +112,130 @@ def test_layer_equals_batch_norm_on_all_rows(layer_runs, case):
     assert (local - ref["y"][: ROWS[0]]).abs().max() > 0.05
 
 
+# ---- the compiled kernel's block ------------------------------------------------------------------
+
+BLOCK_ROWS = [37, 50]  # unequal, and more than a 32-row block of the kernel's sums on each rank
+BLOCK_IN, BLOCK_OUT = 5, 7
+
+
+def _block_inputs() -> dict:
+    g = torch.Generator().manual_seed(11)
+    n = sum(BLOCK_ROWS)
+    return {"x": torch.randn(n, BLOCK_IN, generator=g) * 2.0 + 0.5,
+            "upstream": torch.randn(n, BLOCK_OUT, generator=g),
+            "state": {k: v for k, v in _plain_block(seed=5).state_dict().items()}}
+
+
+def _plain_block(seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    block = torch.nn.Sequential(torch.nn.Linear(BLOCK_IN, BLOCK_OUT), torch.nn.BatchNorm1d(BLOCK_OUT, momentum=0.3))
+    with torch.no_grad():
+        block[0].bias.normal_()  # a shift in front of BatchNorm: it must move the running mean only
+        block[1].weight.uniform_(0.5, 1.5)
+        block[1].bias.normal_()
+    return block
+
+
+def _reference_block(inputs: dict, steps: int = 2) -> dict:
+    block = _plain_block(seed=5)
+    block.load_state_dict(inputs["state"])
+    for _ in range(steps):
+        block.zero_grad()
+        x = inputs["x"].clone().requires_grad_(True)
+        y = torch.relu(block(x))
+        (y * inputs["upstream"]).sum().backward()
+    return {"y": y.detach(), "grad_x": x.grad, "linear_weight": block[0].weight.grad,
+            "bn_weight": block[1].weight.grad, "bn_bias": block[1].bias.grad,
+            "running_mean": block[1].running_mean.clone(), "running_var": block[1].running_var.clone()}
+
+
+def _rank_block(rank: int, inputs: dict, kernels, dropout: float, steps: int = 2) -> dict:
+    from tf4ctr_dist.distributed.batch_norm import use_cross_worker_batch_norm
+    from tf4ctr_dist.modules.mlp import linear_batch_norm_relu_dropout
+
+    block = _plain_block(seed=5)
+    block.load_state_dict(inputs["state"])
+    assert use_cross_worker_batch_norm(block) == 1
+    lo = sum(BLOCK_ROWS[:rank])
+    rows = slice(lo, lo + BLOCK_ROWS[rank])
+    torch.manual_seed(100 + rank)  # the dropout stream: the same for the kernel and the eager ops
+    for _ in range(steps):
+        block.zero_grad()
+        x = inputs["x"][rows].clone().requires_grad_(True)
+        y = linear_batch_norm_relu_dropout(x, block[0], block[1], dropout, True, kernels)
+        (y * inputs["upstream"][rows]).sum().backward()
+    return {"y": y.detach().numpy().copy(), "grad_x": x.grad.numpy().copy(),
+            "linear_weight": block[0].weight.grad.numpy().copy(), "bn_weight": block[1].weight.grad.numpy().copy(),
+            "bn_bias": block[1].bias.grad.numpy().copy(), "running_mean": block[1].running_mean.numpy().copy(),
+            "running_var": block[1].running_var.numpy().copy(), "tracked": int(block[1].num_batches_tracked)}
+
+
+def _block_cases(rank: int, world: int, inputs: dict) -> dict:
+    from tf4ctr_dist.kernels import load
+    from tf4ctr_dist.kernels.ops import PooledBatchNormReLUDropout
+
+    kernels = load("on")
+    calls = []
+    original = PooledBatchNormReLUDropout.forward
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    PooledBatchNormReLUDropout.forward = staticmethod(counted)  # this test process only
+    try:
+        out = {"kernel": _rank_block(rank, inputs, kernels, 0.0),
+               "kernel_dropout": _rank_block(rank, inputs, kernels, 0.3)}
+    finally:
+        PooledBatchNormReLUDropout.forward = staticmethod(original)
+    out["eager_dropout"] = _rank_block(rank, inputs, None, 0.3)
+    out["kernel_calls"] = len(calls)
+    return out
+
+
+@pytest.fixture(scope="module")
+def block_runs():
+    inputs = _block_inputs()
+    return inputs, run_gloo(_block_cases, 2, inputs, timeout=120)
+
+
+def test_kernel_block_equals_plain_modules_on_all_rows(block_runs):
+    inputs, ranks = block_runs
+    ref = _reference_block(inputs)
+    close = dict(atol=1e-5, rtol=1e-5)
+    assert all(r["kernel_calls"] == 4 for r in ranks)  # 2 cases x 2 steps: the pooled kernel ran
+    for rank, result in enumerate(ranks):
+        got = {k: torch.as_tensor(v) for k, v in result["kernel"].items()}
+        lo = sum(BLOCK_ROWS[:rank])
+        rows = slice(lo, lo + BLOCK_ROWS[rank])
+        torch.testing.assert_close(got["y"], ref["y"][rows], **close)
+        torch.testing.assert_close(got["grad_x"], ref["grad_x"][rows], **close)
+        for key in ("running_mean", "running_var"):  # the Linear's bias moves the running mean
+            torch.testing.assert_close(got[key], ref[key], **close, msg=lambda m: f"{key}: {m}")
+        assert got["tracked"] == 2
+    for key in ("linear_weight", "bn_weight", "bn_bias"):  # local sums; data parallelism adds them
+        total = sum(torch.as_tensor(r["kernel"][key]) for r in ranks)
+        torch.testing.assert_close(total, ref[key], **close, msg=lambda m: f"{key}: {m}")
+    # every rank holds the same running statistics, to the bit (the pooled moments are combined
+    # in rank order on every rank)
+    for key in ("running_mean", "running_var"):
+        assert (ranks[0]["kernel"][key] == ranks[1]["kernel"][key]).all()
+
+
+def test_kernel_block_with_dropout_equals_the_eager_ops(block_runs):
+    """With dropout, the pooled kernel keeps the entries the layer's eager ops keep (the same
+    generator) and computes the same function of them."""
+    _, ranks = block_runs
+    for result in ranks:
+        kernel, eager = result["kernel_dropout"], result["eager_dropout"]
+        assert ((kernel["y"] == 0) == (eager["y"] == 0)).all()
+        for key in ("y", "grad_x", "linear_weight", "bn_weight", "bn_bias", "running_mean", "running_var"):
+            torch.testing.assert_close(torch.as_tensor(kernel[key]), torch.as_tensor(eager[key]), atol=1e-5,
+                                       rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        # and dropout did drop: the case differs from the one without
+        assert (result["kernel_dropout"]["y"] == 0).mean() > (result["kernel"]["y"] == 0).mean() + 0.15
+
+
 # ---- the model ----------------------------------------------------------------------------------
 
 STEPS = 3
@@ -152,7 +280,7 @@ def _reference_train(init: dict, batches: list[dict]) -> dict:
     return {"state": {k: v.detach().clone() for k, v in ref.state_dict().items()}, "losses": losses}
 
 
-def _rank_train(rank: int, world: int, init: dict, batches: list[dict], convert: bool) -> dict:
+def _rank_train(rank: int, world: int, init: dict, batches: list[dict], convert: bool, kernels: bool = True) -> dict:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from tf4ctr_dist.config import LossConfig
@@ -161,9 +289,9 @@ def _rank_train(rank: int, world: int, init: dict, batches: list[dict], convert:
     from tf4ctr_dist.kernels import load
     from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
 
-    # The compiled BatchNorm kernel is loaded: converted layers must not run it (its statistics
-    # would be this rank's).
-    module = TF4CTRTrain(tf4ctr(FIELDS, _model_cfg(), device="meta", cpu_kernels=load("on")),
+    # With the compiled BatchNorm kernel loaded, converted layers run it in halves around the
+    # pooling; without, their eager ops.
+    module = TF4CTRTrain(tf4ctr(FIELDS, _model_cfg(), device="meta", cpu_kernels=load("on" if kernels else "off")),
                          Objective(LossConfig()))
     converted = use_cross_worker_batch_norm(module) if convert else 0
     dmp, _ = shard_model(module, embedding_tables(FIELDS, _model_cfg()),
@@ -173,6 +301,10 @@ def _rank_train(rank: int, world: int, init: dict, batches: list[dict], convert:
                                 clip_grad_norm=1e9)
     _load(dmp, init)
     assert _hold_pre_batch_norm_biases(dmp) >= 3
+    eager_calls = []  # the layers' own forward runs only where the kernel does not
+    for layer in dmp.modules():
+        if isinstance(layer, torch.nn.BatchNorm1d):
+            layer.register_forward_hook(lambda *_: eager_calls.append(1))
     half = GLOBAL_BATCH // world
     pipe = TrainPipelineSparseDist(dmp, optimizer, torch.device("cpu"), execute_all_batches=True)
     it = iter([_make_batch(data, rank * half, (rank + 1) * half) for data in batches])
@@ -184,7 +316,7 @@ def _rank_train(rank: int, world: int, init: dict, batches: list[dict], convert:
             break
         losses.append(float(loss))
     return {"state": _state_of(dmp), "losses": losses, "converted": converted,
-            "pipelined": len(pipe._pipelined_modules)}
+            "pipelined": len(pipe._pipelined_modules), "eager_calls": len(eager_calls)}
 
 
 def _model_cases(rank: int, world: int, init: dict, batches: list[dict]) -> dict:
@@ -192,6 +324,7 @@ def _model_cases(rank: int, world: int, init: dict, batches: list[dict]) -> dict
 
     quiet_library_logs()
     return {"global": _rank_train(rank, world, init, batches, True),
+            "global_eager": _rank_train(rank, world, init, batches, True, kernels=False),
             "local": _rank_train(rank, world, init, batches, False)}
 
 
@@ -233,14 +366,18 @@ def _max_difference(state: dict, ref: dict) -> float:
     return max(float((state[k] - ref[k]).abs().max()) for k in ref)
 
 
-def test_two_ranks_with_global_batch_norm_train_like_one_process(model_runs):
+@pytest.mark.parametrize("case", ["global", "global_eager"])
+def test_two_ranks_with_global_batch_norm_train_like_one_process(model_runs, case):
     init, ref, ranks = model_runs
     want = _comparable(ref["state"])
     bn_layers = sum(1 for k in want if k.endswith("running_var"))
     assert bn_layers >= 3
     for result in ranks:
-        got = result["global"]
+        got = result[case]
         assert got["converted"] == bn_layers
+        # the pooled kernel runs the MLP blocks' layers; the eager case runs every layer's forward
+        fused = len(_model_cfg().easy_hidden_units) + len(_model_cfg().hard_hidden_units)  # the towers' blocks
+        assert got["eager_calls"] == (bn_layers if case == "global_eager" else bn_layers - fused) * STEPS
         assert got["pipelined"] == 2  # both EBCs pipelined: the model traced through the new layers
         tracked = {k: int(v) for k, v in got["state"].items() if k.endswith("num_batches_tracked")}
         assert len(tracked) == bn_layers and set(tracked.values()) == {STEPS}  # tracing counted nothing
@@ -250,7 +387,7 @@ def test_two_ranks_with_global_batch_norm_train_like_one_process(model_runs):
             torch.testing.assert_close(state[key], want[key], atol=2e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
     # Each rank's loss is its half's mean: their average is the whole batch's loss.
     for step, want in enumerate(ref["losses"]):
-        assert sum(r["global"]["losses"][step] for r in ranks) / 2 == pytest.approx(want, abs=1e-5)
+        assert sum(r[case]["losses"][step] for r in ranks) / 2 == pytest.approx(want, abs=1e-5)
     # The training moved the weights and statistics being compared.
     assert _max_difference(ref["state"], init) > 1e-2
 

@@ -1,7 +1,8 @@
 """The compiled BatchNorm -> ReLU -> dropout CPU kernel behind `linear_batch_norm_relu_dropout`
 (tf4ctr_dist/kernels, csrc/): the same values and gradients as a float64 eager Linear ->
 BatchNorm -> ReLU -> dropout, the same dropout masks as the eager ops, BatchNorm's
-running-statistics bookkeeping, and the eager ops where no kernels are passed in."""
+running-statistics bookkeeping, the eager ops where no kernels are passed in, and the kernel in
+halves (statistics pooled over workers) giving the fused kernel's bits with one worker."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tf4ctr_dist.kernels import BatchNormReLUDropout, load
+from tf4ctr_dist.kernels import BatchNormReLUDropout, PooledBatchNormReLUDropout, load
 from tf4ctr_dist.modules import MLPEncoder
 from tf4ctr_dist.modules.mlp import dropout_threshold, linear_batch_norm_relu_dropout
 
@@ -262,3 +263,46 @@ def test_values_statistics_and_gradients_are_bitwise_the_same_at_any_thread_coun
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+class _OneWorker:
+    """A StatisticsPool of this process alone; counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pool_moments(self, count, moments):
+        self.calls.append("moments")
+        return count, moments
+
+    def pool_sums(self, sums):
+        self.calls.append("sums")
+        return sums
+
+
+@pytest.mark.parametrize("rows,cols,p", [(4096, 400, 0.2), (37, 5, 0.0), (375, 33, 0.5)])
+def test_pooled_halves_of_one_worker_are_the_fused_kernel_bit_for_bit(rows, cols, p):
+    """What `train.sync_batch_norm` runs on CPU workers (tests/distributed/test_cross_worker_batch_norm.py
+    pools over two gloo ranks): the same passes, so with nothing to pool the same bits."""
+    gen = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, cols, generator=gen) * 3 + 1
+    g = torch.randn(rows, cols, generator=gen)
+    shift, weight, bias = (torch.randn(cols, generator=gen) for _ in range(3))
+    threshold, scale = dropout_threshold(p)
+    state = torch.tensor([7, 8, 9, 10], dtype=torch.int64)
+    pool = _OneWorker()
+    results = []
+    for pooled in (False, True):
+        hi, si, wi, bi = (t.clone().requires_grad_() for t in (h, shift, weight, bias))
+        running_mean, running_var = torch.zeros(cols), torch.ones(cols)
+        args = (hi, si, wi, bi, running_mean, running_var)
+        rest = (0.1, 1e-5, threshold + 2**15, scale, state)
+        y = (PooledBatchNormReLUDropout.apply(*args, KERNELS, pool, *rest) if pooled
+             else BatchNormReLUDropout.apply(*args, KERNELS, *rest))
+        (y * g).sum().backward()
+        results.append([y.detach(), hi.grad, si.grad, wi.grad, bi.grad, running_mean, running_var])
+    assert pool.calls == ["moments", "sums"]
+    assert results[0][0].count_nonzero() > 0 and results[0][1].abs().sum() > 0
+    for name, a, b in zip(("y", "grad x", "grad shift", "grad weight", "grad bias", "running mean", "running var"),
+                          *results):
+        assert torch.equal(a, b), name

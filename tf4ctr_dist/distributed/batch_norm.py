@@ -26,6 +26,12 @@ as one process training on the whole batch (tests/distributed/test_cross_worker_
 
 Evaluation (module.eval()) uses the running statistics and runs no collective. With the
 statistics global, every rank's running mean and variance stay identical.
+
+Where the compiled CPU kernels run the MLP blocks (BatchNorm -> ReLU -> dropout in one kernel,
+modules/mlp.py), the layer keeps them: the kernel runs in two halves each way, and the layer pools
+in between (``pool_moments``: each worker's column means and sums of squared deviations, one
+all-gather, combined exactly; ``pool_sums``: backward's two column sums, one all-reduce). The
+same maths as above, with the kernel's rounding; one collective fewer in forward.
 """
 
 from __future__ import annotations
@@ -131,19 +137,55 @@ class CrossWorkerBatchNorm1d(nn.BatchNorm1d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.group = group
 
+    def _pooling(self) -> bool:
+        """Whether the training statistics need the other workers' rows."""
+        return (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.group) > 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not (dist.is_available() and dist.is_initialized()) \
-                or dist.get_world_size(self.group) == 1:
+        if not self._pooling():
             return super().forward(x)
         return cross_worker_batch_norm(x, self)
+
+    # The compiled BatchNorm -> ReLU -> dropout kernel (modules/mlp.py) runs in two halves around
+    # these (kernels.ops.StatisticsPool), instead of the eager ops of forward above.
+
+    @property
+    def statistics_pool(self) -> Optional["CrossWorkerBatchNorm1d"]:
+        """This layer when its training statistics are pooled over workers, else None (the
+        input's rows are the whole batch)."""
+        return self if self._pooling() else None
+
+    def pool_moments(self, count: int, moments: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(this worker's rows, (2, C) float64 column means and sums of squared deviations) ->
+        the same over every worker's rows: one all-gather, then the exact pairwise combination
+        (Chan et al.) in rank order, so every worker gets the same bits. Combining moments
+        rather than raw sums keeps the sums of squares free of cancellation when |mean| >> std."""
+        channels = moments.shape[1]
+        local = torch.cat([moments.new_tensor([count]), moments.reshape(-1)])  # (1 + 2C,)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, local, group=self.group)
+        table = torch.stack(parts)  # (W, 1 + 2C)
+        counts = table[:, :1]  # (W, 1)
+        means, squares = table[:, 1:1 + channels], table[:, 1 + channels:]  # (W, C) each
+        total = counts.sum()
+        mean = (counts * means).sum(0) / total  # (C,)
+        squares = (squares + counts * (means - mean).square()).sum(0)  # (C,)
+        return int(total), torch.stack([mean, squares])
+
+    def pool_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """Per-column sums ((2, C) float64) -> their sum over the workers (in place)."""
+        dist.all_reduce(sums, group=self.group)
+        return sums
 
 
 def use_cross_worker_batch_norm(module: nn.Module, group: Optional[dist.ProcessGroup] = None) -> int:
     """Replace every nn.BatchNorm1d in ``module`` (in place, before sharding: on ``meta`` too)
     with a CrossWorkerBatchNorm1d holding the same parameters and buffers; returns how many.
 
-    The fused MLP blocks then run their BatchNorm through the replacement's forward (eager ops)
-    instead of the compiled CPU kernel, whose statistics are computed inside it."""
+    The fused MLP blocks with the compiled CPU kernels run it in two halves around the layer's
+    ``pool_moments`` and ``pool_sums``; every other BatchNorm runs the layer's forward (eager
+    ops)."""
     replaced = 0
     for parent in module.modules():
         for name, child in list(parent.named_children()):

@@ -137,11 +137,15 @@ def linear_batch_norm_relu_dropout(
     training: the matmul, then one compiled kernel for the rest: the same BatchNorm math and
     running-statistics update, the same dropout masks as `relu_dropout` (the kernel runs the same
     SFC64 generator), and the Linear's bias handled inside BatchNorm, where it cancels: its
-    gradient is exactly zero instead of rounding noise. Otherwise: the eager ops, which is also
-    where a BatchNorm subclass goes (one with statistics of its own, e.g. over several workers:
-    the kernel computes the statistics of its input only).
+    gradient is exactly zero instead of rounding noise. A BatchNorm subclass whose statistics
+    cover more rows than its input (over several workers) runs the kernel in halves around the
+    pooling when it offers a ``statistics_pool`` (a `kernels.ops.StatisticsPool`, or None where
+    the input's own rows are the batch); any other subclass runs the eager ops. Otherwise: the
+    eager ops.
     """
-    applies = (kernels is not None and words == "sfc64" and training and bn.training and type(bn) is nn.BatchNorm1d
+    pool = None if type(bn) is nn.BatchNorm1d else getattr(bn, "statistics_pool", None)
+    applies = (kernels is not None and words == "sfc64" and training and bn.training
+               and (type(bn) is nn.BatchNorm1d or pool is not None)
                and x.device.type == "cpu" and x.dim() == 2 and bn.affine and bn.running_mean is not None
                and x.dtype == linear.weight.dtype == bn.weight.dtype == torch.float32)
     if not applies:
@@ -160,6 +164,10 @@ def linear_batch_norm_relu_dropout(
     # ops keep; no draw without dropout (the eager ops draw none either)
     state = (keep_mask_generator().state["state"]["state"] if drop_levels > 0 else [0, 0, 0, 0])
     sfc64_state = torch.from_numpy(np.asarray(state, dtype=np.uint64).view(np.int64))  # (4,): a, b, c, counter
+    if pool is not None:
+        return kernels.pooled_batch_norm_relu_dropout(  # type: ignore[union-attr]
+            h, shift, bn.weight, bn.bias, bn.running_mean, bn.running_var, pool, float(momentum), float(bn.eps),
+            drop_levels, scale, sfc64_state)
     return kernels.batch_norm_relu_dropout(  # type: ignore[union-attr]
         h, shift, bn.weight, bn.bias, bn.running_mean, bn.running_var, float(momentum), float(bn.eps),
         drop_levels, scale, sfc64_state)

@@ -151,8 +151,6 @@ def build_training(
                                 numeric=numeric),
                          Objective(cfg.loss))
     global_batch_norm = apply_sync_batch_norm(cfg, module, world_size)
-    if global_batch_norm:
-        kernel_record["bn_relu_dropout"] = False
     dmp, plan = shard_model(
         module,
         tables,
@@ -180,8 +178,10 @@ def build_training(
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for k, v in dmp.state_dict().items() if "embedding_bags" in k})
     notes.append(f"table weight dtype: {', '.join(dtypes)}")
     if global_batch_norm:
+        how = ("MLP blocks: the compiled kernel in halves around the pooling" if kernel_record["bn_relu_dropout"]
+               else "eager ops")
         notes.append(f"BatchNorm statistics over the global batch of {cfg.train.batch_size} rows across "
-                     f"{world_size} workers ({global_batch_norm} layers, eager ops)")
+                     f"{world_size} workers ({global_batch_norm} layers; {how})")
     notes.append(f"cpu_kernels={cfg.train.cpu_kernels}: BatchNorm/ReLU/dropout "
                  f"{'compiled kernel' if kernel_record['bn_relu_dropout'] else 'eager ops'}, table backward "
                  f"{kernel_record['table_backward']}")
