@@ -182,12 +182,27 @@ void fill_words(const at::Tensor& sfc64_state, at::Tensor& words) {
   sfc64_fill(state, reinterpret_cast<uint64_t*>(words.data_ptr<int64_t>()), words.numel());
 }
 
-// s1[c], s2[c]: shifted_sums over all rows, in fixed chunks of rows added in chunk order; `side`
-// runs first on one thread while the others start on the chunks, which go to whichever thread is
-// free (the order of the sums is fixed, so the result does not depend on who did what).
+// first[c], second[c]: the chunks' two (n) partial sums ((chunks, 2, n) in `partial`), added in
+// chunk order.
+void add_chunks(const std::vector<double>& partial, int64_t chunks, int64_t n, double* first, double* second) {
+  for (int64_t c = 0; c < n; ++c) {
+    double a = 0.0, b = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      a += partial[k * n * 2 + c];
+      b += partial[k * n * 2 + n + c];
+    }
+    first[c] = a;
+    second[c] = b;
+  }
+}
+
+// mean[c] and squares[c] = sum (x[r, c] - mean[c])^2 over all rows, from shifted_sums around the
+// first row, in fixed chunks of rows added in chunk order. `side` runs first on one thread while
+// the others start on the chunks, which go to whichever thread is free (the order of the sums is
+// fixed, so the result does not depend on who did what).
 template <typename Side>
-void chunked_shifted_sums(const float* xp, const float* pivot, int64_t rows, int64_t n, double* s1, double* s2,
-                          const Side& side) {
+void column_moments(const float* xp, int64_t rows, int64_t n, double* mean, double* squares, const Side& side) {
+  const std::vector<float> pivot(xp, xp + n);
   const int64_t chunks = stat_chunks(rows);
   std::vector<double> partial(chunks * n * 2);
   std::atomic<int64_t> next_chunk{0};
@@ -195,18 +210,16 @@ void chunked_shifted_sums(const float* xp, const float* pivot, int64_t rows, int
     if (t0 == 0) side();
     std::vector<float> block(2 * n);
     for (int64_t k = next_chunk++; k < chunks; k = next_chunk++) {
-      shifted_sums(xp, pivot, rows * k / chunks, rows * (k + 1) / chunks, n, &partial[k * n * 2],
+      shifted_sums(xp, pivot.data(), rows * k / chunks, rows * (k + 1) / chunks, n, &partial[k * n * 2],
                    &partial[k * n * 2 + n], block.data(), block.data() + n);
     }
   });
+  std::vector<double> sum1(n), sum2(n);
+  add_chunks(partial, chunks, n, sum1.data(), sum2.data());
   for (int64_t c = 0; c < n; ++c) {
-    double a = 0.0, b = 0.0;
-    for (int64_t k = 0; k < chunks; ++k) {
-      a += partial[k * n * 2 + c];
-      b += partial[k * n * 2 + n + c];
-    }
-    s1[c] = a;
-    s2[c] = b;
+    const double shift_mean = sum1[c] / rows;
+    mean[c] = pivot[c] + shift_mean;
+    squares[c] = std::max(0.0, sum2[c] - sum1[c] * shift_mean);
   }
 }
 
@@ -221,15 +234,7 @@ void chunked_grad_sums(const float* gp, const float* xp, const uint8_t* maskp, c
     float* bs = &blocks[k * n * 2];
     grad_sums(gp, xp, maskp, mp, scale, rows * k / chunks, rows * (k + 1) / chunks, n, p, p + n, bs, bs + n);
   });
-  for (int64_t c = 0; c < n; ++c) {
-    double a = 0.0, b = 0.0;
-    for (int64_t k = 0; k < chunks; ++k) {
-      a += partial[k * n * 2 + c];
-      b += partial[k * n * 2 + n + c];
-    }
-    s[c] = a;
-    sx[c] = b;
-  }
+  add_chunks(partial, chunks, n, s, sx);
 }
 
 void check_vector(const at::Tensor& t, int64_t n, const char* name) {
@@ -330,17 +335,10 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& shift, co
   // The keep lanes come from one generator, so one thread makes them (about 1 ns per word) while
   // the others start on the statistics.
   at::Tensor words = new_words(x, drop_levels);
-  const std::vector<float> pivot(xp, xp + n);
-  std::vector<double> sum1(n), sum2(n);
-  chunked_shifted_sums(xp, pivot.data(), rows, n, sum1.data(), sum2.data(), [&] {
+  std::vector<double> batch_mean(n), squares(n);
+  column_moments(xp, rows, n, batch_mean.data(), squares.data(), [&] {
     if (words.defined()) fill_words(sfc64_state, words);
   });
-  std::vector<double> batch_mean(n), squares(n);
-  for (int64_t c = 0; c < n; ++c) {
-    const double shift_mean = sum1[c] / rows;
-    batch_mean[c] = pivot[c] + shift_mean;
-    squares[c] = std::max(0.0, sum2[c] - sum1[c] * shift_mean);  // sum (x - mean)^2
-  }
   return normalize_from_moments(x, batch_mean.data(), squares.data(), rows, shift, weight, bias, running_mean,
                                 running_var, momentum, eps, drop_levels, scale, words);
 }
@@ -352,16 +350,9 @@ at::Tensor batch_moments(const at::Tensor& x) {
   const int64_t rows = x.size(0), n = x.size(1);
   TORCH_CHECK(rows >= 1, "bn_batch_moments: no rows");
   const float* xp = x.data_ptr<float>();
-  const std::vector<float> pivot(xp, xp + n);
-  std::vector<double> sum1(n), sum2(n);
-  chunked_shifted_sums(xp, pivot.data(), rows, n, sum1.data(), sum2.data(), [] {});
   auto moments = at::empty({2, n}, x.options().dtype(at::kDouble));
   double* out = moments.data_ptr<double>();
-  for (int64_t c = 0; c < n; ++c) {
-    const double shift_mean = sum1[c] / rows;
-    out[c] = pivot[c] + shift_mean;
-    out[n + c] = std::max(0.0, sum2[c] - sum1[c] * shift_mean);
-  }
+  column_moments(xp, rows, n, out, out + n, [] {});
   return moments;
 }
 
