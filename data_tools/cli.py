@@ -41,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
     """Raises UsageError instead of printing usage and exiting, so main() returns a status."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(message)
 
 
 def add_prepare_arguments(prep: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -105,7 +105,7 @@ def parse_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser | Non
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or getattr(args, "command", None) != "prepare"]
     if stray:
-        raise UsageError(f"{parser.prog}: unrecognized arguments: {' '.join(stray)}")
+        raise UsageError(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args
@@ -117,6 +117,9 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     from tf4ctr_dist.data.storage import StorageUnavailable  # here: fsspec stays out of `import data_tools.cli`
 
     options: dict[str, Any] | None = None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # "tf4ctr prepare: error: ...", as the front door's other commands say it
+    where = f"{prog} {argv[0]}" if argv and argv[0] in ("prepare", "check") else prog
     try:
         try:
             args = parse_args(argv, build_parser(prog))
@@ -127,17 +130,17 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             return _prepare(args, options)
         return _check(args, options)
     except (UsageError, OptionError) as exc:
-        _error(str(exc), options)
+        _error(where, str(exc), options)
         return 2
     except (DataError, StorageUnavailable) as exc:
-        _error(str(exc), options)
+        _error(where, str(exc), options)
         return 1
 
 
-def _error(message: str, options: Mapping[str, Any] | None) -> None:
+def _error(where: str, message: str, options: Mapping[str, Any] | None) -> None:
     from tf4ctr_dist.data.storage import redact
 
-    print(f"error: {redact(message, options)}", file=sys.stderr)
+    print(f"{where}: error: {redact(message, options)}", file=sys.stderr)
 
 
 def _yaml_problem(exc: Exception) -> str:
@@ -311,11 +314,13 @@ def _prepare(args: argparse.Namespace, options: dict | None) -> int:
 
 
 def _check(args: argparse.Namespace, options: dict | None) -> int:
+    from tf4ctr_dist.data.storage import redact, refuse_credentials
+
     from .check import check_dataset
 
+    refuse_credentials(args.url, "dataset URL")  # before it is echoed in any line below
     progress = None if args.quiet else (lambda msg: print(f"checking {msg}", flush=True))
     report = check_dataset(args.url, options, progress=progress)
-    from tf4ctr_dist.data.storage import redact
 
     for warning in report.warnings:
         print(f"warning: {redact(warning, options)}")

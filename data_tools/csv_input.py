@@ -95,9 +95,40 @@ class TextInput:
             raise
         except (pa.ArrowInvalid, csv.Error) as exc:
             line = offset + (2 if self.header else 1)
+            found = None if ranged else self._first_bad_line(line)
+            if found:
+                raise DataError(f"{self.url}: malformed {self._kind()}: {found}") from None
             raise DataError(f"{self.url}: malformed {self._kind()} at or after line {line}: {exc}") from None
         except Exception as exc:
             raise self.loc.error(f"cannot read {self.url}", exc) from None
+
+    def _first_bad_line(self, from_line: int, max_lines: int = 2_000_000) -> str | None:
+        """Arrow names only the block a parse error is in; this re-reads the file from that
+        block's first line (1-based ``from_line``) and names the first line that has the wrong
+        number of columns, is not UTF-8, or is longer than a parse block. None: not found within
+        ``max_lines`` lines (the caller keeps Arrow's message)."""
+        expected = len(self.columns)
+        try:
+            with self.loc.fs.open(self.loc.path(), "rb") as raw:
+                stream: Any = compr[infer_compression(self.loc.path())](raw, mode="r") if self.compressed else raw
+                for number, data in enumerate(stream, 1):
+                    if number < from_line:
+                        continue
+                    if number >= from_line + max_lines:
+                        return None
+                    if len(data) > BLOCK_SIZE:
+                        return (f"line {number} is {len(data):,} bytes long, more than one parse block "
+                                f"({BLOCK_SIZE:,} bytes); is a quote or the line end missing?")
+                    try:
+                        text = data.decode("utf-8").rstrip("\r\n")
+                    except UnicodeDecodeError as e:
+                        return f"line {number} is not valid UTF-8 (byte {e.start + 1}: {data[e.start:e.start + 1]!r})"
+                    got = len(next(csv.reader([text], delimiter=self.delimiter), []))
+                    if got != expected and text:
+                        return f"line {number} has {got} columns, expected {expected} ({', '.join(self.columns)})"
+        except Exception:  # the first error is the one to report
+            return None
+        return None
 
     def size(self) -> int:
         return int(self.loc.fs.size(self.loc.path()))

@@ -113,9 +113,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--fields", type=int, default=8)
     p.add_argument("--churn", type=float, default=0.1, help="share of each field's popular ids replaced per day")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spec-out", metavar="FILE", help="also write a parquet-logs spec (YAML) for these logs: hashed "
+                   "vocabularies, train on the first days, valid and test on the two after them (retrain's "
+                   "--train/--valid/--test-dates replace the dates)")
     args = p.parse_args(argv)
-    generate_daily_logs(args.out, start=args.start, days=args.days, rows_per_day=args.rows_per_day,
-                        fields=args.fields, churn=args.churn, seed=args.seed)
+    if args.spec_out and args.days < 3:
+        p.error("--spec-out needs --days >= 3 (train, valid and test dates)")
+    dates = generate_daily_logs(args.out, start=args.start, days=args.days, rows_per_day=args.rows_per_day,
+                                fields=args.fields, churn=args.churn, seed=args.seed)
+    if args.spec_out:
+        import yaml
+
+        train = dates[:max(1, min(3, len(dates) - 2))]
+        spec = spec_for(args.fields, train, [dates[len(train)]], [dates[len(train) + 1]])
+        with open(args.spec_out, "w") as f:
+            yaml.safe_dump(spec, f, sort_keys=False)
+        print(f"wrote {args.spec_out}: train {train[0]}..{train[-1]}, valid {dates[len(train)]}, "
+              f"test {dates[len(train) + 1]}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from tf4ctr_dist.data.manifest import FieldSpec
 from tf4ctr_dist.data.tokens import NORMALIZERS, bucketize_criteo
 
 from .numeric import ValueNormalizer
-from .options import VOCAB_MODES
+from .options import VOCAB_MODES, OptionError
 from .vocab import HASH_NAME, MISSING, HashedVocabulary, Vocabulary, as_strings
 
 KINDS = ("categorical", "sequence", "numeric")
@@ -108,7 +108,7 @@ class FieldPlan:
 
 def _int(value: Any, what: str, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise DataError(f"{what} should be an integer >= {minimum}, got {value!r}")
+        raise OptionError(f"{what} should be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -130,30 +130,30 @@ def resolve_fields(
     `keep` when the spec gives none ("error": a longer sequence is bad input).
     """
     if vocab_mode not in VOCAB_MODES:
-        raise DataError(f"vocab_mode should be one of {list(VOCAB_MODES)}, got {vocab_mode!r}")
+        raise OptionError(f"vocab_mode should be one of {list(VOCAB_MODES)}, got {vocab_mode!r}")
     _int(min_count, "min_count", 1)
     if buckets is not None:
         _int(buckets, "buckets", 1)
     if not isinstance(field_options or {}, Mapping):
-        raise DataError(f"field_options should map field names to settings, got {field_options!r}")
+        raise OptionError(f"field_options should map field names to settings, got {field_options!r}")
     options = dict(field_options or {})
     if not isinstance(entries, (list, tuple)):
-        raise DataError(f"fields should be a list of column names or mappings, got {entries!r}")
+        raise OptionError(f"fields should be a list of column names or mappings, got {entries!r}")
     plans: list[FieldPlan] = []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = {"name": entry}
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
-            raise DataError(f"fields[{i}] should be a column name or a mapping with a 'name', got {entry!r}")
+            raise OptionError(f"fields[{i}] should be a column name or a mapping with a 'name', got {entry!r}")
         plans.append(
             _plan(dict(entry), options.pop(entry["name"], None), fixed, kinds, vocab_mode, min_count, buckets, default_keep)
         )
     if options:
-        raise DataError(f"field_options name unknown field(s) {sorted(options)}; fields are {[p.name for p in plans]}")
+        raise OptionError(f"field_options name unknown field(s) {sorted(options)}; fields are {[p.name for p in plans]}")
     names = [p.name for p in plans]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise DataError(f"field(s) {dupes} declared more than once")
+        raise OptionError(f"field(s) {dupes} declared more than once")
     return plans
 
 
@@ -170,36 +170,36 @@ def _plan(
     name = entry["name"]
     if override is not None:
         if not isinstance(override, Mapping):
-            raise DataError(f"field_options.{name} should be a mapping of settings, got {override!r}")
+            raise OptionError(f"field_options.{name} should be a mapping of settings, got {override!r}")
         if "name" in override:
-            raise DataError(f"field_options.{name}: 'name' cannot be changed")
+            raise OptionError(f"field_options.{name}: 'name' cannot be changed")
         entry.update(override)
     unknown = sorted(set(entry) - FIELD_KEYS)
     if unknown:
-        raise DataError(f"field {name!r}: unknown setting(s) {unknown}; allowed: {sorted(FIELD_KEYS - {'name'})}")
+        raise OptionError(f"field {name!r}: unknown setting(s) {unknown}; allowed: {sorted(FIELD_KEYS - {'name'})}")
     base = dict((fixed or {}).get(name, {}))
     if "kind" in entry and "kind" in base and entry["kind"] != base["kind"]:
-        raise DataError(f"field {name!r} is a {base['kind']} field in this format; kind cannot be changed")
+        raise OptionError(f"field {name!r} is a {base['kind']} field in this format; kind cannot be changed")
     merged = {**base, **entry}
     kind = merged.get("kind", "categorical")
     if kind not in kinds:
-        raise DataError(f"field {name!r}: kind should be one of {list(kinds)}, got {kind!r}")
+        raise OptionError(f"field {name!r}: kind should be one of {list(kinds)}, got {kind!r}")
     if kind == "numeric" and "normalizer" in merged:
         return _value_plan(name, entry, merged)
     mode = merged.get("vocab_mode", vocab_mode)
     if mode not in VOCAB_MODES:
-        raise DataError(f"field {name!r}: vocab_mode should be one of {list(VOCAB_MODES)}, got {mode!r}")
+        raise OptionError(f"field {name!r}: vocab_mode should be one of {list(VOCAB_MODES)}, got {mode!r}")
     if mode == "hashed":
         if "min_count" in entry:
-            raise DataError(f"field {name!r}: min_count applies to vocab_mode counted only (this field is hashed)")
+            raise OptionError(f"field {name!r}: min_count applies to vocab_mode counted only (this field is hashed)")
         n = merged.get("buckets", buckets)
         if n is None:
-            raise DataError(f"field {name!r}: vocab_mode hashed needs buckets (per field or a spec-level default)")
+            raise OptionError(f"field {name!r}: vocab_mode hashed needs buckets (per field or a spec-level default)")
         n = _int(n, f"field {name!r}: buckets", 1)
         count = 1
     else:
         if "buckets" in entry:
-            raise DataError(f"field {name!r}: buckets applies to vocab_mode hashed only (this field is counted)")
+            raise OptionError(f"field {name!r}: buckets applies to vocab_mode hashed only (this field is counted)")
         n = None
         count = _int(merged.get("min_count", min_count), f"field {name!r}: min_count", 1)
     max_len, splitter, keep = None, "|", "first"
@@ -207,14 +207,14 @@ def _plan(
         max_len = _int(merged.get("max_len"), f"sequence field {name!r}: max_len", 1)
         splitter = merged.get("splitter", "|")
         if not isinstance(splitter, str) or not splitter:
-            raise DataError(f"field {name!r}: splitter should be a non-empty string, got {splitter!r}")
+            raise OptionError(f"field {name!r}: splitter should be a non-empty string, got {splitter!r}")
         keep = merged.get("keep", default_keep)
         if keep not in KEEPS:
-            raise DataError(f"field {name!r}: keep should be one of {list(KEEPS)}, got {keep!r}")
+            raise OptionError(f"field {name!r}: keep should be one of {list(KEEPS)}, got {keep!r}")
     else:
         for key in ("max_len", "splitter", "keep"):
             if key in entry:
-                raise DataError(f"field {name!r}: {key} applies to sequence fields only")
+                raise OptionError(f"field {name!r}: {key} applies to sequence fields only")
     bucketing, boundaries = None, ()
     if kind == "numeric":
         bucketing = merged.get("bucketing")
@@ -227,18 +227,18 @@ def _plan(
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
                 or any(b <= a for a, b in zip(values, values[1:]))
             ):
-                raise DataError(f"field {name!r}: bucketing.boundaries should be a non-empty increasing list of numbers")
+                raise OptionError(f"field {name!r}: bucketing.boundaries should be a non-empty increasing list of numbers")
             boundaries = tuple(float(v) for v in values)
             bucketing = {"boundaries": list(values)}
         else:
-            raise DataError(
+            raise OptionError(
                 f"numeric field {name!r} needs bucketing: criteo or bucketing: {{boundaries: [b0, b1, ...]}} "
                 f"(categorical ids), or normalizer: {' | '.join(NORMALIZERS)} (value x vector); got bucketing {bucketing!r}"
             )
     else:
         for key in ("bucketing", "normalizer"):
             if key in entry:
-                raise DataError(f"field {name!r}: {key} applies to numeric fields only")
+                raise OptionError(f"field {name!r}: {key} applies to numeric fields only")
     return FieldPlan(name, kind, mode, count, n, max_len, splitter, keep, bucketing, boundaries)
 
 
@@ -246,12 +246,12 @@ def _value_plan(name: str, entry: Mapping[str, Any], merged: Mapping[str, Any]) 
     """A numeric field embedded as value x vector (it has no ids, so no vocabulary settings)."""
     normalizer = merged["normalizer"]
     if normalizer not in NORMALIZERS:
-        raise DataError(f"field {name!r}: normalizer should be one of {list(NORMALIZERS)}, got {normalizer!r}")
+        raise OptionError(f"field {name!r}: normalizer should be one of {list(NORMALIZERS)}, got {normalizer!r}")
     if "bucketing" in merged:
-        raise DataError(f"numeric field {name!r}: give bucketing (categorical ids) or normalizer (value x vector), not both")
+        raise OptionError(f"numeric field {name!r}: give bucketing (categorical ids) or normalizer (value x vector), not both")
     for key in (*ID_KEYS, "max_len", "splitter", "keep"):
         if key in entry:
-            raise DataError(f"field {name!r}: {key} does not apply to a numeric field embedded as value x vector "
+            raise OptionError(f"field {name!r}: {key} does not apply to a numeric field embedded as value x vector "
                             "(normalizer); it has no ids")
     return FieldPlan(name, "numeric", "none", normalizer=normalizer)
 

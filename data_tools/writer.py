@@ -297,11 +297,11 @@ class DatasetWriter:
         except Exception as exc:
             raise loc.error(f"cannot access output URL {loc.url}", exc) from None
         if has_manifest and not self.overwrite:
-            raise DataError(f"output URL {loc.url} already holds a dataset ({MANIFEST_NAME}); pass overwrite=True to replace it")
+            raise DataError(f"output URL {loc.url} already holds a dataset ({MANIFEST_NAME}); pass overwrite=True (on the command line: --overwrite) to replace it")
         if leftovers and not has_manifest and not self.overwrite:
             raise DataError(
                 f"output URL {loc.url} holds split folders {leftovers} but no {MANIFEST_NAME} "
-                "(an incomplete earlier write?); pass overwrite=True to replace them"
+                "(an incomplete earlier write?); pass overwrite=True (on the command line: --overwrite) to replace them"
             )
         if has_manifest:
             try:

@@ -240,17 +240,38 @@ class RunConfig:
         return RunConfig.from_dict(raw)
 
 
+def parse_mapping(text: str, where: str, yaml_syntax: Optional[bool] = None) -> dict:
+    """The mapping in a YAML or JSON file's ``text`` (``yaml_syntax`` None: YAML when ``where``
+    ends in .yaml/.yml); a syntax error, or a document that is not a mapping, is a ConfigError
+    naming ``where`` and the line. YAML is read with the safe loader: tags such as
+    !!python/object are refused, never run."""
+    if yaml_syntax if yaml_syntax is not None else where.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping (key: value lines) at the top level, got a {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML/JSON config file (or the defaults) and apply overrides."""
     cfg = RunConfig()
     if path is not None:
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-        else:
-            raw = json.loads(text)
+        raw = parse_mapping(Path(path).read_text(), str(path))
         try:
             cfg = RunConfig.from_dict(raw)
         except ConfigError as e:
@@ -328,14 +349,14 @@ def _unknown_key(key: str, section: Optional[str] = None) -> ConfigError:
     if not guess and "." in key:
         guess = difflib.get_close_matches(key.rsplit(".", 1)[1], list(keys), n=1, cutoff=0.6)
     hint = f"; did you mean {guess[0]!r}?" if guess else ""
-    section = section or (keys[guess[0]].split(".")[0] if guess and "." in keys[guess[0]] else None)
+    section = section or (keys[guess[0]].rsplit(".", 1)[0] if guess and "." in keys[guess[0]] else None)
     sections = _section_classes()
     if section in sections:
         names = sorted(f.name for f in dataclasses.fields(sections[section]))
-        listing = f" {section} has: {', '.join(names)}"
+        listing = f"{section} has: {', '.join(names)}"
     else:
-        listing = f" sections: {', '.join(sections)}; top-level keys: out, name, verbose"
-    return ConfigError(f"unknown config key {key!r}{hint}{listing}")
+        listing = f"sections: {', '.join(sections)}; top-level keys: out, name, verbose"
+    return ConfigError(f"unknown config key {key!r}{hint}{' ' if hint else '; '}{listing}")
 
 
 def _resolve_key(key: str) -> list[str]:
@@ -347,6 +368,9 @@ def _resolve_key(key: str) -> list[str]:
         if parts[-1] not in names:
             raise _unknown_key(key, owner)
         return parts
+    nested = [s for s in sections if s.endswith("." + owner)]
+    if len(parts) >= 2 and len(nested) == 1:  # a nested section by its own name: encoders.cross_layers
+        return _resolve_key(f"{nested[0]}.{parts[-1]}")
     if len(parts) == 1:
         if parts[0] in {f.name for f in dataclasses.fields(RunConfig)} and parts[0] not in sections:
             return parts

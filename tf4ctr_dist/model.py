@@ -42,6 +42,7 @@ from tf4ctr_dist.modules.ssem import GateSSEM, MoESSEM, ShareSSEM
 from tf4ctr_dist.modules.tf4ctr import TF4CTR
 
 if TYPE_CHECKING:
+    from tf4ctr_dist.data.manifest import Manifest
     from tf4ctr_dist.kernels import CpuKernels
 
 EASY_PREFIX = "easy"
@@ -207,6 +208,17 @@ def tf4ctr(
         complex_head=complex_head,
     )
     return model
+
+
+def model_for_dataset(
+    manifest: "Manifest", cfg: ModelConfig, device: torch.device | str = "cpu",
+    cpu_kernels: Optional["CpuKernels"] = None,
+) -> TF4CTR:
+    """`tf4ctr` for a prepared dataset: its fields in manifest order, its sequence fields
+    mean-pooled and its numeric fields weighted, as the readers and the serving features give them."""
+    fields = [(f.name, f.vocab_size) for f in manifest.fields]
+    return tf4ctr(fields, cfg, device=device, mean_pooled=set(manifest.sequence_fields), cpu_kernels=cpu_kernels,
+                  numeric=set(manifest.numeric_fields))
 
 
 class Objective(nn.Module):

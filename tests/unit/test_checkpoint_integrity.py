@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tf4ctr_dist.config import RunConfig
+from tf4ctr_dist.config import ConfigError, RunConfig
 from tf4ctr_dist.distributed.checkpoint import (
     KEY_ENV,
     CheckpointEntry,
@@ -145,3 +145,69 @@ def test_a_checkpoint_without_digests_is_refused(tmp_path):
     fresh = CheckpointStore(str(tmp_path / "c"), 0, 1)
     with pytest.raises(CheckpointIntegrityError, match="no file digests"):
         fresh.load(fresh.latest(), {"model": {"w": torch.zeros(2)}})
+
+
+def _forge_shard_entry(folder, index_path, fqn: str, payload: bytes, relative_path: str = "__0_0.distcp") -> None:
+    """What a writer of the checkpoint root can do without the HMAC key: point one metadata entry
+    at pickled bytes (appended to a shard, or any path) and recompute every digest."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    from tf4ctr_dist.distributed.checkpoint import _MetadataUnpickler
+
+    meta = _MetadataUnpickler(open(folder / ".metadata", "rb")).load()
+    for key in [k for k in meta.storage_data if k.fqn == fqn]:
+        del meta.storage_data[key]
+    meta.state_dict_metadata[fqn] = BytesStorageMetadata()
+    shard = folder / "__0_0.distcp"
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(payload)
+    meta.storage_data[MetadataIndex(fqn)] = _StorageInfo(relative_path, offset, len(payload))
+    (folder / ".metadata").write_bytes(pickle.dumps(meta))
+    index = json.loads(index_path.read_text())
+    for name in (".metadata", "__0_0.distcp"):
+        index["checkpoints"][0]["files"][name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    index_path.write_text(json.dumps(index))
+
+
+def test_a_forged_bytes_entry_in_a_shard_cannot_run_code(tmp_path):
+    """DCP stores non-tensor values as pickled bytes and by default unpickles them with
+    weights_only=False; a rewritten shard + metadata + index must still not run anything, on
+    resume and on warm start, and the error names the entry."""
+    out, cfg, folder = _saved_run(tmp_path)
+    marker = tmp_path / "PWNED"
+    _forge_shard_entry(folder, out / "checkpoints" / "index.json", "model.1.num_batches_tracked",
+                       pickle.dumps(_WritesMarker(str(marker)), protocol=2))  # torch.save's protocol
+    resume = lambda: _fresh(out, cfg).resume(Progress(lr=0.1, stopper=EarlyStopping(2)), None)  # noqa: E731
+    with pytest.raises(CheckpointIntegrityError, match=r"'model.1.num_batches_tracked' is not a plain value "
+                                                       r"\(Unsupported global"):
+        resume()
+    assert not marker.exists()
+    # a warm start compares the tensor shapes first: the entry is no tensor
+    with pytest.raises(ConfigError, match=r"does not fit this model.*1.num_batches_tracked: checkpoint None"):
+        _fresh(tmp_path / "other", cfg).warm_start(str(out / "checkpoints"))
+    assert not marker.exists()
+
+
+def test_metadata_may_point_only_at_listed_files(tmp_path):
+    out, cfg, folder = _saved_run(tmp_path)
+    (tmp_path / "outside.bin").write_bytes(pickle.dumps(7))
+    _forge_shard_entry(folder, out / "checkpoints" / "index.json", "model.1.num_batches_tracked",
+                       pickle.dumps(7), relative_path="../../../outside.bin")
+    store = CheckpointStore(str(out / "checkpoints"), 0, 1)
+    with pytest.raises(CheckpointIntegrityError, match=r"points at files index.json does not list: \['../../../outside"):
+        store.tensor_shapes(store.latest())
+
+
+def test_plain_non_tensor_values_still_round_trip(tmp_path):
+    """Legitimate non-tensor state (numbers, strings, lists) saved by DCP as bytes loads back."""
+    store = CheckpointStore(str(tmp_path / "c"), 0, 1)
+    entry = CheckpointEntry(CheckpointEntry.name_for(0, 1), 0, 1, world_size=1)
+    saved = {"w": torch.ones(2), "lr": 0.25, "name": "adam", "betas": [0.9, 0.999]}
+    store.save(entry, {"model": saved}, {"rng": torch.get_rng_state()}, {"epoch": 0})
+    fresh = CheckpointStore(str(tmp_path / "c"), 0, 1)
+    state = {"model": {"w": torch.zeros(2), "lr": 0.0, "name": "", "betas": [0.0, 0.0]}}
+    fresh.load(fresh.latest(), state)
+    assert torch.equal(state["model"]["w"], torch.ones(2))
+    assert (state["model"]["lr"], state["model"]["name"], state["model"]["betas"]) == (0.25, "adam", [0.9, 0.999])

@@ -114,3 +114,102 @@ def test_serving_options_refused_in_seconds(tmp_path, case):
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == [], "nothing is written"
     assert time.perf_counter() - t0 < 15
+
+
+def test_a_setting_the_model_cannot_use_is_refused_on_the_driver(tmp_path, dataset):
+    """train.sync_batch_norm on a model without BatchNorm: the driver builds the model on meta
+    (from the manifest) and refuses, before Ray; the same setting on a model with BatchNorm gets
+    through to the launch."""
+    proc, seconds = _train(tmp_path, "--data", dataset, "--workers", "2", "batch_size=512",
+                           "sync_batch_norm=true", "batch_norm=false")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.sync_batch_norm=true, but this model has no BatchNorm layer" in lines[0]
+    assert "NO_RAY" in proc.stdout
+    assert not (tmp_path / "run").exists()
+    assert seconds < 30
+
+
+def test_the_launch_checks_the_dataset_and_the_model_too(tmp_path, dataset, monkeypatch):
+    """`launch` (every entry point's last step: train, retrain, jobs/) repeats the driver's checks
+    on the prepared dataset it is about to hand to the workers."""
+    import tf4ctr_dist.train.launch as train_launch
+    from tf4ctr_dist.cli.train import launch
+    from tf4ctr_dist.config import ConfigError, RunConfig
+
+    monkeypatch.setattr(train_launch, "run_training", lambda cfg: pytest.fail("reached the workers"))
+    cfg = RunConfig().with_overrides({"data.url": dataset, "out": str(tmp_path / "run"), "cluster.workers": 2,
+                                      "train.batch_size": 512, "train.sync_batch_norm": True,
+                                      "model.batch_norm": False})
+    with pytest.raises(ConfigError, match="no BatchNorm layer"):
+        launch(cfg)
+    with pytest.raises(ConfigError, match=r"has no split\(s\) validation"):
+        launch(cfg.with_overrides({"model.batch_norm": True, "data.valid_split": "validation"}))
+
+
+def test_options_and_settings_in_any_order_and_mistakes_named_by_the_command(tmp_path):
+    """Every command's positionals, options and key=value settings may be intermixed (the sweep
+    file first, then --out, then settings); an unknown option is reported by the command."""
+    from tf4ctr_dist.cli import main
+
+    (tmp_path / "t.yaml").write_text("grid: {alpha: [0.25]}\nseeds: [1]\n")
+    proc = subprocess.run([sys.executable, "-c", _PROBE, "sweep", "t.yaml", "--out", "sw", "epochs=1",
+                           "--data", "/nonexistent/dataset", "batch_size=512"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    # parsed whole: the sweep got as far as the dataset check
+    assert proc.returncode == 1 and "no manifest.json at /nonexistent/dataset" in proc.stderr, proc.stderr
+    assert "unrecognized" not in proc.stderr
+    proc, _ = _train(tmp_path, "--workers", "2", "epochs=1", "batch_size=512", "--bogus")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
+        "tf4ctr train: error: unrecognized arguments: --bogus", proc.stderr
+    assert main(["train", "--workers", "1", "epochs=0", "--seed", "3", "--out", str(tmp_path / "r"),
+                 "--config", "no_such_preset"]) == 2  # a settings word between options is not swallowed
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bad.yaml", "model:\n  ssem: [ser\n", "bad.yaml: not valid YAML (line 3, column 1)"),
+    ("bad.json", '{"model": {"ssem": "ser",}}', "bad.json: not valid JSON (line 1, column 26)"),
+    ("list.yaml", "- a\n- b\n", "list.yaml: expected a mapping (key: value lines) at the top level, got a list"),
+    ("evil.yaml", 'model: !!python/object/apply:os.system ["touch PWNED"]\n', "could not determine a constructor"),
+])
+def test_a_broken_config_file_is_one_line_naming_the_file_and_line(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    for argv in (["train", "--config", name], ["sweep", name, "--out", "sw"]):
+        proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"tf4ctr {argv[0]}: error: ") and message in lines[0], lines
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_credentials_in_a_url_never_reach_a_message(tmp_path):
+    for argv in (["check", "s3://AKIAKEY:SeCrEt@bucket/ds"], ["retrain", "--from", "s3://AKIAKEY:SeCrEt@bucket/run",
+                                                             "--data", "ds"]):
+        proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+        assert proc.returncode in (1, 2) and "carries credentials" in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"tf4ctr {argv[0]}: error: ")
+        assert "SeCrEt" not in proc.stdout + proc.stderr and "AKIAKEY" not in proc.stdout + proc.stderr
+
+
+def test_a_config_or_setting_that_names_the_dataset_is_used(tmp_path, dataset, monkeypatch):
+    """`--config RUN/config.json` (a run's own configuration) or `data.url=...` without --data
+    trains on that dataset, not on the synthetic demo data."""
+    import json
+
+    import tf4ctr_dist.cli.train as train_cli
+    from tf4ctr_dist.cli import main
+    from tf4ctr_dist.config import RunConfig
+
+    launched = []
+    monkeypatch.setattr(train_cli, "launch", lambda cfg: launched.append(cfg))
+    saved = RunConfig().with_overrides({"data.url": dataset, "cluster.workers": 2, "train.batch_size": 512,
+                                        "name": "earlier"})
+    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+    assert main(["train", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "a"), "epochs=0"]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--workers", "2", f"data.url={dataset}", "batch_size=512",
+                 "epochs=0"]) == 0
+    first, second = launched
+    assert first.data.url == dataset and first.train.batch_size == 512
+    assert second.data.url == dataset and second.name == "train"  # the prepared-data preset, not the demo

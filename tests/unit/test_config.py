@@ -132,6 +132,18 @@ def test_top_level_keys_and_dotted_keys() -> None:
     assert cfg.cluster.use_gpu is True
 
 
+def test_a_nested_section_by_its_own_name() -> None:
+    """`encoders.cross_layers` (as README's table writes it) is model.encoders.cross_layers; a
+    mistake there lists the nested section's keys, and a key with no close match lists the sections."""
+    assert RunConfig().with_overrides(["encoders.cross_layers=2"]).model.encoders.cross_layers == 2
+    assert RunConfig().with_overrides(["model.encoders.cross_layers=4"]).model.encoders.cross_layers == 4
+    with pytest.raises(ConfigError, match=r"did you mean 'model.encoders.cross_layers'\? model.encoders has: "
+                                          r"afn_hidden_units"):
+        RunConfig().with_overrides(["encoders.crosslayers=2"])
+    with pytest.raises(ConfigError, match=r"^unknown config key 'bogus_key'; sections: data, model"):
+        RunConfig().with_overrides(["bogus_key=1"])
+
+
 def test_every_field_name_is_unambiguous_or_dotted() -> None:
     """Short keys work only because no field name is shared by two sections."""
     owners: dict[str, list[str]] = {}

@@ -29,3 +29,21 @@ def test_spec_uses_hashed_vocabularies(tmp_path):
     spec = spec_for(2, ["2026-11-20"], ["2026-11-21"], ["2026-11-22"], buckets=1000)
     assert spec["vocab_mode"] == "hashed" and spec["buckets"] == 1000
     assert spec["fields"] == ["user_id", "f1", "f2"] and spec["label"] == "click"
+
+
+def test_the_command_writes_a_spec_that_prepare_takes(tmp_path, capsys):
+    """README's retraining walk-through: logs + spec, then `prepare parquet-logs` with that spec."""
+    import yaml
+
+    from data_tools.cli import main as data_main
+    from data_tools.daily_logs import main
+
+    main(["--out", str(tmp_path / "logs"), "--days", "5", "--rows-per-day", "2000", "--fields", "2",
+          "--spec-out", str(tmp_path / "spec.yaml")])
+    spec = yaml.safe_load((tmp_path / "spec.yaml").read_text())
+    assert spec["train_dates"] == ["2026-11-20", "2026-11-21", "2026-11-22"]
+    assert (spec["valid_dates"], spec["test_dates"]) == (["2026-11-23"], ["2026-11-24"])
+    assert spec["vocab_mode"] == "hashed" and spec["fields"] == ["user_id", "f1", "f2"]
+    assert data_main(["prepare", "parquet-logs", "--input", str(tmp_path / "logs"), "--out", str(tmp_path / "ds"),
+                      "--spec", str(tmp_path / "spec.yaml")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "ds" / "manifest.json").exists()

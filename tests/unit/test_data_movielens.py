@@ -137,7 +137,7 @@ def test_hashed_fields_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert main(argv) == 0
     assert main(["check", str(out), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(argv[:-2] + ["genres=true", "--set", "field_options={Genres: {kind: categorical}}"]) == 1
+    assert main(argv[:-2] + ["genres=true", "--set", "field_options={Genres: {kind: categorical}}"]) == 2  # an option mistake
     assert "Genres' is a sequence field" in capsys.readouterr().err
 
 

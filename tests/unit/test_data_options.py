@@ -122,7 +122,7 @@ def test_cli_errors_are_one_line_and_exit_2(argv: list[str], message: str, tmp_p
     argv = [str(tmp_path / "o") if a == "X" else a for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith(f"python -m data_tools {argv[0]}: error: ") and message in err[0], err
     assert not (tmp_path / "o").exists()
 
 

@@ -205,12 +205,21 @@ def test_missing_input_file(tmp_path: Path) -> None:
     assert "nope.csv" in str(err)
 
 
-def test_malformed_csv_row(tmp_path: Path) -> None:
-    rows = ["0,a1,b1,u1"] * 3 + ["1,a1"]
+@pytest.mark.parametrize("bad, message", [
+    ("1,a1", "line 1502 has 2 columns, expected 4 (label, a, b, u)"),
+    ("1,a1,b1,u1,extra", "line 1502 has 5 columns, expected 4"),
+])
+def test_malformed_csv_row_is_named_by_its_line(tmp_path: Path, bad: str, message: str) -> None:
+    """Arrow reports the block; the message names the exact line (past the first block here)."""
+    rows = ["0,a1,b1,u1"] * 1500 + [bad] + ["0,a1,b1,u1"] * 10
     train = write_csv(tmp_path / "in" / "ragged.csv", "label,a,b,u", rows)
     _, valid, test = tiny_bars(tmp_path / "other")
-    err = _expect_error(tmp_path / "ds", "malformed CSV", train, valid, test)
-    assert "ragged.csv" in str(err)
+    import data_tools.csv_input as csv_input
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(csv_input, "BLOCK_SIZE", 4096)  # several blocks: the bad line is not in the first
+        err = _expect_error(tmp_path / "ds", "malformed CSV", train, valid, test)
+    assert f"ragged.csv: malformed CSV: {message}" in str(err)
 
 
 def test_bad_output_urls(tmp_path: Path) -> None:

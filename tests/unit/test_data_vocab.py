@@ -19,6 +19,7 @@ from data_tools.criteo import prepare_criteo
 from data_tools import csv_input
 from data_tools.csv_input import count_rows, open_text_input
 from data_tools.fields import clean_lists, resolve_fields
+from data_tools.options import OptionError
 from data_tools import vocab as vocab_module
 from data_tools.vocab import Vocabulary, VocabCounter, count_values, hash_ids, stable_hash, token_hash
 from tf4ctr_dist.data.errors import DataError
@@ -166,7 +167,8 @@ def test_clean_lists() -> None:
     ],
 )
 def test_field_declaration_errors(kwargs: dict, message: str) -> None:
-    with pytest.raises(DataError, match=message):
+    """Option mistakes (the CLI's exit status 2), raised before any row is read."""
+    with pytest.raises(OptionError, match=message):
         resolve_fields(["a", "b"], **kwargs)
 
 

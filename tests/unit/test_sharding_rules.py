@@ -148,3 +148,24 @@ def test_table_constraints_pin_every_table() -> None:
         assert c.compute_kernels == [FUSED]
     dp = table_constraints(tables, resolve_placement("auto", "adam", "cpu"))
     assert all(c.sharding_types == [DP] and c.compute_kernels == [DENSE] for c in dp.values())
+
+
+def test_tables_that_fit_no_plan_are_a_sharding_error_with_the_figures() -> None:
+    """A vocabulary far beyond this host's memory: one ShardingError (permanent, so Ray Train does
+    not restart for it) naming the memory per worker and the planner's storage figures, instead of
+    TorchRec's PlannerError traceback. The planner sees the real host memory (not its 128 GiB)."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from tf4ctr_dist.distributed.sharding import host_memory_bytes, make_sharders, plan_sharding, training_topology
+
+    memory = host_memory_bytes()
+    assert memory and training_topology(2, "cpu").devices[0].storage.ddr == memory // 2
+    rows = int(memory // (8 * 4)) * 4  # 4x this host's memory at dim 8 in fp32
+    tables = field_tables("easy", [("huge", rows)], 8)
+    module = torch.nn.Module()
+    module.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    placement = resolve_placement("table_wise", "rowwise_adagrad", "cpu")
+    with pytest.raises(ShardingError, match=r"fit no sharding plan on 1 worker\(s\) with [0-9.]+ GiB of host memory "
+                                            r"each.*need 0.0 GB of GPU and [0-9.]+ GB of host memory in all.*"
+                                            r"tf4ctr plan --manifest"):
+        plan_sharding(module, tables, placement, make_sharders(placement, 0.01, 0.0, "cpu"), 1, "cpu", 64)

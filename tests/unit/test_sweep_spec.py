@@ -149,3 +149,33 @@ def test_results_table_compares_the_plateau_dynamics_across_cells(tmp_path):
     assert "(paired)" in kernel
     csv_text = (tmp_path / "results.csv").read_text()
     assert "first_plateau_epoch" in csv_text.splitlines()[0]
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_report_of_a_sweep_folder_draws_the_grid(tmp_path, where):
+    """`tf4ctr report SWEEP` (a local folder or a URL) gives the heatmap of the mean test AUC over
+    seeds for a two-key grid and the sweep's table (a URL was once taken for a plain run)."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    import fsspec
+
+    from tf4ctr_dist.cli import main
+
+    root = str(tmp_path / "sweep") if where == "local" else f"memory://sweeps/{tmp_path.name}"
+    fs, path = fsspec.core.url_to_fs(root)
+    fs.makedirs(path, exist_ok=True)
+    spec = {"grid": {"alpha": [0.25, 0.5], "gamma": [1, 2]}, "seeds": [1, 2]}
+    fs.pipe_file(f"{path}/sweep.json", json.dumps({"spec": spec, "baseline": None, "trials": {}}).encode())
+    lines = ["cell,alpha,gamma,seed,status,test_AUC"]
+    for alpha, gamma, auc1, auc2 in (("0.25", "1", 0.80, 0.82), ("0.25", "2", 0.70, 0.70),
+                                     ("0.5", "1", 0.90, 0.92), ("0.5", "2", 0.60, 0.64)):
+        for seed, auc in ((1, auc1), (2, auc2)):
+            lines.append(f"a{alpha}-g{gamma},{alpha},{gamma},{seed},finished,{auc}")
+    fs.pipe_file(f"{path}/results.csv", ("\n".join(lines) + "\n").encode())
+    fs.pipe_file(f"{path}/results.md", b"| cell | test_AUC |\n")
+    out = tmp_path / "report"
+    assert main(["report", root, "--out", str(out)]) == 0
+    assert (out / "sweep_heatmap.png").stat().st_size > 1000
+    table = (out / "sweep.md").read_text()
+    assert table.startswith("| cell | test_AUC |") and "sweep_heatmap.png" in table

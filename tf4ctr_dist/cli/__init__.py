@@ -44,8 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     """Run one command; returns its exit code."""
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, _ = parser.parse_known_args(argv)  # which command (top-level --help and a missing command end here)
     command_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    if command_parser.prefix_chars != "\0":  # prepare/check hand their arguments to data_tools unparsed
+        # Again on the command's own parser, so options, the positionals and key=value settings
+        # may come in any order (`sweep FILE --out DIR epochs=5`), and a mistake is reported by
+        # the command with its usage ("tf4ctr train: error: unrecognized arguments: ...").
+        command = args.command
+        args = command_parser.parse_intermixed_args(argv[argv.index(command) + 1:])
+        args.command = command
     return run_guarded(args.func, args, command_parser)
 
 

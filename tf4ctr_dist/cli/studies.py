@@ -23,8 +23,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="PNG plots and a markdown summary of finished runs",
         description="Read each run folder's metrics.jsonl / result.json and draw: loss and AUC curves, "
         "difficulty buckets per epoch, prediction histograms, first-epoch logit gradient norms, gate and "
-        "fusion values, and the Twin Focus loss curves (paper Fig 4); plus summary.md. Needs matplotlib "
-        "(pip install 'tf4ctr_dist[report]').",
+        "fusion values, and the Twin Focus loss curves (paper Fig 4); plus summary.md. One `tf4ctr sweep` "
+        "folder (local or s3://) gets instead the mean test AUC over seeds against the swept keys (a heatmap "
+        "for two keys, a curve for one) and its table. Needs matplotlib (pip install 'tf4ctr_dist[report]').",
         epilog=REPORT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -33,6 +34,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "run, ./report otherwise)")
     p.set_defaults(func=_report)
     _add_sweep(sub)
+
+
+def _is_sweep(url: str) -> bool:
+    """Whether ``url`` (local or s3://) is a folder written by `tf4ctr sweep`."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs.exists(f"{root.rstrip('/')}/sweep.json")
 
 
 def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -44,7 +53,7 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if out is None:
         one_local = len(args.runs) == 1 and "://" not in args.runs[0]
         out = os.path.join(args.runs[0], "report") if one_local else "report"
-    sweep = len(args.runs) == 1 and "://" not in args.runs[0] and os.path.exists(os.path.join(args.runs[0], "sweep.json"))
+    sweep = len(args.runs) == 1 and _is_sweep(args.runs[0])
     try:
         if sweep:  # a `tf4ctr sweep` folder: its heatmap / curve and table
             from tf4ctr_dist.studies.sweep import write_sweep_report

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from tf4ctr_dist.config import PRESETS_DIR, ConfigError, RunConfig, load_config
+
+if TYPE_CHECKING:
+    from tf4ctr_dist.data.manifest import Manifest
 
 # The preset a training run starts from when --config is not given, by data source.
 DEFAULT_PRESETS = {"synthetic": "demo", "prepared": "criteo_x4", "csv": "frappe_x1"}
@@ -131,7 +134,11 @@ def data_source(args: argparse.Namespace) -> str:
 def train_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
     """The run's configuration from the arguments, checked for types and ranges; and its source."""
     source = data_source(args)
+    if source == "synthetic" and _sets_data_url(args.overrides):
+        source = "prepared"
     cfg = load_config(resolve_preset(args.config or DEFAULT_PRESETS[source]))
+    if source == "synthetic" and cfg.data.url:  # a config file (e.g. a run's config.json) naming its dataset
+        source = "prepared"
     name = {"synthetic": "demo", "prepared": "train", "csv": "bars"}[source]
     extra: dict[str, Any] = {"name": name}
     if args.seed is not None:
@@ -139,6 +146,13 @@ def train_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
     if args.gpu:
         extra["cluster.use_gpu"] = True
     return _with_run_options(cfg, args, extra, name), source
+
+
+def _sets_data_url(overrides: list[str]) -> bool:
+    """Whether the key=value settings name the dataset (data.url=..., url=...)."""
+    from tf4ctr_dist.config import _resolve_key, _split
+
+    return any(_resolve_key(_split(item)[0]) == ["data", "url"] and _split(item)[1] for item in overrides)
 
 
 def _with_run_options(cfg: RunConfig, args: argparse.Namespace, extra: dict, name: str) -> RunConfig:
@@ -171,9 +185,11 @@ def _need_file(flag: str, path: str) -> None:
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cfg, source = train_config(args)
     device_type = "cuda" if cfg.cluster.use_gpu else "cpu"
-    check_before_launch(cfg, device_type, dataset=source == "prepared" and args.data)
+    data_url = (args.data or cfg.data.url) if source == "prepared" else ""
+    check_before_launch(cfg, device_type, dataset=data_url)
     if source == "prepared":
-        data_url = args.data
+        if not args.data:
+            _say(f"dataset {data_url} (data.url of the configuration)")
     elif source == "csv":
         for flag, path in (("--train", args.train), ("--valid", args.valid), ("--test", args.test)):
             _need_file(flag, path)
@@ -199,20 +215,31 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def check_before_launch(cfg: RunConfig, device_type: str, dataset: Optional[str] = None) -> None:
+def check_before_launch(cfg: RunConfig, device_type: str, dataset: Optional[str] = None,
+                        manifest: Optional["Manifest"] = None) -> Optional["Manifest"]:
     """Everything that can be refused without a worker: the placement on ``device_type`` and,
-    for a prepared ``dataset``, its manifest and the splits the config names."""
+    for a prepared ``dataset`` (or its ``manifest``, already read), the splits the config names
+    and settings that need the model (``train.sync_batch_norm`` on a model without BatchNorm,
+    checked on the model built on meta). Returns the manifest, read or given."""
     from tf4ctr_dist.distributed.placement import check_run_config
 
     check_run_config(cfg, device_type, cfg.cluster.workers)
-    if dataset:
+    if dataset and manifest is None:
         from tf4ctr_dist.data.manifest import load_manifest
 
         manifest = load_manifest(absolute_url(dataset))
-        missing = [s for s in (cfg.data.train_split, cfg.data.valid_split) if s not in manifest.splits]
-        if missing:
-            raise ConfigError(f"dataset {dataset} has no split(s) {', '.join(missing)} "
-                              f"(it has: {', '.join(manifest.splits)}); set data.train_split / data.valid_split")
+    if manifest is None:
+        return None
+    missing = [s for s in (cfg.data.train_split, cfg.data.valid_split) if s not in manifest.splits]
+    if missing:
+        raise ConfigError(f"dataset {dataset or cfg.data.url} has no split(s) {', '.join(missing)} "
+                          f"(it has: {', '.join(manifest.splits)}); set data.train_split / data.valid_split")
+    if cfg.train.sync_batch_norm:
+        from tf4ctr_dist.model import model_for_dataset
+        from tf4ctr_dist.train.setup import check_sync_batch_norm
+
+        check_sync_batch_norm(cfg, model_for_dataset(manifest, cfg.model, device="meta"))
+    return manifest
 
 
 def _dates(text: Optional[str]) -> Optional[list[str]]:
@@ -229,6 +256,11 @@ def run_retrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         raise ConfigError("give exactly one of --data (a prepared dataset) or --logs with --spec")
     if args.logs and not args.spec:
         raise ConfigError("--logs needs --spec (a parquet-logs dataset spec)")
+    from tf4ctr_dist.data.storage import credentials_message, has_credentials
+
+    for flag, url in (("--from", args.source), ("--data", args.data), ("--logs", args.logs)):
+        if has_credentials(url):  # before anything is read, or echoed in a message
+            raise ConfigError(credentials_message(url, flag))
     source = absolute_url(args.source)
     try:
         with fsspec.open(source.rstrip("/") + "/config.json", "r") as f:
@@ -236,18 +268,19 @@ def run_retrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     except FileNotFoundError:
         raise ConfigError(f"--from {args.source}: no config.json there; is it a run folder?") from None
     cfg = RunConfig.from_dict(raw)
+    # The source run's settings, except where it ran: a run folder may come from someone else,
+    # and its cluster.ray_address would send this job (data, credentials) to their cluster.
     extra: dict = {"name": "retrain", "checkpoint.warm_start": source, "checkpoint.root": None,
-                   "checkpoint.resume": "auto"}
+                   "checkpoint.resume": "auto", "cluster.ray_address": None}
     cfg = _with_run_options(cfg, args, extra, "retrain")
     check_before_launch(cfg, "cuda" if cfg.cluster.use_gpu else "cpu", dataset=args.data)
     data_url = args.data
     if args.logs:
-        import yaml
-
         from data_tools.parquet_logs import prepare_parquet_logs
+        from tf4ctr_dist.config import parse_mapping
 
         with open(args.spec) as f:
-            spec = yaml.safe_load(f) or {}
+            spec = parse_mapping(f.read(), args.spec, yaml_syntax=True)
         for key, value in (("train_dates", args.train_dates), ("valid_dates", args.valid_dates),
                            ("test_dates", args.test_dates)):
             if value:
@@ -276,7 +309,7 @@ def launch(cfg: RunConfig) -> dict:
     from tf4ctr_dist.train.launch import run_training
 
     cfg = cfg.with_overrides({"data.url": absolute_url(cfg.data.url), "out": absolute_url(cfg.out)})
-    check_before_launch(cfg, "cuda" if cfg.cluster.use_gpu else "cpu")
+    check_before_launch(cfg, "cuda" if cfg.cluster.use_gpu else "cpu", dataset=cfg.data.url)
     if cfg.train.epochs == 0:
         _say("epochs=0: no training; evaluating the initial (or resumed / warm-started) weights only")
     _say(f"run folder: {cfg.out}")

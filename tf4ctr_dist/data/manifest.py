@@ -19,18 +19,23 @@ The manifest is written last: a dataset without one is missing or not completely
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
 import pyarrow as pa
 
 from .errors import DataError
-from .storage import StorageUnavailable, relative_problem, resolve
+from .storage import Location, StorageUnavailable, relative_problem, resolve
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 GROUP_COLUMN = "_group"
 SPLITS = ("train", "valid", "test")
+# Deepest nesting of objects and arrays a manifest may have. Ours nest about 7 deep (spans in
+# parts in splits); deeper input is refused before anything walks it recursively (json itself,
+# dataclasses.asdict, json.dumps into checkpoints), which would end in a bare RecursionError.
+MAX_JSON_DEPTH = 64
 
 FieldKind = Literal["categorical", "sequence", "numeric"]
 VocabMode = Literal["counted", "hashed", "none"]  # none: numeric fields (no ids to map)
@@ -114,6 +119,16 @@ class Manifest:
             raise DataError(f"split {name!r} not in manifest (has: {sorted(self.splits)})")
         return self.splits[name]
 
+    def listed_files(self) -> list[tuple[str, str]]:
+        """(path relative to the dataset root, where the manifest names it) of every file it
+        lists: the parts of every split and the vocabulary files."""
+        files = [(p.path, f"splits.{split}.parts[{j}]")
+                 for split, info in self.splits.items() for j, p in enumerate(info.parts)]
+        vocab = self.spec.get("vocab") or {}
+        files += [(info["file"]["path"], f"spec.vocab.{name}.file")
+                  for name, info in vocab.items() if "file" in info]
+        return files
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         order = ["format_version", "created_by", "label", "group", "fields", "splits", "spec"]
@@ -133,6 +148,9 @@ class Manifest:
             data = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"{source}: not valid JSON ({exc})") from None
+        except RecursionError:  # json's parser recurses once per level of nesting
+            raise DataError(f"{source}: not valid JSON (objects and arrays nested too deep; "
+                            f"a manifest nests at most {MAX_JSON_DEPTH} levels)") from None
         return _parse(data, source)
 
 
@@ -141,7 +159,7 @@ def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None,
     """Read `{url}/manifest.json`. DataError if absent, unreadable or malformed;
     StorageUnavailable if the storage stays unreachable for retry_seconds (see storage.resolve)."""
     loc = resolve(url, storage_options, retry_seconds)
-    path = loc.path(MANIFEST_NAME)
+    path = confined_path(loc, MANIFEST_NAME)
     try:
         text = loc.retry(lambda: loc.fs.cat_file(path), loc.url_of(MANIFEST_NAME))
     except StorageUnavailable:
@@ -152,7 +170,29 @@ def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None,
         ) from None
     except Exception as exc:  # network, permissions, bad bucket
         raise loc.error(f"cannot read {loc.url_of(MANIFEST_NAME)}", exc) from None
-    return Manifest.from_json(text, source=loc.url_of(MANIFEST_NAME))
+    manifest = Manifest.from_json(text, source=loc.url_of(MANIFEST_NAME))
+    # Before anything opens them (check, training, export, predict all load the manifest first).
+    for rel, listed_as in manifest.listed_files():
+        confined_path(loc, rel, f"{listed_as} in {MANIFEST_NAME}")
+    return manifest
+
+
+def confined_path(loc: Location, rel: str, listed_as: str | None = None) -> str:
+    """loc.path(rel) for a file of the dataset, refused when it leaves the dataset root. The
+    text of `rel` is checked by loc.path (no '..', no absolute path); on a local filesystem the
+    file must also resolve, through symlinks of its own or of its folders, to a real path inside
+    the root's real path: a symlink shipped with the data (valid/part-00000.parquet -> a file
+    elsewhere, vocab/user.parquet -> /etc/passwd) would otherwise be followed. Object stores have
+    no symlinks, so remote paths are only checked by their text. A missing file passes (opening
+    it then reports it missing). `listed_as`: where the manifest names the file, for the message."""
+    path = loc.path(rel)
+    if loc.is_local:
+        root, real = os.path.realpath(loc.root), os.path.realpath(path)
+        if real == root or os.path.commonpath([root, real]) != root:
+            named = f" ({listed_as})" if listed_as else ""
+            raise DataError(f"{loc.url_of(rel)}{named}: resolves through a symlink to {real}, outside the "
+                            f"dataset root {root}; refusing to open it (a dataset's files must be inside its folder)")
+    return path
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -196,9 +236,58 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in _tuple(kind))
 
 
+def _too_deep(data: Any) -> bool:
+    """Whether objects and arrays in `data` nest deeper than MAX_JSON_DEPTH (iterative: the
+    point is not to recurse on untrusted nesting)."""
+    todo = [(data, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (Mapping, list)):
+            if depth > MAX_JSON_DEPTH:
+                return True
+            todo += [(v, depth + 1) for v in (value.values() if isinstance(value, Mapping) else value)]
+    return False
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: an error message quotes the bad entry, not a
+    whole hostile document."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _vocab_spec(vocab: Any, source: str) -> None:
+    """spec.vocab: {field: {kind, ..., file: {path, sha256, rows}}}. Checked here so that every
+    reader (check, export, serving) can rely on its shape instead of each guarding against a
+    string where an object belongs."""
+    if vocab is None:
+        return
+    if not isinstance(vocab, Mapping):
+        raise DataError(f"{source}: spec.vocab should be an object mapping field names to their "
+                        f"descriptions, got {_short(vocab)}")
+    for name, info in vocab.items():
+        where = f"{source}: spec.vocab.{name}"
+        if not isinstance(info, Mapping):
+            raise DataError(f"{where}: expected an object describing field {name!r} (kind, vocab_mode, "
+                            f"file, ...), got {type(info).__name__} {_short(info)}")
+        if "file" not in info:
+            continue
+        file = info["file"]
+        if not isinstance(file, Mapping):
+            raise DataError(f"{where}.file: expected an object {{path, sha256, rows}} "
+                            f"naming the vocabulary file of field {name!r}, got {type(file).__name__} {_short(file)}")
+        _inside(_need(file, "path", str, f"{where}.file"), f"{where}.file")
+        _need(file, "sha256", str, f"{where}.file")
+        if "rows" in file:
+            _need(file, "rows", int, f"{where}.file")
+
+
 def _parse(data: Any, source: str) -> Manifest:
     if not isinstance(data, Mapping):
         raise DataError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if _too_deep(data):
+        raise DataError(f"{source}: objects and arrays nested deeper than {MAX_JSON_DEPTH} levels; "
+                        "not a manifest")
     version = _need(data, "format_version", int, source)
     if version != FORMAT_VERSION:
         raise DataError(f"{source}: format_version {version} not supported (expected {FORMAT_VERSION})")
@@ -259,10 +348,6 @@ def _parse(data: Any, source: str) -> Manifest:
     spec = data.get("spec") or {}
     if not isinstance(spec, Mapping):
         raise DataError(f"{source}: key 'spec' should be an object")
-    vocab = spec.get("vocab")
-    for name, info in (vocab.items() if isinstance(vocab, Mapping) else ()):
-        file = info.get("file") if isinstance(info, Mapping) else None
-        if isinstance(file, Mapping) and "path" in file:
-            _inside(file["path"], f"{source}: spec.vocab.{name}.file")
+    _vocab_spec(spec.get("vocab"), source)
     created_by = data.get("created_by") or ""
     return Manifest(fields, label, group, splits, dict(spec), str(created_by), version)

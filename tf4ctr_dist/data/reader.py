@@ -34,7 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from .batch import Batch
 from .errors import DataError
-from .manifest import GROUP_COLUMN, FieldSpec, Manifest
+from .manifest import GROUP_COLUMN, FieldSpec, Manifest, confined_path
 from .storage import Location, StorageUnavailable, describe, resolve
 from .tokens import lookup_weights
 from .validate import check_part, validate_row_group
@@ -400,9 +400,15 @@ class ParquetSplitReader:
         numbers = np.empty((len(self._num), n), dtype=np.float32)
         for i, name in enumerate(self._num):  # validated finite, so NaN can mark the nulls
             numbers[i] = table.column(name).cast(pa.float32()).fill_null(np.nan).to_numpy()
+        # Group ids are 64-bit hashes and must stay exact, else distinct groups merge in gAUC.
+        # validate_row_group refused nulls, so the column converts as integers; to_numpy() of one
+        # with nulls would go through float64 (ids above 2**53 rounded, nulls -> int64 min).
+        groups = table.column(GROUP_COLUMN).to_numpy()
+        if groups.dtype.kind not in "iu":
+            raise DataError(f"{where}: column {GROUP_COLUMN!r} read as {groups.dtype}; expected 64-bit integer group ids")
         return _Rows(
             labels=table.column(self.manifest.label).to_numpy().astype(np.float32, copy=False),
-            groups=table.column(GROUP_COLUMN).to_numpy().astype(np.int64, copy=False),
+            groups=groups.astype(np.int64, copy=False),
             sample_ids=np.arange(group.first_row + piece.start, group.first_row + piece.stop, dtype=np.int64),
             ids=ids,
             lists=tuple(table.column(name).combine_chunks() for name in self._seq),
@@ -487,7 +493,8 @@ class ParquetSplitReader:
             self._files.move_to_end(part)
             return self._files[part][1]
         info, url = self.info.parts[part], self._url(part)
-        path = self.loc.path(info.path)
+        # Also for manifests that did not come through load_manifest (which checks them all).
+        path = confined_path(self.loc, info.path, f"splits.{self.split}.parts[{part}]")
         if self.verify and info.spans is not None:
             handle, pf = self._open_verified(part)
             check_part(pf, self.manifest, url, info.row_groups)

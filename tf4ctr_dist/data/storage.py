@@ -33,7 +33,14 @@ _SECRET_KEYS = {
     "secret_key",
 }
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+# user-info before the host: scheme://USER@ or scheme://USER:SECRET@, at the start of a URL or
+# of a chained one (simplecache::s3://...). The secret may hold "/" (AWS secret keys do); a
+# "host:port/..." is not taken for one.
+_USERINFO = re.compile(r"(?<![a-zA-Z0-9+.-])([a-zA-Z][a-zA-Z0-9+.-]*://)"
+                       r"(?:[^/@\s:]*:(?!\d*(?:[/?#\s]|$))[^@\s]*|[^/@\s:]*)@")
+# secrets in a query string (pre-signed URLs, tokens)
+_QUERY_SECRET = re.compile(r"([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|"
+                           r"access_token|awsaccesskeyid|key|secret)=)[^&#\s]*", re.IGNORECASE)
 
 
 _DRIVE = re.compile(r"^[a-zA-Z]:")
@@ -76,19 +83,20 @@ def redact(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
     for secret in sorted(set(secrets), key=len, reverse=True):
         if len(secret) >= 3:  # replacing 1-2 character "secrets" would mangle the message
             text = text.replace(secret, "***")
-    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@", r"\1***@", text)
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
 def refuse_credentials(url: Any, what: str = "URL") -> None:
     """DataError when `url` carries user-info (http://user:secret@host, s3://KEY:SECRET@bucket):
     such a URL would travel into config.json, result.json, checkpoints, logs and messages."""
-    if isinstance(url, (str, os.PathLike)) and _USERINFO.match(str(url)):
+    if has_credentials(url):
         raise DataError(credentials_message(str(url), what))
 
 
 def credentials_message(url: str, what: str = "URL") -> str:
     return (
-        f"{what} {display_url(url)} carries credentials (user:password@ before the host); they would be "
+        f"{what} {display_url(url)} carries credentials (user:password@ before the host, or a signature "
+        "or token in its query string); they would be "
         "written into config, result and checkpoint files and logs. Remove them from the URL and give "
         "them through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...) "
         "or storage_options"
@@ -96,12 +104,14 @@ def credentials_message(url: str, what: str = "URL") -> str:
 
 
 def has_credentials(url: Any) -> bool:
-    return isinstance(url, (str, os.PathLike)) and bool(_USERINFO.match(str(url)))
+    text = str(url) if isinstance(url, (str, os.PathLike)) else ""
+    return bool(_USERINFO.search(text) or _QUERY_SECRET.search(text))
 
 
 def display_url(url: str) -> str:
-    """The URL with any user:password@ part removed, safe for messages and manifests."""
-    return _USERINFO.sub(r"\1", url)
+    """The URL with any user:password@ part and query-string secret removed, safe for messages
+    and manifests."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1", url))
 
 
 def describe(exc: BaseException, storage_options: Mapping[str, Any] | None = None) -> str:

@@ -7,7 +7,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import DataError
-from .manifest import Manifest
+from .manifest import GROUP_COLUMN, Manifest
 
 
 def validate_row_group(table: pa.Table, manifest: Manifest, where: str) -> None:
@@ -17,6 +17,10 @@ def validate_row_group(table: pa.Table, manifest: Manifest, where: str) -> None:
         raise DataError(f"{where}: column {manifest.label!r} has nulls; expected 0 or 1")
     if pc.any(pc.and_(pc.not_equal(label, 0), pc.not_equal(label, 1))).as_py():
         raise DataError(f"{where}: column {manifest.label!r} has values other than 0 and 1")
+    groups = table.column(GROUP_COLUMN)
+    if groups.null_count:  # a null would become one made-up id, merging its rows into one gAUC group
+        raise DataError(f"{where}: column {GROUP_COLUMN!r} has {groups.null_count} null(s); expected a 64-bit "
+                        "group id in every row (0 when the dataset has no group column)")
     for spec in manifest.fields:
         column = table.column(spec.name)
         if spec.kind == "numeric":

@@ -18,7 +18,9 @@ the one marked best.
 Checkpoints are data, never code. index.json records the sha256 of every file of a checkpoint;
 nothing of a checkpoint is parsed before its digest matches (a mismatch names the file). The
 rank files are tensors loaded with ``weights_only=True`` plus JSON; DCP's own ``.metadata`` (a
-pickle) is verified and then unpickled with an allow-list of DCP's metadata classes. When the
+pickle) is verified and then unpickled with an allow-list of DCP's metadata classes, and may
+point only at files index.json lists; values that DCP stores as pickled bytes rather than
+tensors are unpickled with ``weights_only=True`` too (DCP's default would run them as code). When the
 environment variable ``TF4CTR_CHECKPOINT_KEY`` is set, index.json also carries an HMAC-SHA256
 under that key, and an index without a valid one is refused (for checkpoint roots that others
 can write to).
@@ -167,8 +169,17 @@ class CheckpointStore:
         ``entry``. DCP reshards: tables saved table-wise by 4 ranks load into any other layout."""
         import torch.distributed.checkpoint as dcp
 
+        from torch.distributed.checkpoint.api import CheckpointException
+
         self.verify(entry)
-        dcp.load(app_state, storage_reader=self._reader(entry), process_group=self.pg)
+        try:
+            dcp.load(app_state, storage_reader=self._reader(entry), planner=_plain_values_planner()(),
+                     process_group=self.pg)
+        except CheckpointException as e:  # a BaseException wrapping each rank's error
+            refused = [exc for exc, _ in e.failures.values() if isinstance(exc, CheckpointIntegrityError)]
+            if refused:
+                raise refused[0] from None
+            raise
 
     def tensor_shapes(self, entry: CheckpointEntry) -> dict[str, tuple[int, ...]]:
         """Global shape of every tensor in ``entry`` (from its DCP metadata)."""
@@ -482,6 +493,32 @@ class _MetadataUnpickler(pickle.Unpickler):
         return obj
 
 
+def _plain_values_planner() -> type:
+    """DCP's default load planner, except for entries saved as bytes (non-tensor values): DCP
+    unpickles those with ``weights_only=False``, which would run whatever a rewritten shard file
+    holds; here they are unpickled with ``weights_only=True`` (tensors, numbers, strings,
+    containers), as the tensors themselves are."""
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class PlainValuesLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, weights_only=True)
+            except Exception as e:
+                # torch's message goes on to suggest weights_only=False: keep only its reason
+                reason = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0] or str(e)
+                raise CheckpointIntegrityError(f"checkpoint entry {fqn!r} is not a plain value ({reason}); "
+                                               "refusing to load it") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return PlainValuesLoadPlanner
+
+
 def _verifying_reader(base: type, entry: CheckpointEntry, url: str) -> type:
     """``base`` (a DCP storage reader) whose metadata is read once, checked against the digest
     recorded at commit, and only then unpickled (allow-listed classes only)."""
@@ -499,6 +536,13 @@ def _verifying_reader(base: type, entry: CheckpointEntry, url: str) -> type:
                 metadata = _MetadataUnpickler(io.BytesIO(data)).load()
             except Exception as e:
                 raise CheckpointIntegrityError(f"checkpoint file {url}/{entry.name}/{_DCP_METADATA}: {e}") from None
+            # DCP reads each entry from the file its metadata names: only files whose digests
+            # index.json recorded (plain names in this folder, verified before any read).
+            unlisted = sorted({str(getattr(info, "relative_path", None)) for info in
+                               getattr(metadata, "storage_data", {}).values()} - set(entry.files))
+            if unlisted:
+                raise CheckpointIntegrityError(f"checkpoint file {url}/{entry.name}/{_DCP_METADATA} points at "
+                                               f"files {INDEX} does not list: {unlisted}; refusing to read it")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Iterable, Mapping, Optional
 
 import torch
@@ -117,11 +118,30 @@ def plan_sharding(
     local_batch_size: int,
     pg: Optional[dist.ProcessGroup] = None,
 ) -> ShardingPlan:
-    """Run the TorchRec planner (collectively when ``pg`` is given, so every rank agrees)."""
-    planner = build_planner(tables, placement, training_topology(world_size, device_type), local_batch_size)
-    if pg is not None:
-        return planner.collective_plan(module, sharders, pg)
-    return planner.plan(module, sharders)
+    """Run the TorchRec planner (collectively when ``pg`` is given, so every rank agrees). Tables
+    that fit no plan are a ShardingError (no restart can help), with the planner's own figures."""
+    from torchrec.distributed.planner.types import PlannerError
+
+    topology = training_topology(world_size, device_type)
+    planner = build_planner(tables, placement, topology, local_batch_size)
+    try:
+        if pg is not None:
+            return planner.collective_plan(module, sharders, pg)
+        return planner.plan(module, sharders)
+    except PlannerError as e:
+        text = str(e)
+        need, have = (re.search(rf"Global storage {what} for model parallel: Storage\(hbm = ([\d.]+) GB, "
+                                r"ddr = ([\d.]+) GB\)", text) for what in ("requirement", "available"))
+        figures = (f"the tables and their optimizer state need {need[1]} GB of GPU and {need[2]} GB of host memory "
+                   f"in all, {have[1]} GB and {have[2]} GB are available" if need and have
+                   else text.strip().splitlines()[0])
+        device = topology.devices[0].storage
+        raise ShardingError(
+            f"the embedding tables fit no sharding plan on {world_size} worker(s) with {device.ddr / 2**30:.1f} GiB "
+            f"of host memory each ({device.hbm / 2**30:.1f} GiB of GPU memory): {figures}. More workers, smaller "
+            "vocabularies (min_count, hashed buckets) or table_precision=fp16 help; `tf4ctr plan --manifest DATA` "
+            "shows what fits where"
+        ) from None
 
 
 def set_table_precision(module: nn.Module, data_type: DataType) -> None:
@@ -142,7 +162,29 @@ def training_topology(world_size: int, device_type: str) -> Topology:
     kwargs: dict = {}
     if device_type == "cuda" and torch.cuda.is_available():
         kwargs["hbm_cap"] = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    memory = host_memory_bytes()
+    if device_type == "cpu" and memory:  # TorchRec assumes 128 GiB per rank otherwise
+        kwargs["ddr_cap"] = memory // max(1, local)
     return Topology(world_size=world_size, compute_device=device_type, local_world_size=local, **kwargs)
+
+
+def host_memory_bytes() -> Optional[int]:
+    """This machine's memory as the workers can use it: the physical memory, or the container's
+    cgroup limit where that is lower; None where neither can be read."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < 1 << 60:  # "max" or a huge number: no limit
+            limits.append(int(text))
+    return min(limits) if limits else None
 
 
 def shard_model(

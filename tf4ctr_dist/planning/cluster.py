@@ -162,7 +162,10 @@ def fields_from_spec(path: str | Path) -> list[FieldInput]:
     vocab_size}`` or ``vocab_sizes: [...]``."""
     import yaml
 
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:  # JSON is YAML too
+        raise ValueError(f"{path}: not valid YAML or JSON ({str(e).splitlines()[0]})") from None
     if isinstance(raw, list):
         raw = {"fields": raw}
     if not isinstance(raw, dict):

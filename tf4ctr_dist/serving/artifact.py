@@ -16,6 +16,7 @@ holds one block in memory, never a whole table. Reading maps the file and never 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Callable, Iterable, Mapping
@@ -28,7 +29,11 @@ from tf4ctr_dist.data.errors import DataError
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
           torch.int32: "I32", torch.uint8: "U8", torch.float64: "F64"}
 FROM_CODE = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {code: torch.empty((), dtype=dt).element_size() for dt, code in DTYPES.items()}
 _ALIGN = 8
+# safetensors' own limit on the header: ours holds the tensor entries and the run's config and
+# manifest (kilobytes); a larger length is refused before it is read into memory
+MAX_HEADER_BYTES = 100_000_000
 
 
 def write(path: str, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
@@ -94,42 +99,87 @@ def _check_complete(name, rows: int, specs: Mapping[str, tuple[torch.dtype, tupl
 
 
 def read_header(path: str) -> tuple[dict, dict[str, str], int]:
-    """(tensor entries, metadata, data start) of an artifact, reading its header only."""
+    """(tensor entries, metadata, data start) of an artifact, reading its header only.
+
+    Every entry is checked against the file before anything is allocated from it: a known
+    dtype, a shape of non-negative integers, data_offsets whose length is exactly the bytes that
+    dtype and shape take, and the tensors laid end to end over the data, up to the file's end (as
+    the writer lays them, and as safetensors requires). A file that fails any of this is a
+    DataError naming it and the entry, not an error from numpy or torch when the bytes are
+    viewed. The metadata is a JSON object of strings."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the file")
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"header length {n} bytes, expected at most {MAX_HEADER_BYTES}")
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except FileNotFoundError:
         raise
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise DataError(f"{path}: not a tf4ctr serving artifact (its header nests arrays or objects too deep; "
+                        "expected {name: {dtype, shape, data_offsets}})") from None
     except (OSError, ValueError, struct.error) as e:
         raise DataError(f"{path}: not a tf4ctr serving artifact ({e})") from None
     metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise DataError(f"{path}: header __metadata__ should be an object of strings (key -> text)")
+    _check_entries(path, header, size - 8 - n)
     return header, metadata, 8 + n
 
 
+def _check_entries(path: str, header: dict, data_bytes: int) -> None:
+    """Refuse any entry of ``header`` that does not fit the file (see read_header); after it,
+    every entry is {dtype: a FROM_CODE key, shape: [int >= 0], data_offsets: [begin, end]} within
+    the data. ``data_bytes``: the size of the data after the header."""
+    spans = []
+    for name, info in header.items():
+        where = f"{path}: header entry {name!r}"
+        if not isinstance(info, dict):
+            raise DataError(f"{where}: expected an object {{dtype, shape, data_offsets}}, got {type(info).__name__}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in FROM_CODE:
+            raise DataError(f"{where}: dtype {str(dtype)[:40]!r}, expected one of {sorted(FROM_CODE)}")
+        # bool is an int to Python, not a dimension; a JSON int may be arbitrarily large (math.prod
+        # below stays exact, where a numpy product would wrap around)
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise DataError(f"{where}: shape {str(shape)[:80]}, expected a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise DataError(f"{where}: data_offsets {str(offsets)[:80]}, expected [begin, end] with 0 <= begin <= end")
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise DataError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, expected "
+                            f"{nbytes} for {dtype} {shape}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise DataError(f"{path}: tensor {name!r} starts at data byte {begin}, expected {end} (tensors lie "
+                            "end to end, without gaps or overlaps)")
+        if stop > data_bytes:
+            raise DataError(f"{path}: tensor {name!r} lies outside the file (it ends at data byte {stop}, "
+                            f"{data_bytes} bytes follow the header; truncated?)")
+        end = stop
+    if end != data_bytes:
+        raise DataError(f"{path}: {data_bytes - end} bytes after the last tensor, expected the file to end "
+                        f"there (at data byte {end})")
+
+
 def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of an artifact; the tensors view a read-only map of the file."""
-    header, metadata, start = read_header(path)
+    """(tensors, metadata) of an artifact; the tensors are copies of a read-only map of the file."""
+    header, metadata, start = read_header(path)  # every entry checked against the file
     size = os.path.getsize(path)
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if size > start else np.zeros(0, np.uint8)
     tensors = {}
     for name, info in header.items():
-        try:
-            dtype = FROM_CODE[info["dtype"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-            shape = [int(s) for s in info["shape"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}: bad header entry for {name!r} ({e})") from None
-        if not 0 <= begin <= end <= len(data):
-            raise DataError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
+        dtype = FROM_CODE[info["dtype"]]
+        begin, end = info["data_offsets"]
         raw = np.asarray(data[begin:end])
         t = torch.from_numpy(raw.copy()).view(dtype) if end > begin else torch.empty(0, dtype=dtype)
-        if t.numel() != int(np.prod(shape, dtype=np.int64)):
-            raise DataError(f"{path}: tensor {name!r} has {t.numel()} values for shape {shape}")
-        tensors[name] = t.reshape(shape)
+        tensors[name] = t.reshape(info["shape"])
     return tensors, metadata

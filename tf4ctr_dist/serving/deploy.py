@@ -3,8 +3,10 @@
 POST / with {"rows": [{field: value, ...}, ...]} or {"columns": {field: [values], ...}}
 -> 200 {"scores": [p, ...]} (one probability per row, in order).
 A request that cannot be scored (not JSON, wrong shape, a missing field, a value that does not
-fit the field) gets 400 {"error": "..."} naming the problem; it is checked and mapped on its
-own before it joins a batch, so one bad request never fails the others batched with it.
+fit the field, such as an object or a list where one value belongs) gets 400 {"error": "..."}
+naming the problem (and the row and field); it is checked and mapped on its own before it joins
+a batch, so one bad request never fails the others batched with it. One over MAX_BODY_BYTES
+(refused by its length, unparsed) or MAX_ROWS rows gets 413.
 Concurrent requests are scored together (serve.batch): their mapped ids are concatenated into
 one KJT and run as one forward.
 """
@@ -23,12 +25,28 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tf4ctr_dist.data.errors import DataError
 
 MAX_ROWS = 100_000  # per request: a bigger one is refused (413) rather than held in memory
+# Bytes of a request body, refused (413) by its length alone, before it is parsed (or, with a
+# Content-Length, read): 4 KiB a row, several times what a row of raw values takes as JSON (a
+# Criteo row, 39 fields as an object, is under 1 KiB), so no body of MAX_ROWS real rows is
+# near it, while a body that is mostly something else does not get to the parser.
+MAX_BODY_BYTES = MAX_ROWS * 4096
+
+
+class RequestTooLarge(DataError):
+    """A request over MAX_BODY_BYTES or MAX_ROWS: answered 413 rather than 400."""
 
 
 def parse_request(body: bytes, feature_names: list[str]) -> Any:
-    """The rows of a request body (see module docstring); DataError with a clear message."""
+    """The rows of a request body (see module docstring); DataError with a clear message
+    (RequestTooLarge: over MAX_BODY_BYTES, checked before parsing, or over MAX_ROWS)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestTooLarge(f"request body of {len(body)} bytes; at most {MAX_BODY_BYTES} "
+                              f"(a request holds at most {MAX_ROWS} rows)")
     try:
         payload = json.loads(body)
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise DataError('request body nests arrays or objects too deep; expected {"rows": [{field: value, ...}, '
+                        '...]} or {"columns": {field: [values], ...}}') from None
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"request body is not JSON ({e})") from None
     if not isinstance(payload, dict) or not ({"rows", "columns"} & set(payload)):
@@ -46,7 +64,16 @@ def parse_request(body: bytes, feature_names: list[str]) -> Any:
         missing = sorted({n for r in rows for n in feature_names if n not in r})
         if missing:
             raise DataError(f"rows lack field(s) {missing}; every row needs {feature_names}")
+    n = row_count(rows)
+    if n > MAX_ROWS:
+        raise RequestTooLarge(f"{n} rows in one request; at most {MAX_ROWS}")
     return rows
+
+
+def row_count(rows: Any) -> int:
+    """Rows of what parse_request returned (the columns form: its longest column)."""
+    return len(rows) if isinstance(rows, list) else max((len(v) for v in rows.values() if isinstance(v, list)),
+                                                        default=0)
 
 
 def _concat(kjts: list[KeyedJaggedTensor]) -> KeyedJaggedTensor:
@@ -93,15 +120,17 @@ def scoring_app(path: str, replicas: int = 1, max_batch_size: int = 64, batch_wa
         async def __call__(self, request: Request):
             if request.method != "POST":
                 return JSONResponse({"error": "POST a JSON body of rows to score"}, status_code=405)
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:  # refused unread (parse_request checks the rest)
+                return JSONResponse({"error": f"request body of {length} bytes; at most {MAX_BODY_BYTES}"},
+                                    status_code=413)
             try:
                 rows = parse_request(await request.body(), self.scorer.feature_names)
-                n = len(rows) if isinstance(rows, list) else max((len(v) for v in rows.values()
-                                                                  if isinstance(v, list)), default=0)
-                if n > MAX_ROWS:
-                    return JSONResponse({"error": f"{n} rows in one request; at most {MAX_ROWS}"}, status_code=413)
-                if n == 0:
+                if row_count(rows) == 0:
                     return JSONResponse({"scores": []})
                 features = self.scorer.features(rows)
+            except RequestTooLarge as e:
+                return JSONResponse({"error": str(e)}, status_code=413)
             except DataError as e:
                 return JSONResponse({"error": str(e)}, status_code=400)
             except (ValueError, TypeError, ArithmeticError) as e:  # e.g. Arrow conversion of odd values
@@ -116,6 +145,9 @@ def start(path: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 
           batch_wait_s: float = 0.005, name: str = "tf4ctr", precision: Optional[str] = None) -> str:
     """Start Serve (on the connected Ray cluster, or a private local one on 127.0.0.1) and deploy
     the model (``precision``: model.inference_precision override); returns the URL it answers on."""
+    from tf4ctr_dist.serving.export import check_artifact
+
+    check_artifact(path)  # a bad artifact: one DataError here, before Ray, not a failed deployment
     import ray
     from ray import serve
 

@@ -29,7 +29,7 @@ import torch
 
 from tf4ctr_dist.config import ConfigError, RunConfig
 from tf4ctr_dist.data.errors import DataError
-from tf4ctr_dist.data.manifest import Manifest, load_manifest
+from tf4ctr_dist.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from tf4ctr_dist.data.storage import resolve
 from tf4ctr_dist.serving import artifact
 from tf4ctr_dist.serving.dcp_rows import DEFAULT_BLOCK_BYTES, OnRead, RowRangeReader, iter_row_blocks
@@ -65,7 +65,7 @@ def run_config(run: str) -> RunConfig:
 def build_model(manifest: Manifest, cfg: RunConfig, precision: Optional[str] = None):
     """The TF4CTR of the run, unsharded, on CPU, with the eager dense ops (no compiled kernels).
     ``precision``: model.inference_precision for scoring (default: the run's)."""
-    from tf4ctr_dist.model import tf4ctr
+    from tf4ctr_dist.model import model_for_dataset
     from tf4ctr_dist.modules.mlp import cpu_has_fast_bf16
 
     if precision is not None:
@@ -74,9 +74,7 @@ def build_model(manifest: Manifest, cfg: RunConfig, precision: Optional[str] = N
     if scoring == "bf16" and not cpu_has_fast_bf16():
         logger.warning("scoring in bf16 on a CPU without bf16 dot products (AVX512-BF16 / AMX): the same "
                        "function as on one with them, but several times slower than fp32 here")
-    fields = [(f.name, f.vocab_size) for f in manifest.fields]
-    return tf4ctr(fields, cfg.model, device="cpu", mean_pooled=set(manifest.sequence_fields), cpu_kernels=None,
-                  numeric=set(manifest.numeric_fields))
+    return model_for_dataset(manifest, cfg.model, device="cpu")
 
 
 def read_vocabularies(data_url: str, manifest: Manifest, storage_options: Optional[dict] = None) -> dict[str, list[str]]:
@@ -87,9 +85,10 @@ def read_vocabularies(data_url: str, manifest: Manifest, storage_options: Option
     for f in manifest.fields:
         if f.vocab_mode != "counted":
             continue
+        # spec.vocab's shape was checked when the manifest was parsed (data.manifest)
         file = (described.get(f.name) or {}).get("file")
         if not isinstance(file, dict) or "path" not in file:
-            raise DataError(f"{loc.url_of('manifest.json')}: spec.vocab.{f.name} names no vocabulary file; "
+            raise DataError(f"{loc.url_of(MANIFEST_NAME)}: spec.vocab.{f.name} names no vocabulary file; "
                             "scoring raw values needs the dataset's saved vocabularies")
         url = loc.url_of(file["path"])
         try:
@@ -208,32 +207,124 @@ def _encode_tokens(tokens: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         torch.from_numpy(offsets)
 
 
-def _decode_tokens(data: torch.Tensor, offsets: torch.Tensor) -> list[str]:
+def _decode_tokens(path: str, name: str, data: torch.Tensor, offsets: torch.Tensor) -> list[str]:
+    """The tokens of field ``name`` from its vocab tensors; DataError naming the artifact when the
+    offsets do not cut the bytes into UTF-8 tokens (0 first, never decreasing, the bytes' length last)."""
     raw = data.numpy().tobytes()
     o = offsets.tolist()
-    return [raw[a:b].decode() for a, b in zip(o, o[1:])]
+    if o[:1] != [0] or o[-1] != len(raw) or any(b < a for a, b in zip(o, o[1:])):
+        raise DataError(f"{path}: vocab.{name}.offsets should rise, never falling, from 0 to {len(raw)} (the "
+                        f"length of vocab.{name}.bytes); got {len(o)} offsets from {o[:1]} to {o[-1:]}")
+    try:
+        return [raw[a:b].decode() for a, b in zip(o, o[1:])]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: vocab.{name}.bytes is not UTF-8 text at the offsets given ({e})") from None
 
 
-def load(path: str, precision: Optional[str] = None) -> Scorer:
-    """The artifact at ``path`` as a single-device Scorer (CPU, eval mode); ``precision``
-    overrides the run's model.inference_precision (fp32 / bf16 / auto)."""
-    tensors, meta = artifact.read(path)
+def _metadata_json(path: str, meta: dict[str, str], key: str, expected: str, kind: type | tuple[type, ...]) -> Any:
+    """meta[key] parsed as JSON, which should be ``expected`` (an instance of ``kind``)."""
+    if key not in meta:
+        raise DataError(f"{path}: artifact metadata lacks {key!r} (expected {expected}, as `tf4ctr export` writes it)")
+    try:
+        value = json.loads(meta[key])
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise DataError(f"{path}: artifact metadata {key!r} nests arrays or objects too deep; expected {expected}") \
+            from None
+    except ValueError as e:
+        raise DataError(f"{path}: artifact metadata {key!r} is not JSON ({e}); expected {expected}") from None
+    if not isinstance(value, kind):
+        raise DataError(f"{path}: artifact metadata {key!r} is a JSON {type(value).__name__}; expected {expected}")
+    return value
+
+
+def _expected_tensors(manifest: Manifest, cfg: RunConfig) -> dict[str, tuple[str, Optional[list[int]]]]:
+    """name -> (dtype code, shape) of every tensor the artifact of this config and dataset holds
+    (shape None: any 1-d length, a vocabulary's bytes). The model's come from the model built
+    on the meta device: shapes without storage, so a config that implies a 320 GB table costs
+    nothing to describe."""
+    from tf4ctr_dist.model import model_for_dataset
+
+    out: dict[str, tuple[str, Optional[list[int]]]] = {}
+    for f in manifest.fields:
+        if f.vocab_mode == "counted":  # the tokens of ids 1 .. vocab_size - 2: their offsets, one more
+            out[f"vocab.{f.name}.bytes"] = ("U8", None)
+            out[f"vocab.{f.name}.offsets"] = ("I64", [f.vocab_size - 1])
+    with torch.device("meta"):  # the dense layers too (they take the default device)
+        model = model_for_dataset(manifest, cfg.model, device="meta")
+    for key, value in model.state_dict().items():
+        out[f"model.{key}"] = (artifact.DTYPES.get(value.dtype, str(value.dtype)), list(value.shape))
+    return out
+
+
+def _check_tensors(path: str, header: dict, expected: dict[str, tuple[str, Optional[list[int]]]]) -> None:
+    """The header's tensor entries against what the artifact's metadata implies, by name: first
+    the shapes of the tensors both name (a table's rows are its field's vocab_size), then the
+    tensors only one of them names."""
+    for name, (dtype, shape) in expected.items():
+        got = header.get(name)
+        if got is not None and not (got["dtype"] == dtype and (len(got["shape"]) == 1 if shape is None
+                                                                else got["shape"] == shape)):
+            raise DataError(f"{path}: tensor {name!r} is {got['dtype']} {got['shape']} in the header, but the "
+                            f"artifact's config and fields imply {dtype} {shape if shape is not None else '[n]'}; "
+                            "refusing to build the model from it")
+    lacking = [name for name in expected if name not in header]
+    if lacking:
+        raise DataError(f"{path}: the header lacks {len(lacking)} tensor(s) its config and fields imply, e.g. "
+                        f"{lacking[:3]}")
+    extra = [name for name in header if name not in expected]
+    if extra:
+        raise DataError(f"{path}: the header holds {len(extra)} tensor(s) its config and fields do not imply, e.g. "
+                        f"{extra[:3]}")
+
+
+def check_artifact(path: str) -> tuple[RunConfig, Manifest, dict]:
+    """(config, manifest, source) of the artifact at ``path``, its metadata parsed and validated
+    and compared with its header, without reading a tensor (what `load` does first; see there).
+    `tf4ctr serve` runs it before deploying: a bad artifact is then one error, not each replica's."""
+    header, meta, _ = artifact.read_header(path)
     if meta.get("format") != FORMAT:
         raise DataError(f"{path}: not a tf4ctr serving artifact (format {meta.get('format')!r})")
     if meta.get("version") != VERSION:
         raise DataError(f"{path}: artifact version {meta.get('version')!r}, this code reads {VERSION}")
-    cfg = RunConfig.from_dict(json.loads(meta["config"]))
-    fields = json.loads(meta["fields"])
-    spec = json.loads(meta["spec"])
-    manifest = Manifest.from_dict({"format_version": 1, "label": meta["label"], "group": json.loads(meta["group"]),
+    try:
+        cfg = RunConfig.from_dict(_metadata_json(path, meta, "config", "the run's configuration, an object", dict))
+    except ConfigError as e:
+        raise DataError(f"{path}: artifact metadata 'config': {e}") from None
+    fields = _metadata_json(path, meta, "fields", "the dataset's fields, a list", list)
+    spec = _metadata_json(path, meta, "spec", "the dataset's spec, an object", dict)
+    group = _metadata_json(path, meta, "group", "the group column, a string or null", (str, type(None)))
+    source = _metadata_json(path, meta, "source", "where the artifact came from, an object", dict)
+    if "label" not in meta:
+        raise DataError(f"{path}: artifact metadata lacks 'label' (expected the label column's name)")
+    manifest = Manifest.from_dict({"format_version": 1, "label": meta["label"], "group": group,
                                    "fields": fields, "splits": {}, "spec": spec}, source=path)
-    vocabs = {f["name"]: _decode_tokens(tensors[f"vocab.{f['name']}.bytes"], tensors[f"vocab.{f['name']}.offsets"])
-              for f in fields if f.get("vocab_mode", "counted") == "counted"}
+    _check_tensors(path, header, _expected_tensors(manifest, cfg))
+    return cfg, manifest, source
+
+
+def load(path: str, precision: Optional[str] = None) -> Scorer:
+    """The artifact at ``path`` as a single-device Scorer (CPU, eval mode); ``precision``
+    overrides the run's model.inference_precision (fp32 / bf16 / auto).
+
+    Untrusted input: the header's entries are checked against the file (artifact.read_header),
+    the metadata is parsed and validated (config, fields, spec), and every tensor the metadata
+    implies (the model's, built on the meta device; the vocabularies') is compared with the
+    header's dtype and shape, all before a tensor is read or a table allocated (check_artifact).
+    A tampered or mismatched artifact is thus a DataError naming it and the entry, never an
+    allocation the metadata asks for and the file cannot fill."""
+    cfg, manifest, source = check_artifact(path)
+    tensors, _ = artifact.read(path)
+    vocabs = {f.name: _decode_tokens(path, f.name, tensors[f"vocab.{f.name}.bytes"], tensors[f"vocab.{f.name}.offsets"])
+              for f in manifest.fields if f.vocab_mode == "counted"}
+    try:
+        mappers = build_mappers([vars(f) for f in manifest.fields], manifest.spec, vocabs)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
     model = build_model(manifest, cfg, precision)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
-    info = {"source": json.loads(meta["source"]), "path": path, "raw_columns": _raw_columns(spec)}
-    return Scorer(model, build_mappers(fields, spec, vocabs), manifest.label, manifest.group, info)
+    info = {"source": source, "path": path, "raw_columns": _raw_columns(manifest.spec)}
+    return Scorer(model, mappers, manifest.label, manifest.group, info)
 
 
 def from_run(run: str, storage_options: Optional[dict] = None, precision: Optional[str] = None) -> Scorer:
@@ -285,6 +376,8 @@ def describe(run: Optional[str] = None, model: Optional[str] = None,
         try:
             fields, spec, group = json.loads(meta["fields"]), json.loads(meta["spec"]), json.loads(meta["group"])
             return ModelInfo([f["name"] for f in fields], meta["label"], group, _raw_columns(spec))
+        except RecursionError:  # json's parser recurses once per level of nesting
+            raise DataError(f"{model}: artifact metadata nests arrays or objects too deep") from None
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{model}: artifact metadata incomplete ({e})") from None
     cfg = run_config(run)

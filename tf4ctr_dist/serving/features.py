@@ -22,8 +22,9 @@ too, and a test holds the two to the same ids on the same raw files):
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -178,8 +179,13 @@ def build_mappers(fields: Sequence[Mapping[str, Any]], spec: Mapping[str, Any],
     of every counted field, in id order."""
     described = spec.get("vocab") or {}
     mappers = []
+    if not isinstance(described, Mapping):
+        raise DataError(f"spec.vocab: expected an object (field -> its description), got {type(described).__name__}")
     for f in fields:
-        info = described.get(f["name"], {})
+        info = described.get(f["name"]) or {}
+        if not isinstance(info, Mapping):
+            raise DataError(f"spec.vocab.{f['name']}: expected an object (kind, vocab_mode, ...) describing field "
+                            f"{f['name']!r}, got {type(info).__name__}")
         mode = f.get("vocab_mode", "counted")
         kind = info.get("kind", f["kind"])
         m = FieldMapper(name=f["name"], kind=kind, vocab_mode=mode, vocab_size=int(f["vocab_size"]),
@@ -210,11 +216,16 @@ def build_mappers(fields: Sequence[Mapping[str, Any]], spec: Mapping[str, Any],
     return mappers
 
 
-def to_table(rows: Any, names: Sequence[str]) -> pa.Table:
+def to_table(rows: Any, names: Sequence[str], lists: Collection[str] = ()) -> pa.Table:
     """Raw rows as an Arrow table with (at least) the columns ``names``.
 
     rows: a pyarrow Table, a pandas DataFrame, a dict column -> list of values, or a list of
-    dicts (one per row). A missing column is a DataError naming it."""
+    dicts (one per row). A missing column is a DataError naming it. Each of ``names`` holds
+    one value (text, a number or null) per row; those in ``lists`` (the sequence fields) may
+    hold a list of such values instead. Anything else (an object, a list where one value
+    belongs, a list of lists) is a DataError naming the first such row and its field: the
+    mappers' casts to text have no rule for it."""
+    lists = set(lists)
     if isinstance(rows, pa.Table):
         table = rows
     elif isinstance(rows, pd.DataFrame):
@@ -226,11 +237,12 @@ def to_table(rows: Any, names: Sequence[str]) -> pa.Table:
             raise DataError(f"columns {bad}: expected a list of values per column")
         if len(set(lengths.values())) > 1:
             raise DataError(f"columns have different lengths: {lengths}")
-        table = pa.table({k: _column(k, v) for k, v in rows.items()})
+        # the feature columns only: another (an id the caller keeps) is not read, so not refused
+        table = pa.table({k: _column(k, v, k in lists) for k, v in rows.items() if k in names})
     elif isinstance(rows, (list, tuple)):
         if not all(isinstance(r, Mapping) for r in rows):
             raise DataError("rows: expected a list of objects (column -> value)")
-        table = pa.table({k: _column(k, [r.get(k) for r in rows]) for k in names}) if rows else \
+        table = pa.table({k: _column(k, [r.get(k) for r in rows], k in lists) for k in names}) if rows else \
             pa.table({k: pa.array([], pa.string()) for k in names})
     else:
         raise DataError(f"rows: expected a dict of columns, a list of row objects, a pyarrow table or a "
@@ -238,14 +250,79 @@ def to_table(rows: Any, names: Sequence[str]) -> pa.Table:
     missing = [n for n in names if n not in table.column_names]
     if missing:
         raise DataError(f"rows: missing feature column(s) {missing}; the model needs {list(names)}")
+    for name in names:
+        kind = table.schema.field(name).type
+        lists_ok = name in lists and (pa.types.is_list(kind) or pa.types.is_large_list(kind))
+        if pa.types.is_nested(kind) and not (lists_ok and not pa.types.is_nested(kind.value_type)):
+            _refuse_column(name, table.column(name), lists_ok)
     return table
 
 
-def _column(name: str, values: Any) -> pa.Array:
+def _refuse_column(name: str, column: pa.ChunkedArray, items: bool) -> None:
+    """DataError naming the first row of an Arrow column whose type has no single values: its
+    first non-null row, or (``items``: a sequence field's list column of nested items) the first
+    row holding such an item. Found by Arrow's kernels, not by converting the column to Python."""
+    column = column.combine_chunks()
+    expected = "one value (text or a number)"
+    if items:
+        expected += " or a list of such values"
+        valid = pc.is_valid(pc.list_flatten(column)).to_numpy(zero_copy_only=False)
+        parents = pc.list_parent_indices(column).to_numpy()
+        row = int(parents[valid.argmax()]) if valid.any() else 0
+    else:
+        valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
+        row = int(valid.argmax()) if valid.any() else 0
+    try:
+        what = _describe(column.slice(row, 1).to_pylist()[0] if len(column) else None)
+    except RecursionError:  # deeply nested: its type says enough
+        what = f"a value of type {_cut(str(column.type))}"
+    raise DataError(f"row {row}, field {name!r}: {what}; expected {expected}")
+
+
+def _column(name: str, values: Any, lists: bool = False) -> pa.Array:
     if isinstance(values, pa.Array):
         return values
+    values = list(values)
     try:
-        return pa.array(list(values))
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        # mixed types (e.g. 3 and "x"): the text of each, as training reads a CSV cell
-        return pa.array([None if v is None else str(v) for v in values], pa.string())
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        pass
+    # mixed types (e.g. 3 and "x", or an int beyond int64): the text of each, as training reads a
+    # CSV cell; a sequence field's lists stay lists, of the text of each item
+    if lists and all(v is None or isinstance(v, (list, tuple)) for v in values):
+        _refuse_nested(name, values, True)
+        return pa.array([None if v is None else [None if x is None else str(x) for x in v] for v in values],
+                        pa.list_(pa.string()))
+    _refuse_nested(name, values, False, mixed=lists)
+    return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def _refuse_nested(name: str, values: Sequence[Any], lists: bool, mixed: bool = False) -> None:
+    """DataError naming the first row of Python ``values`` that is not one value (nor, when
+    ``lists``, a list of values); ``mixed``: a sequence field whose rows mix lists and values."""
+    for row, v in enumerate(values):
+        if isinstance(v, (list, tuple)) and lists and not mixed:
+            if any(isinstance(x, (Mapping, list, tuple)) for x in v):
+                raise DataError(f"row {row}, field {name!r}: {_describe(v)}; expected a list of values "
+                                "(text or numbers)")
+        elif isinstance(v, (Mapping, list, tuple)):
+            expected = "one value (text or a number)"
+            if mixed and isinstance(v, (list, tuple)):
+                expected = "the same form in every row: a list of values, or text to split"
+            elif mixed:
+                expected += " or a list of such values"
+            raise DataError(f"row {row}, field {name!r}: {_describe(v)}; expected {expected}")
+
+
+_REPR = reprlib.Repr()  # bounded in depth and length: a message quotes a hostile value, not all of it
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 3, 3, 30, 30
+
+
+def _describe(value: Any) -> str:
+    """What a raw value is, for a message: 'an object {...}', 'a list [...]'."""
+    kind = "an object" if isinstance(value, Mapping) else "a list" if isinstance(value, (list, tuple)) else "the value"
+    return f"{kind} {_cut(_REPR.repr(value))}"
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

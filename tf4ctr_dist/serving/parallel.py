@@ -71,6 +71,10 @@ def predict_on_workers(data: str | Sequence[str], out: str, *, run: Optional[str
         scorer = from_run(run, storage_options, precision) if run else load(model, precision)  # type: ignore[arg-type]
         return {**predict(scorer, urls, out, split, batch_size, keep, storage_options, columns), "workers": 1}
 
+    if model:  # a bad artifact: one error here, before Ray, not one per actor
+        from tf4ctr_dist.serving.export import check_artifact
+
+        check_artifact(model)
     out = _absolute(out)
     parts_dir = f"{out}.parts-{uuid.uuid4().hex[:8]}"
     parts = [f"{parts_dir}/part-{i:05d}.parquet" for i in range(len(shares))]

@@ -64,6 +64,7 @@ class Scorer(nn.Module):
         self.dense = DenseProgram(model)
         self.mappers = list(mappers)
         self.feature_names = [m.name for m in self.mappers]
+        self._lists = {m.name for m in self.mappers if m.kind == "sequence"}  # fields whose raw value may be a list
         self.label = label
         self.group = group
         self.info = dict(info or {})
@@ -94,7 +95,7 @@ class Scorer(nn.Module):
     def features(self, rows: Any) -> KeyedJaggedTensor:
         """Raw rows (see features.to_table) -> the KJT of mapped ids (field-major, PAD dropped),
         with weights when the model has value x vector fields (its tables are weighted)."""
-        table = to_table(rows, self.feature_names)
+        table = to_table(rows, self.feature_names, self._lists)
         n = table.num_rows
         weighted = self.model.embedding.is_weighted()
         values, lengths, weights = [], [], []
@@ -114,6 +115,6 @@ class Scorer(nn.Module):
     def score(self, rows: Any, batch_size: int = 65_536) -> np.ndarray:
         """Probabilities (n,) float32 of raw rows (dict column -> values, list of row dicts,
         pyarrow table or pandas frame)."""
-        table = to_table(rows, self.feature_names)
+        table = to_table(rows, self.feature_names, self._lists)
         out = [self(self.features(table.slice(a, batch_size))).numpy() for a in range(0, table.num_rows, batch_size)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 
 import fsspec
 
-from tf4ctr_dist.config import ConfigError, RunConfig, _resolve_key
+from tf4ctr_dist.config import ConfigError, RunConfig, _resolve_key, parse_mapping
 
 SPEC_KEYS = ("name", "base", "data", "overrides", "variants", "grid", "random", "samples", "seeds", "baseline",
              "sample_seed", "scheduler", "metric", "grace_epochs")
@@ -102,13 +102,7 @@ def load_spec(path: str) -> SweepSpec:
     """Read and check a sweep file; errors name the file and the key."""
     with fsspec.open(path, "r") as f:
         text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        raw = yaml.safe_load(text) or {}
-    else:
-        raw = json.loads(text)
-    return spec_from_dict(raw, where=path)
+    return spec_from_dict(parse_mapping(text, path), where=path)
 
 
 def spec_from_dict(raw: Any, where: str = "sweep") -> SweepSpec:
@@ -425,9 +419,9 @@ def run_sweep(spec: SweepSpec, base: RunConfig, out: str, extra_overrides: Seque
     from tf4ctr_dist.cli.train import check_before_launch
 
     device = "cuda" if first.cluster.use_gpu else "cpu"
-    check_before_launch(first, device, dataset=first.data.url)
+    dataset = check_before_launch(first, device, dataset=first.data.url)
     for t in trials[1:]:
-        check_before_launch(t.config, device)
+        check_before_launch(t.config, device, manifest=dataset if t.config.data.url == first.data.url else None)
     largest = cluster_config(trials)
     manifest = {"spec": spec.__dict__, "baseline": baseline,
                 "trials": {t.id: {"cell": t.cell.label, "values": t.cell.values, "seed": t.seed,

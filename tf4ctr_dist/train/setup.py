@@ -25,7 +25,7 @@ from tf4ctr_dist.distributed.placement import EmbeddingPlacement, check_run_conf
 from tf4ctr_dist.distributed.sharding import build_optimizer, describe_plan, shard_model, summarize_plan
 from tf4ctr_dist.distributed.table_kernel import uses_table_kernel
 from tf4ctr_dist.kernels import CpuKernels, load
-from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, tf4ctr
+from tf4ctr_dist.model import Objective, TF4CTRTrain, embedding_tables, model_for_dataset
 from tf4ctr_dist.modules.mlp import cpu_has_fast_bf16
 
 
@@ -100,17 +100,24 @@ def load_cpu_kernels(cfg: RunConfig, placement: EmbeddingPlacement,
     return kernels, record
 
 
+def check_sync_batch_norm(cfg: RunConfig, module: torch.nn.Module) -> None:
+    """Refuses (ConfigError) ``train.sync_batch_norm`` for a model without BatchNorm, where it
+    would silently do nothing. The driver runs it on a model built on meta before launching
+    (tf4ctr_dist.cli.train.check_before_launch), the workers again on the model they train."""
+    if cfg.train.sync_batch_norm and not any(isinstance(m, torch.nn.BatchNorm1d) for m in module.modules()):
+        raise ConfigError("train.sync_batch_norm=true, but this model has no BatchNorm layer "
+                          "(model.batch_norm=false and no encoder with its own): drop the setting")
+
+
 def apply_sync_batch_norm(cfg: RunConfig, module: torch.nn.Module, world_size: int) -> int:
     """With ``train.sync_batch_norm`` on several workers, make every BatchNorm layer of
     ``module`` (still on meta) normalise over the global batch; returns how many layers (0 when
-    off, or with one worker, whose batch is already the global one). Refuses (ConfigError) the
-    setting for a model without BatchNorm, where it would silently do nothing."""
-    if not cfg.train.sync_batch_norm:
+    off, or with one worker, whose batch is already the global one). Refuses the setting for a
+    model without BatchNorm (`check_sync_batch_norm`)."""
+    check_sync_batch_norm(cfg, module)
+    if not cfg.train.sync_batch_norm or world_size == 1:
         return 0
-    if not any(isinstance(m, torch.nn.BatchNorm1d) for m in module.modules()):
-        raise ConfigError("train.sync_batch_norm=true, but this model has no BatchNorm layer "
-                          "(model.batch_norm=false and no encoder with its own): drop the setting")
-    return use_cross_worker_batch_norm(module) if world_size > 1 else 0
+    return use_cross_worker_batch_norm(module)
 
 
 def build_training(
@@ -147,8 +154,7 @@ def build_training(
     fused_decay = cfg.train.emb_reg if placement.fused else 0.0
     kernels, kernel_record = load_cpu_kernels(cfg, placement, device)
 
-    module = TF4CTRTrain(tf4ctr(fields, cfg.model, device="meta", mean_pooled=sequences, cpu_kernels=kernels,
-                                numeric=numeric),
+    module = TF4CTRTrain(model_for_dataset(manifest, cfg.model, device="meta", cpu_kernels=kernels),
                          Objective(cfg.loss))
     global_batch_norm = apply_sync_batch_norm(cfg, module, world_size)
     dmp, plan = shard_model(
