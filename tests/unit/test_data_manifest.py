@@ -35,6 +35,7 @@ def test_json_round_trip() -> None:
         (lambda d: d["fields"][0].update(kind="dense"), r"fields\[0\] \(a\): kind"),
         (lambda d: d["fields"][0].update(vocab_size=1), "vocab_size should be >= 2"),
         (lambda d: d["fields"][1].update(max_len=None), "needs max_len"),
+        (lambda d: d["fields"][1].update(max_len=True), r"needs max_len >= 1, got True"),
         (lambda d: d["fields"][1].update(name="a"), "duplicate column names"),
         (lambda d: d["splits"]["train"].update(rows=6), r"splits.train: rows 6 != sum over parts 5"),
         (lambda d: d["splits"]["train"]["parts"][0].update(row_groups=[3, 0]), "positive row counts"),

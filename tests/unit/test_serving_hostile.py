@@ -310,3 +310,20 @@ def test_sequence_fields_take_lists_of_values_only():
                           ([{"s": "x|y"}, {"s": ["x"]}], r"row 1, field 's': a list \['x'\]; expected the same form")]:
         with pytest.raises(DataError, match=message):
             to_table(rows, ["s"], lists={"s"})
+
+
+def test_a_secret_in_the_source_metadata_goes_no_further(good, tmp_path):
+    """`source` is informational (serve and predict show it); a URL with user-info put there by
+    hand loses the secret when loaded."""
+    _, raw = good
+
+    def edit(h):
+        source = json.loads(h["__metadata__"]["source"])
+        source["data"] = "s3://AKIAFAKEKEY:SeCrEt/xyz@bucket/ds"
+        h["__metadata__"]["source"] = json.dumps(source)
+
+    path = tmp_path / "source_secret.tf4ctr"
+    path.write_bytes(_tampered(raw, edit))
+    info = load(str(path)).info
+    assert info["source"]["data"] == "s3://bucket/ds"
+    assert "SeCrEt" not in json.dumps(info)

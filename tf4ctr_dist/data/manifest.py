@@ -306,7 +306,7 @@ def _parse(data: Any, source: str) -> Manifest:
         if kind != "numeric" and vocab_size < 2:
             raise DataError(f"{where} ({name}): vocab_size should be >= 2 (PAD + OOV), got {vocab_size}")
         max_len = f.get("max_len")
-        if kind == "sequence" and (not isinstance(max_len, int) or max_len < 1):
+        if kind == "sequence" and (type(max_len) is not int or max_len < 1):  # a JSON true is no length
             raise DataError(f"{where} ({name}): sequence field needs max_len >= 1, got {max_len!r}")
         mode = f.get("vocab_mode", "none" if kind == "numeric" else "counted")
         if (mode != "none") if kind == "numeric" else mode not in ("counted", "hashed"):

@@ -30,7 +30,7 @@ import torch
 from tf4ctr_dist.config import ConfigError, RunConfig
 from tf4ctr_dist.data.errors import DataError
 from tf4ctr_dist.data.manifest import MANIFEST_NAME, Manifest, load_manifest
-from tf4ctr_dist.data.storage import resolve
+from tf4ctr_dist.data.storage import display_url, resolve
 from tf4ctr_dist.serving import artifact
 from tf4ctr_dist.serving.dcp_rows import DEFAULT_BLOCK_BYTES, OnRead, RowRangeReader, iter_row_blocks
 from tf4ctr_dist.serving.features import build_mappers
@@ -294,6 +294,8 @@ def check_artifact(path: str) -> tuple[RunConfig, Manifest, dict]:
     spec = _metadata_json(path, meta, "spec", "the dataset's spec, an object", dict)
     group = _metadata_json(path, meta, "group", "the group column, a string or null", (str, type(None)))
     source = _metadata_json(path, meta, "source", "where the artifact came from, an object", dict)
+    # informational, shown by serve and predict: a URL in it never carries a secret onwards
+    source = {k: display_url(v) if isinstance(v, str) else v for k, v in source.items()}
     if "label" not in meta:
         raise DataError(f"{path}: artifact metadata lacks 'label' (expected the label column's name)")
     manifest = Manifest.from_dict({"format_version": 1, "label": meta["label"], "group": group,
