@@ -1,5 +1,4 @@
-"""Hostile serving input: a tampered artifact, a request body of the wrong shape, a manifest
-whose spec.vocab entry is not an object. Each is a DataError naming the file (or the row and
+"""Hostile serving input: a tampered artifact, a request body of the wrong shape. Each is a DataError naming the file (or the row and
 field) and what was expected, raised before any large allocation; none is a traceback from
 json, numpy, torch or Arrow, and none a 500 from the serve endpoint."""
 

@@ -366,24 +366,16 @@ class ModelInfo:
 def describe(run: Optional[str] = None, model: Optional[str] = None,
              storage_options: Optional[dict] = None) -> ModelInfo:
     """The fields, label, group and raw column order of a run (its dataset's manifest) or of an
-    artifact (its header only); exactly one of ``run`` / ``model``."""
+    artifact (its header only, checked whole: `check_artifact`); exactly one of ``run`` / ``model``."""
     if (run is None) == (model is None):
         raise ValueError("describe: give exactly one of run, model")
     if model is not None:
         if not os.path.isfile(model):
             raise FileNotFoundError(f"{model}: no such artifact file")
-        _, meta, _ = artifact.read_header(model)
-        if meta.get("format") != FORMAT:
-            raise DataError(f"{model}: not a tf4ctr serving artifact (format {meta.get('format')!r})")
-        try:
-            fields, spec, group = json.loads(meta["fields"]), json.loads(meta["spec"]), json.loads(meta["group"])
-            return ModelInfo([f["name"] for f in fields], meta["label"], group, _raw_columns(spec))
-        except RecursionError:  # json's parser recurses once per level of nesting
-            raise DataError(f"{model}: artifact metadata nests arrays or objects too deep") from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{model}: artifact metadata incomplete ({e})") from None
-    cfg = run_config(run)
-    manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
+        _, manifest, _ = check_artifact(model)  # the whole header and metadata, no tensor read
+    else:
+        cfg = run_config(run)
+        manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
     return ModelInfo(manifest.field_names, manifest.label, manifest.group, _raw_columns(manifest.spec))
 
 

@@ -179,13 +179,8 @@ def build_mappers(fields: Sequence[Mapping[str, Any]], spec: Mapping[str, Any],
     of every counted field, in id order."""
     described = spec.get("vocab") or {}
     mappers = []
-    if not isinstance(described, Mapping):
-        raise DataError(f"spec.vocab: expected an object (field -> its description), got {type(described).__name__}")
-    for f in fields:
+    for f in fields:  # spec.vocab's shape was checked when its manifest was parsed (data.manifest)
         info = described.get(f["name"]) or {}
-        if not isinstance(info, Mapping):
-            raise DataError(f"spec.vocab.{f['name']}: expected an object (kind, vocab_mode, ...) describing field "
-                            f"{f['name']!r}, got {type(info).__name__}")
         mode = f.get("vocab_mode", "counted")
         kind = info.get("kind", f["kind"])
         m = FieldMapper(name=f["name"], kind=kind, vocab_mode=mode, vocab_size=int(f["vocab_size"]),
