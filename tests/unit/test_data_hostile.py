@@ -105,6 +105,48 @@ def test_64_bit_group_ids_are_read_exactly(ds: Path) -> None:
     assert got == big
 
 
+def _last_row_group_reader(ds: Path):
+    from tf4ctr_dist.data.reader import ParquetSplitReader
+
+    return ParquetSplitReader(str(ds), "valid", manifest=load_manifest(str(ds)), rank=0, world_size=1,
+                              local_batch_size=4, shuffle=False)
+
+
+def test_a_bad_last_row_group_is_refused_when_the_part_opens_not_when_reached(ds: Path) -> None:
+    """The footer's statistics already show a null group id or an id past vocab_size in row
+    group 2: refused before the first batch, not after the rows before it were trained on."""
+    _rewrite_valid(ds, lambda t: _set_groups(t, [*t.column(GROUP_COLUMN).to_pylist()[:-1], None]))
+    with _last_row_group_reader(ds) as reader, pytest.raises(
+            DataError, match=r"valid/part-00000.parquet row group 2: column '_group' has 1 null\(s\); expected a "
+                             r"64-bit group id in every row \(from the footer's statistics"):
+        next(reader.iter_epoch(0))
+
+    vocab_a = load_manifest(str(ds)).fields[0].vocab_size
+    _rewrite_valid(ds, lambda t: _set_groups(t, [*t.column(GROUP_COLUMN).to_pylist()[:-1], 7]).set_column(
+        1, "a", pa.array([*t.column("a").to_pylist()[:-1], vocab_a], pa.int64())))
+    with _last_row_group_reader(ds) as reader, pytest.raises(
+            DataError, match=rf"row group 2: column 'a' has ids in \[\d+, {vocab_a}\]; expected \[0, {vocab_a}\) "
+                             r"\(vocab_size; from the footer's statistics"):
+        next(reader.iter_epoch(0))
+
+
+def test_without_footer_statistics_the_row_group_check_still_refuses(ds: Path) -> None:
+    path = ds / "valid" / "part-00000.parquet"
+    table = pq.read_table(path)
+    table = _set_groups(table, [*table.column(GROUP_COLUMN).to_pylist()[:-1], None])
+    manifest = _manifest(ds)
+    part = manifest["splits"]["valid"]["parts"][0]
+    pq.write_table(table, path, row_group_size=part["row_groups"][0], write_statistics=False)
+    part["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    part.pop("spans", None)
+    _save(ds, manifest)
+    with _last_row_group_reader(ds) as reader:
+        batches = reader.iter_epoch(0)
+        next(batches)  # row group 0 is fine, and nothing in the footer says otherwise
+        with pytest.raises(DataError, match=r"row group 2: column '_group' has 1 null\(s\); expected a 64-bit group id"):
+            list(batches)
+
+
 # ---- 3. vocabulary entries of the wrong shape -------------------------------------------------
 
 
@@ -197,3 +239,35 @@ def test_links_that_stay_inside_the_root_and_a_linked_root_are_fine(ds: Path, tm
         m = load_manifest(str(url))
         assert sum(b.valid.sum().item() for b in read_split(str(url), m, "valid", world_size=1, batch_size=4)[0]) == 18
     assert check_dataset(str(linked_root)).problems == []
+
+
+# ---- 5. keys the format does not define -------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(labels="y"), r"manifest.json: unknown key 'labels' \(did you mean 'label'\?\); "
+                                     r"format_version 1 defines format_version, created_by, label"),
+    (lambda m: m["fields"][0].update(vocab_mod="hashed"),
+     r"manifest.json: fields\[0\] \(a\): unknown key 'vocab_mod' \(did you mean 'vocab_mode'\?\)"),
+    (lambda m: m["splits"]["valid"].update(row_count=18), r"splits.valid: unknown key 'row_count'"),
+    (lambda m: m["splits"]["train"]["parts"][0].update(sha265="0" * 64),
+     r"splits.train.parts\[0\]: unknown key 'sha265' \(did you mean 'sha256'\?\)"),
+    (lambda m: m["spec"]["vocab"]["a"]["file"].update(size=3), r"spec.vocab.a.file: unknown key 'size'"),
+])
+def test_a_key_the_format_does_not_define_is_refused(ds: Path, edit, message: str) -> None:
+    """A misspelt optional key would otherwise be ignored and its default used (a hashed field
+    read as counted ids), with no error anywhere."""
+    manifest = _manifest(ds)
+    edit(manifest)
+    _save(ds, manifest)
+    with pytest.raises(DataError, match=message):
+        load_manifest(str(ds))
+    assert re.search(message, _problems(ds))
+
+
+def test_spec_stays_free_form(ds: Path) -> None:
+    """spec holds prepare's provenance and options; new entries there are not format keys."""
+    manifest = _manifest(ds)
+    manifest["spec"]["notes"] = {"source": "hand-written", "rows_dropped": 3}
+    _save(ds, manifest)
+    assert load_manifest(str(ds)).spec["notes"]["rows_dropped"] == 3

@@ -18,6 +18,7 @@ The manifest is written last: a dataset without one is missing or not completely
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -197,6 +198,13 @@ def confined_path(loc: Location, rel: str, listed_as: str | None = None) -> str:
 
 # ---- validation -------------------------------------------------------------------------------
 
+# The keys each object of a format_version 1 manifest may have (spec is free-form: prepare's
+# provenance and options, read by name where used; spec.vocab is checked by _vocab_spec).
+_MANIFEST_KEYS = ("format_version", "created_by", "label", "group", "fields", "splits", "spec")
+_FIELD_KEYS = ("name", "kind", "vocab_size", "max_len", "vocab_mode")
+_SPLIT_KEYS = ("rows", "parts")
+_PART_KEYS = ("path", "rows", "row_groups", "sha256", "spans")
+
 
 def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(data, Mapping) or key not in data:
@@ -206,6 +214,19 @@ def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wher
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
         raise DataError(f"{where}: key {key!r} should be {_kind_name(kind)}, got {value!r}")
     return value
+
+
+def _known_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    """Refuse keys this format does not define. A misspelt optional key (``"vocab_mod":
+    "hashed"``) would otherwise be ignored and its default used: ids read with the wrong
+    meaning, with no error anywhere."""
+    unknown = [str(k) for k in data if k not in allowed]
+    if unknown:
+        key = unknown[0]
+        guess = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+        raise DataError(f"{where}: unknown key {_short(key)}{hint}; format_version {FORMAT_VERSION} defines "
+                        f"{', '.join(allowed)}")
 
 
 def _inside(rel: Any, where: str) -> str:
@@ -277,6 +298,7 @@ def _vocab_spec(vocab: Any, source: str) -> None:
             raise DataError(f"{where}.file: expected an object {{path, sha256, rows}} "
                             f"naming the vocabulary file of field {name!r}, got {type(file).__name__} {_short(file)}")
         _inside(_need(file, "path", str, f"{where}.file"), f"{where}.file")
+        _known_keys(file, ("path", "sha256", "rows"), f"{where}.file")
         _need(file, "sha256", str, f"{where}.file")
         if "rows" in file:
             _need(file, "rows", int, f"{where}.file")
@@ -291,11 +313,13 @@ def _parse(data: Any, source: str) -> Manifest:
     version = _need(data, "format_version", int, source)
     if version != FORMAT_VERSION:
         raise DataError(f"{source}: format_version {version} not supported (expected {FORMAT_VERSION})")
+    _known_keys(data, _MANIFEST_KEYS, source)
 
     fields: list[FieldSpec] = []
     for i, f in enumerate(_need(data, "fields", list, source)):
         where = f"{source}: fields[{i}]"
         name = _need(f, "name", str, where)
+        _known_keys(f, _FIELD_KEYS, f"{where} ({name})")
         kind = _need(f, "kind", str, where)
         if kind not in ("categorical", "sequence", "numeric"):
             raise DataError(f"{where} ({name}): kind should be 'categorical', 'sequence' or 'numeric', got {kind!r}")
@@ -332,6 +356,8 @@ def _parse(data: Any, source: str) -> Manifest:
         parts = []
         for j, p in enumerate(_need(info, "parts", list, where)):
             pw = f"{where}.parts[{j}]"
+            if isinstance(p, Mapping):
+                _known_keys(p, _PART_KEYS, pw)
             row_groups = _need(p, "row_groups", list, pw)
             if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in row_groups):
                 raise DataError(f"{pw}: row_groups should be a list of positive row counts")
@@ -341,6 +367,7 @@ def _parse(data: Any, source: str) -> Manifest:
             parts.append(PartInfo(_inside(_need(p, "path", str, pw), pw), rows, list(row_groups), _need(p, "sha256", str, pw),
                                   _spans(p.get("spans"), len(row_groups), pw)))
         rows = _need(info, "rows", int, where)
+        _known_keys(info, _SPLIT_KEYS, where)
         if rows != sum(p.rows for p in parts):
             raise DataError(f"{where}: rows {rows} != sum over parts {sum(p.rows for p in parts)}")
         splits[str(split)] = SplitInfo(rows, parts)

@@ -70,6 +70,36 @@ def check_part(pf: pq.ParquetFile, manifest: Manifest, url: str, row_groups: lis
             f"{url}: row groups {actual[:8]}{'...' if len(actual) > 8 else ''} do not match the manifest "
             f"({row_groups[:8]}{'...' if len(row_groups) > 8 else ''}); file replaced or truncated?"
         )
+    _check_footer_statistics(pf, manifest, url)
+
+
+def _check_footer_statistics(pf: pq.ParquetFile, manifest: Manifest, url: str) -> None:
+    """What the footer's column statistics already prove wrong, before any row group is read:
+    nulls in the label, group or id columns, ids outside [0, vocab_size). The same checks run
+    on every row group as it is read (validate_row_group); this finds a bad row group when the
+    part is opened rather than when training reaches it. Columns without statistics (a writer
+    may omit them) are left to the read-time check."""
+    vocab = {f.name: f.vocab_size for f in manifest.fields if f.kind == "categorical"}
+    flat = [manifest.label, GROUP_COLUMN, *vocab]
+    paths = {pf.metadata.schema.column(j).path: j for j in range(pf.metadata.num_columns)}
+    for g in range(pf.metadata.num_row_groups):
+        row_group = pf.metadata.row_group(g)
+        for name in flat:
+            if name not in paths:
+                continue
+            stats = row_group.column(paths[name]).statistics
+            if stats is None:
+                continue
+            where = f"{url} row group {g}"
+            if stats.has_null_count and stats.null_count:
+                expected = ("0 or 1" if name == manifest.label else
+                            "a 64-bit group id in every row" if name == GROUP_COLUMN else "ids")
+                raise DataError(f"{where}: column {name!r} has {stats.null_count} null(s); expected {expected} "
+                                "(from the footer's statistics, before reading the rows)")
+            if name in vocab and stats.has_min_max and isinstance(stats.min, int) and isinstance(stats.max, int) \
+                    and (stats.min < 0 or stats.max >= vocab[name]):
+                raise DataError(f"{where}: column {name!r} has ids in [{stats.min}, {stats.max}]; expected "
+                                f"[0, {vocab[name]}) (vocab_size; from the footer's statistics, before reading the rows)")
 
 
 def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
