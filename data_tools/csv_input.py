@@ -184,6 +184,11 @@ def open_text_input(
         raise
     except Exception as exc:
         raise loc.error(f"cannot read input {loc.url}", exc) from None
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in first:
+        # UTF-8 allows NUL, so a UTF-16 file (what some spreadsheet tools save as "Unicode
+        # text") would otherwise parse into column names and tokens with a NUL between letters.
+        raise DataError(f"{loc.url}: line 1 has NUL bytes or a UTF-16 byte-order mark; expected UTF-8 text "
+                        "(a UTF-16 or binary file? convert it, e.g. iconv -f UTF-16 -t UTF-8)")
     text = first.decode("utf-8-sig", errors="replace").rstrip("\r\n")
     if not text.strip():
         raise DataError(f"{loc.url}: empty file (expected a {'header line' if header else 'data line'})")

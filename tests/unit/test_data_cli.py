@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,19 @@ def test_non_utf8_input_is_a_clean_error_in_a_subprocess(tmp_path: Path) -> None
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "refused:" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le"])
+def test_a_utf16_input_is_refused_at_its_first_line(tmp_path: Path, encoding: str) -> None:
+    """UTF-8 allows NUL bytes, so without this check a UTF-16 file (with or without its
+    byte-order mark) parses into column names and tokens with a NUL between letters."""
+    from data_tools.csv_input import open_text_input
+    from tf4ctr_dist.data.errors import DataError
+
+    path = tmp_path / "train.csv"
+    path.write_bytes("label,a,b\n1,x,y\n0,x,z\n".encode(encoding))
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: line 1 has NUL bytes or a UTF-16 byte-order mark; "
+                                        r"expected UTF-8 text \(a UTF-16 or binary file\?"):
+        open_text_input(str(path))
+    path.write_bytes("label,a,b\n1,x,y\n".encode("utf-8-sig"))  # a UTF-8 byte-order mark is fine
+    assert open_text_input(str(path)).columns == ["label", "a", "b"]
