@@ -62,8 +62,9 @@ def run_config(run: str) -> RunConfig:
         raise ConfigError(f"{url}: not a run configuration ({e})") from None
 
 
-def build_model(manifest: Manifest, cfg: RunConfig, precision: Optional[str] = None):
-    """The TF4CTR of the run, unsharded, on CPU, with the eager dense ops (no compiled kernels).
+def build_model(manifest: Manifest, cfg: RunConfig, precision: Optional[str] = None, device: str = "cpu"):
+    """The TF4CTR of the run, unsharded, with the eager dense ops (no compiled kernels), on
+    ``device`` ("meta": every tensor's name, dtype and shape, nothing allocated).
     ``precision``: model.inference_precision for scoring (default: the run's)."""
     from tf4ctr_dist.model import model_for_dataset
     from tf4ctr_dist.modules.mlp import cpu_has_fast_bf16
@@ -74,7 +75,7 @@ def build_model(manifest: Manifest, cfg: RunConfig, precision: Optional[str] = N
     if scoring == "bf16" and not cpu_has_fast_bf16():
         logger.warning("scoring in bf16 on a CPU without bf16 dot products (AVX512-BF16 / AMX): the same "
                        "function as on one with them, but several times slower than fp32 here")
-    return model_for_dataset(manifest, cfg.model, device="cpu")
+    return model_for_dataset(manifest, cfg.model, device=device)
 
 
 def read_vocabularies(data_url: str, manifest: Manifest, storage_options: Optional[dict] = None) -> dict[str, list[str]]:
@@ -160,9 +161,10 @@ def export_run(run: str, out: str, storage_options: Optional[dict] = None,
     manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
     vocabs = read_vocabularies(cfg.data.url, manifest, storage_options)
     build_mappers([vars(f) for f in manifest.fields], manifest.spec, vocabs)  # refuse what load() would
-    model = build_model(manifest, cfg)
+    # On meta: only the names, dtypes and shapes are needed, and a model on CPU would allocate
+    # (and initialise) every table whole, which is what the blocks are there to avoid.
+    model = build_model(manifest, cfg, device="meta")
     model_specs, model_tensors = checkpoint_tensors(run, cfg, model, block_bytes)
-    del model
     _, entry = _best_entry(run, cfg)
     size = write_artifact(out, cfg, manifest, vocabs, model_specs, model_tensors,
                           {"run": run, "checkpoint": entry.name, "data": cfg.data.url})
@@ -336,8 +338,11 @@ def from_run(run: str, storage_options: Optional[dict] = None, precision: Option
     manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
     vocabs = read_vocabularies(cfg.data.url, manifest, storage_options) if _all_vocab_files(manifest) else {}
     model = build_model(manifest, cfg, precision)
-    _, tensors = checkpoint_tensors(run, cfg, model)
-    model.load_state_dict(dict(tensors), strict=True)
+    _, tensors = checkpoint_tensors(run, cfg, model)  # every key of the model, shapes checked
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in tensors:  # one tensor at a time: load_state_dict(dict(...)) would hold a second copy
+            state[key].copy_(value)
     store, entry = _best_entry(run, cfg)
     fields = [vars(f) for f in manifest.fields]
     mappers = build_mappers(fields, manifest.spec, vocabs) if vocabs or not any(
