@@ -107,6 +107,13 @@ def test_predict_and_export_reproduce_the_run(dataset, tmp_path, sharding, extra
     assert np.abs(raw_scored.column("score").to_numpy() - reference).max() <= 1e-6
     assert not list(tmp_path.glob("*.tmp-*"))  # written atomically, nothing left over
 
+    # from_run (predict --run, serve --run) fills the model in place from row blocks: tiny blocks
+    # (each table in many pieces) give the same scores as the export.
+    from tf4ctr_dist.serving.export import from_run
+
+    in_blocks = from_run(str(run), block_bytes=64)
+    assert np.abs(in_blocks.score(raw) - reference).max() <= 1e-6
+
 
 def _blocks_give_the_same_artifact(run, artifact, sharding, tmp_path):
     """Export with blocks of 64 bytes (a few rows of a table): bit-identical to the export in

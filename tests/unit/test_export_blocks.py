@@ -115,6 +115,30 @@ def test_artifact_written_in_blocks_is_the_same_file(tmp_path, saved):
         assert not list(tmp_path.glob("bad*"))  # nothing left under the name or beside it
 
 
+@pytest.mark.parametrize("block_bytes", [1, 24, 100, 1 << 20])
+def test_artifact_read_in_blocks_gives_each_tensor_in_row_order(tmp_path, saved, block_bytes):
+    """read_blocks (what load fills the model with): the blocks of a tensor are its rows in
+    order, at most block_bytes each (whole rows, at least one), for the names asked, in that order."""
+    state, _ = saved
+    path = str(tmp_path / "a")
+    artifact.write(path, {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}, lambda: iter(state.items()), {})
+    names = ["count", "table", "empty", "half"]  # not file order, and "bias" left out
+    got: dict = {}
+    for name, rows in artifact.read_blocks(path, names, block_bytes):
+        assert rows.dim() == 0 or len(rows) <= 1 or rows.numel() * rows.element_size() <= block_bytes
+        got.setdefault(name, []).append(rows)
+    assert list(got) == names
+    for name in names:
+        whole = got[name][0] if state[name].dim() == 0 else torch.cat(got[name])
+        assert whole.dtype == state[name].dtype and torch.equal(whole, state[name]), name
+    if block_bytes == 24:  # a 20-byte row of "table" per block: 37 blocks
+        assert len(got["table"]) == 37
+    if block_bytes == 1 << 20:
+        assert len(got["table"]) == 1
+    only, _ = artifact.read(path, ["bias"])
+    assert list(only) == ["bias"] and torch.equal(only["bias"], state["bias"])
+
+
 @pytest.mark.parametrize("cuts", [
     ((0, 0, 20, 5), (20, 0, 17, 5)),  # row-wise: two row blocks (needs GPUs to train; the layout is the point)
     ((0, 0, 37, 2), (0, 2, 37, 3)),  # column-wise: two column blocks

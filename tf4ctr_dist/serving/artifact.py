@@ -19,7 +19,7 @@ import json
 import math
 import os
 import struct
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -170,16 +170,47 @@ def _check_entries(path: str, header: dict, data_bytes: int) -> None:
                         f"there (at data byte {end})")
 
 
-def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of an artifact; the tensors are copies of a read-only map of the file."""
+def read(path: str, names: Optional[Iterable[str]] = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an artifact: every tensor, or those ``names``, each whole."""
     header, metadata, start = read_header(path)  # every entry checked against the file
-    size = os.path.getsize(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if size > start else np.zeros(0, np.uint8)
-    tensors = {}
-    for name, info in header.items():
-        dtype = FROM_CODE[info["dtype"]]
-        begin, end = info["data_offsets"]
-        raw = np.asarray(data[begin:end])
-        t = torch.from_numpy(raw.copy()).view(dtype) if end > begin else torch.empty(0, dtype=dtype)
-        tensors[name] = t.reshape(info["shape"])
+    with open(path, "rb") as f:
+        tensors = {name: _read_rows(f, start, header[name]) for name in (header if names is None else names)}
     return tensors, metadata
+
+
+def read_blocks(path: str, names: Iterable[str], block_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors ``names`` of an artifact, in that order, as consecutive (name, rows) blocks of
+    at most ``block_bytes`` each (whole rows, at least one; a 0-d tensor comes whole): what
+    ``write`` takes, and what fills a model in place while holding one block beside it. Plain
+    reads, not a map of the file: mapped pages once touched would count as the process's memory
+    until the map is closed."""
+    header, _, start = read_header(path)
+    with open(path, "rb") as f:
+        for name in names:
+            info = header[name]
+            shape, (begin, end) = info["shape"], info["data_offsets"]
+            if not shape or end == begin:
+                yield name, _read_rows(f, start, info)
+                continue
+            step = max(1, block_bytes // ((end - begin) // shape[0]))
+            for first in range(0, shape[0], step):
+                yield name, _read_rows(f, start, info, first, min(step, shape[0] - first))
+
+
+def _read_rows(f, start: int, info: dict, first: int = 0, rows: Optional[int] = None) -> torch.Tensor:
+    """Rows [first, first + rows) of the tensor ``info`` (default: all of it) from the open file
+    ``f`` whose data begins at byte ``start``; read_header has checked the entry against the file."""
+    dtype, shape = FROM_CODE[info["dtype"]], info["shape"]
+    begin, end = info["data_offsets"]
+    if not shape or end == begin:
+        first, rows = 0, None
+    count = shape[0] if shape else 1
+    rows = count if rows is None else rows
+    out = torch.empty([rows, *shape[1:]] if shape else [], dtype=dtype)
+    if end > begin:
+        row_bytes = (end - begin) // count
+        f.seek(start + begin + first * row_bytes)
+        buffer = out.reshape(-1).view(torch.uint8).numpy()
+        if f.readinto(buffer) != len(buffer):  # the file changed under us since its header was checked
+            raise DataError(f"{f.name}: tensor data ends early (the file was truncated while being read)")
+    return out

@@ -39,6 +39,9 @@ from tf4ctr_dist.serving.scorer import Scorer
 logger = logging.getLogger("tf4ctr_dist")
 FORMAT = "tf4ctr-serving"
 VERSION = "1"
+# The read size of load and from_run: the model they fill is already in memory, so a block is all
+# that reading adds on top; smaller than export's default, which also bounds the file writer's buffering.
+SCORER_BLOCK_BYTES = 64 << 20
 CKPT_PREFIX = "model.model."  # app_state "model" -> DMP(TF4CTRTrain) -> .model (TF4CTR)
 
 
@@ -317,32 +320,47 @@ def load(path: str, precision: Optional[str] = None) -> Scorer:
     A tampered or mismatched artifact is thus a DataError naming it and the entry, never an
     allocation the metadata asks for and the file cannot fill."""
     cfg, manifest, source = check_artifact(path)
-    tensors, _ = artifact.read(path)
-    vocabs = {f.name: _decode_tokens(path, f.name, tensors[f"vocab.{f.name}.bytes"], tensors[f"vocab.{f.name}.offsets"])
-              for f in manifest.fields if f.vocab_mode == "counted"}
+    counted = [f.name for f in manifest.fields if f.vocab_mode == "counted"]
+    tensors, _ = artifact.read(path, [f"vocab.{name}.{part}" for name in counted for part in ("bytes", "offsets")])
+    vocabs = {name: _decode_tokens(path, name, tensors[f"vocab.{name}.bytes"], tensors[f"vocab.{name}.offsets"])
+              for name in counted}
     try:
         mappers = build_mappers([vars(f) for f in manifest.fields], manifest.spec, vocabs)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
     model = build_model(manifest, cfg, precision)
-    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(state, strict=True)
+    # check_artifact matched the header to every key of the model (dtype, shape)
+    names = [f"model.{key}" for key in model.state_dict()]
+    _fill(model, ((name.removeprefix("model."), rows) for name, rows in artifact.read_blocks(path, names, SCORER_BLOCK_BYTES)))
     info = {"source": source, "path": path, "raw_columns": _raw_columns(manifest.spec)}
     return Scorer(model, mappers, manifest.label, manifest.group, info)
 
 
-def from_run(run: str, storage_options: Optional[dict] = None, precision: Optional[str] = None) -> Scorer:
+def _fill(model: torch.nn.Module, blocks: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy (key, rows) blocks (consecutive blocks of a key are its rows in order) into
+    ``model.state_dict()`` in place: the model is in memory once plus a block, where
+    load_state_dict of whole tensors would hold it twice. Every key must be filled exactly."""
+    state, filled = model.state_dict(), {}
+    with torch.no_grad():
+        for key, rows in blocks:
+            target, first = state[key], filled.get(key, 0)
+            (target[first:first + len(rows)] if target.dim() else target).copy_(rows)
+            filled[key] = first + (len(rows) if target.dim() else 1)
+    short = [key for key, t in state.items() if filled.get(key, 0) != (len(t) if t.dim() else 1)]
+    if short:
+        raise ValueError(f"{len(short)} model tensor(s) not filled exactly, e.g. {short[:3]}")
+
+
+def from_run(run: str, storage_options: Optional[dict] = None, precision: Optional[str] = None,
+             block_bytes: int = SCORER_BLOCK_BYTES) -> Scorer:
     """The run's best weights as a Scorer, in memory (what export then load gives, without the file);
-    ``precision`` as for `load`."""
+    ``precision`` as for `load`; the checkpoint is read in row blocks of at most ``block_bytes``."""
     cfg = run_config(run)
     manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
     vocabs = read_vocabularies(cfg.data.url, manifest, storage_options) if _all_vocab_files(manifest) else {}
     model = build_model(manifest, cfg, precision)
-    _, tensors = checkpoint_tensors(run, cfg, model)  # every key of the model, shapes checked
-    state = model.state_dict()
-    with torch.no_grad():
-        for key, value in tensors:  # one tensor at a time: load_state_dict(dict(...)) would hold a second copy
-            state[key].copy_(value)
+    _, blocks = checkpoint_tensors(run, cfg, model, block_bytes)  # every key of the model, shapes checked
+    _fill(model, blocks)
     store, entry = _best_entry(run, cfg)
     fields = [vars(f) for f in manifest.fields]
     mappers = build_mappers(fields, manifest.spec, vocabs) if vocabs or not any(
