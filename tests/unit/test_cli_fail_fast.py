@@ -84,7 +84,7 @@ def test_a_good_run_gets_past_the_checks(tmp_path, dataset, monkeypatch):
     from tf4ctr_dist.cli import main
 
     launched = []
-    monkeypatch.setattr(train_cli, "launch", lambda cfg: launched.append(cfg))
+    monkeypatch.setattr(train_cli, "launch", lambda cfg, checked=None: launched.append(cfg))
     assert main(["train", "--data", dataset, "--out", str(tmp_path / "run"), "--workers", "2", "batch_size=512",
                  "epochs=0"]) == 0
     (cfg,) = launched
@@ -203,7 +203,7 @@ def test_a_config_or_setting_that_names_the_dataset_is_used(tmp_path, dataset, m
     from tf4ctr_dist.config import RunConfig
 
     launched = []
-    monkeypatch.setattr(train_cli, "launch", lambda cfg: launched.append(cfg))
+    monkeypatch.setattr(train_cli, "launch", lambda cfg, checked=None: launched.append(cfg))
     saved = RunConfig().with_overrides({"data.url": dataset, "cluster.workers": 2, "train.batch_size": 512,
                                         "name": "earlier"})
     (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))

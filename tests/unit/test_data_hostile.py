@@ -147,6 +147,38 @@ def test_without_footer_statistics_the_row_group_check_still_refuses(ds: Path) -
             list(batches)
 
 
+def test_a_bad_part_of_any_split_is_refused_at_launch_before_ray(ds: Path) -> None:
+    """`tf4ctr train` reads every part's footer on the driver: a null group id in the last row
+    group of the valid part (read only after the first epoch) stops the launch before Ray is
+    imported, naming the part and row group; so do a missing and a non-Parquet part."""
+    import subprocess
+    import sys
+
+    from tf4ctr_dist.data.validate import check_part_footers
+
+    manifest = load_manifest(str(ds))
+    assert check_part_footers(str(ds), manifest, ["train", "valid", "test"]) == \
+        sum(len(manifest.split(s).parts) for s in ("train", "valid", "test"))
+    _rewrite_valid(ds, lambda t: _set_groups(t, [*t.column(GROUP_COLUMN).to_pylist()[:-1], None]))
+    probe = ("import sys; from tf4ctr_dist.cli import main; code = main(sys.argv[1:]); "
+             "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", probe, "train", "--data", str(ds), "--out", str(ds.parent / "run"),
+                           "--workers", "1", "epochs=1", "batch_size=8"],
+                          capture_output=True, text=True, timeout=120, cwd=ds.parent)
+    assert proc.returncode == 1 and "NO_RAY" in proc.stdout, proc.stdout + proc.stderr
+    assert re.search(r"valid/part-00000.parquet row group 2: column '_group' has 1 null\(s\)", proc.stderr), proc.stderr
+    assert not (ds.parent / "run").exists()
+
+    path = ds / "valid" / "part-00000.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"valid/part-00000.parquet: not a readable Parquet file .*corrupt or truncated"):
+        check_part_footers(str(ds), load_manifest(str(ds)), ["train", "valid"])
+    path.unlink()
+    with pytest.raises(DataError, match=r"valid/part-00000.parquet: part file missing"):
+        check_part_footers(str(ds), load_manifest(str(ds)), ["train", "valid"])
+    check_part_footers(str(ds), load_manifest(str(ds)), ["train"])  # only the splits asked for
+
+
 # ---- 3. vocabulary entries of the wrong shape -------------------------------------------------
 
 

@@ -52,7 +52,7 @@ def test_the_source_run_does_not_choose_the_ray_cluster(tmp_path, monkeypatch):
     (tmp_path / "run" / "config.json").write_text(json.dumps(
         {"cluster": {"ray_address": "ray://somebody-else:10001", "workers": 2}, "train": {"batch_size": 64}}))
     launched = []
-    monkeypatch.setattr(train_cli, "launch", lambda cfg: launched.append(cfg))
+    monkeypatch.setattr(train_cli, "launch", lambda cfg, checked=None: launched.append(cfg))
     for extra in ([], ["--ray-address", "127.0.0.1:6379"]):
         assert main(["retrain", "--from", str(tmp_path / "run"), "--data", data, "--out", str(tmp_path / "o"),
                      *extra]) == 0

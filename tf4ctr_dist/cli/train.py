@@ -186,7 +186,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cfg, source = train_config(args)
     device_type = "cuda" if cfg.cluster.use_gpu else "cpu"
     data_url = (args.data or cfg.data.url) if source == "prepared" else ""
-    check_before_launch(cfg, device_type, dataset=data_url)
+    manifest = check_before_launch(cfg, device_type, dataset=data_url)
     if source == "prepared":
         if not args.data:
             _say(f"dataset {data_url} (data.url of the configuration)")
@@ -211,20 +211,23 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             _say(f"generating a synthetic Criteo-shaped dataset: {args.synthetic_rows:,} rows -> {data_url}")
             generate_synthetic(data_url, rows=args.synthetic_rows, scale_vocab=args.synthetic_scale_vocab, seed=2026)
-    launch(cfg.with_overrides({"data.url": data_url}))
+    launch(cfg.with_overrides({"data.url": data_url}), manifest if source == "prepared" else None)
     return 0
 
 
 def check_before_launch(cfg: RunConfig, device_type: str, dataset: Optional[str] = None,
                         manifest: Optional["Manifest"] = None) -> Optional["Manifest"]:
     """Everything that can be refused without a worker: the placement on ``device_type`` and,
-    for a prepared ``dataset`` (or its ``manifest``, already read), the splits the config names
-    and settings that need the model (``train.sync_batch_norm`` on a model without BatchNorm,
-    checked on the model built on meta). Returns the manifest, read or given."""
+    for a prepared ``dataset`` (or its ``manifest``, already read and checked), the splits the
+    config names, every part of them from its footer (data.validate.check_part_footers: done
+    once, when the manifest is read here), and settings that need the model
+    (``train.sync_batch_norm`` on a model without BatchNorm, checked on the model built on meta).
+    Returns the manifest, read or given."""
     from tf4ctr_dist.distributed.placement import check_run_config
 
     check_run_config(cfg, device_type, cfg.cluster.workers)
-    if dataset and manifest is None:
+    read_here = bool(dataset) and manifest is None
+    if read_here:
         from tf4ctr_dist.data.manifest import load_manifest
 
         manifest = load_manifest(absolute_url(dataset))
@@ -234,6 +237,11 @@ def check_before_launch(cfg: RunConfig, device_type: str, dataset: Optional[str]
     if missing:
         raise ConfigError(f"dataset {dataset or cfg.data.url} has no split(s) {', '.join(missing)} "
                           f"(it has: {', '.join(manifest.splits)}); set data.train_split / data.valid_split")
+    if read_here:
+        from tf4ctr_dist.data.validate import check_part_footers
+
+        splits = [s for s in (cfg.data.train_split, cfg.data.valid_split, cfg.data.test_split) if s in manifest.splits]
+        check_part_footers(absolute_url(dataset), manifest, splits, retry_seconds=cfg.data.storage_retry_seconds)
     if cfg.train.sync_batch_norm:
         from tf4ctr_dist.model import model_for_dataset
         from tf4ctr_dist.train.setup import check_sync_batch_norm
@@ -273,7 +281,7 @@ def run_retrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     extra: dict = {"name": "retrain", "checkpoint.warm_start": source, "checkpoint.root": None,
                    "checkpoint.resume": "auto", "cluster.ray_address": None}
     cfg = _with_run_options(cfg, args, extra, "retrain")
-    check_before_launch(cfg, "cuda" if cfg.cluster.use_gpu else "cpu", dataset=args.data)
+    manifest = check_before_launch(cfg, "cuda" if cfg.cluster.use_gpu else "cpu", dataset=args.data)
     data_url = args.data
     if args.logs:
         from data_tools.parquet_logs import prepare_parquet_logs
@@ -293,7 +301,7 @@ def run_retrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                  f"test {spec.get('test_dates')}) -> {data_url}")
             prepare_parquet_logs(absolute_url(args.logs), data_url, **spec)
     _say(f"warm start from {source}")
-    launch(cfg.with_overrides({"data.url": data_url}))
+    launch(cfg.with_overrides({"data.url": data_url}), manifest if args.data else None)
     return 0
 
 
@@ -304,12 +312,13 @@ def absolute_url(url: str) -> str:
     return os.path.abspath(url.removeprefix("file://"))
 
 
-def launch(cfg: RunConfig) -> dict:
-    """Run the training on Ray Train and print the final metrics; returns result.json."""
+def launch(cfg: RunConfig, checked: Optional["Manifest"] = None) -> dict:
+    """Run the training on Ray Train and print the final metrics; returns result.json.
+    ``checked``: the dataset's manifest where check_before_launch has already read and checked it."""
     from tf4ctr_dist.train.launch import run_training
 
     cfg = cfg.with_overrides({"data.url": absolute_url(cfg.data.url), "out": absolute_url(cfg.out)})
-    check_before_launch(cfg, "cuda" if cfg.cluster.use_gpu else "cpu", dataset=cfg.data.url)
+    check_before_launch(cfg, "cuda" if cfg.cluster.use_gpu else "cpu", dataset=cfg.data.url, manifest=checked)
     if cfg.train.epochs == 0:
         _say("epochs=0: no training; evaluating the initial (or resumed / warm-started) weights only")
     _say(f"run folder: {cfg.out}")

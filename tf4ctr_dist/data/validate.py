@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -100,6 +102,42 @@ def _check_footer_statistics(pf: pq.ParquetFile, manifest: Manifest, url: str) -
                     and (stats.min < 0 or stats.max >= vocab[name]):
                 raise DataError(f"{where}: column {name!r} has ids in [{stats.min}, {stats.max}]; expected "
                                 f"[0, {vocab[name]}) (vocab_size; from the footer's statistics, before reading the rows)")
+
+
+def check_part_footers(url: str, manifest: Manifest, splits: list[str], storage_options=None,
+                       retry_seconds: float | None = None, threads: int = 16) -> int:
+    """Every part of ``splits`` checked from its footer alone (check_part: columns, types, row
+    groups, footer statistics), ``threads`` parts at a time: a bad part is refused when a run is
+    launched, before any worker starts, rather than when training (or the first evaluation)
+    reaches it. The first bad part in manifest order is the error. Returns the parts checked.
+    Readers check every part again when they open it (and its rows as they read them): the
+    files may change in between, and not every run is launched from a driver that checks."""
+    from .storage import StorageUnavailable, describe, resolve
+
+    loc = resolve(url, storage_options, retry_seconds)
+    parts = [part for name in splits for part in manifest.split(name).parts]
+
+    def check(part) -> None:
+        where = loc.url_of(part.path)
+
+        def read_footer() -> None:
+            with loc.fs.open(loc.path(part.path), "rb") as f:
+                check_part(pq.ParquetFile(f), manifest, where, part.row_groups)
+
+        try:
+            loc.retry(read_footer, where)
+        except (DataError, StorageUnavailable):
+            raise
+        except FileNotFoundError:
+            raise DataError(f"{where}: part file missing (listed in the manifest)") from None
+        except Exception as exc:
+            raise DataError(f"{where}: not a readable Parquet file ({describe(exc, loc.storage_options)}); "
+                            "corrupt or truncated?") from None
+
+    with ThreadPoolExecutor(max(1, min(threads, len(parts)))) as pool:
+        for _ in pool.map(check, parts):  # in order: the first failure in manifest order is raised
+            pass
+    return len(parts)
 
 
 def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
