@@ -113,6 +113,31 @@ def test_predict_and_export_reproduce_the_run(dataset, tmp_path, sharding, extra
 
     in_blocks = from_run(str(run), block_bytes=64)
     assert np.abs(in_blocks.score(raw) - reference).max() <= 1e-6
+    if sharding == "table_wise":
+        _a_manifest_that_does_not_fit_is_refused_before_allocating(run, url, tmp_path)
+
+
+def _a_manifest_that_does_not_fit_is_refused_before_allocating(run, url, tmp_path):
+    """The run's dataset, its manifest edited to 10^10 ids for the hashed field (a 320 GB table):
+    from_run compares the model with the checkpoint on meta, so the refusal names the tensor
+    instead of trying to allocate the table."""
+    import shutil
+
+    from tf4ctr_dist.config import ConfigError
+    from tf4ctr_dist.serving.export import from_run
+
+    data, copy = tmp_path / "edited-data", tmp_path / "edited-run"
+    shutil.copytree(url, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (hashed,) = [f for f in manifest["fields"] if f["name"] == "u"]  # no vocabulary file to disagree first
+    hashed["vocab_size"] = 10**10
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["data"]["url"] = str(data)
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"does not fit the run's model .*10000000000"):
+        from_run(str(copy))
 
 
 def _blocks_give_the_same_artifact(run, artifact, sharding, tmp_path):

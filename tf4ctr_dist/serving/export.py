@@ -358,8 +358,10 @@ def from_run(run: str, storage_options: Optional[dict] = None, precision: Option
     cfg = run_config(run)
     manifest = load_manifest(cfg.data.url, storage_options, cfg.data.storage_retry_seconds)
     vocabs = read_vocabularies(cfg.data.url, manifest, storage_options) if _all_vocab_files(manifest) else {}
+    # Every key of the model checked against the checkpoint on meta first: a manifest that does
+    # not fit it (edited, or the wrong dataset) is refused before a table is allocated.
+    _, blocks = checkpoint_tensors(run, cfg, build_model(manifest, cfg, precision, device="meta"), block_bytes)
     model = build_model(manifest, cfg, precision)
-    _, blocks = checkpoint_tensors(run, cfg, model, block_bytes)  # every key of the model, shapes checked
     _fill(model, blocks)
     store, entry = _best_entry(run, cfg)
     fields = [vars(f) for f in manifest.fields]
