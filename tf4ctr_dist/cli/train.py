@@ -241,6 +241,9 @@ def check_before_launch(cfg: RunConfig, device_type: str, dataset: Optional[str]
         from tf4ctr_dist.data.validate import check_part_footers
 
         splits = [s for s in (cfg.data.train_split, cfg.data.valid_split, cfg.data.test_split) if s in manifest.splits]
+        parts = sum(len(manifest.split(s).parts) for s in splits)
+        if parts >= 100:  # seconds on an object store: say what the wait is
+            _say(f"checking the footers of {parts:,} parts ({', '.join(splits)})")
         check_part_footers(absolute_url(dataset), manifest, splits, retry_seconds=cfg.data.storage_retry_seconds)
     if cfg.train.sync_batch_norm:
         from tf4ctr_dist.model import model_for_dataset
