@@ -176,6 +176,9 @@ def test_a_bad_part_of_any_split_is_refused_at_launch_before_ray(ds: Path) -> No
     path.unlink()
     with pytest.raises(DataError, match=r"valid/part-00000.parquet: part file missing"):
         check_part_footers(str(ds), load_manifest(str(ds)), ["train", "valid"])
+    path.mkdir()  # fails to open at all: not called a corrupt Parquet file
+    with pytest.raises(DataError, match=r"valid/part-00000.parquet: cannot open \(.*Is a directory"):
+        check_part_footers(str(ds), load_manifest(str(ds)), ["train", "valid"])
     check_part_footers(str(ds), load_manifest(str(ds)), ["train"])  # only the splits asked for
 
 

@@ -119,9 +119,12 @@ def check_part_footers(url: str, manifest: Manifest, splits: list[str], storage_
 
     def check(part) -> None:
         where = loc.url_of(part.path)
+        opened = [False]  # whether the failing attempt got as far as parsing (as the reader tells them apart)
 
         def read_footer() -> None:
+            opened[0] = False
             with loc.fs.open(loc.path(part.path), "rb") as f:
+                opened[0] = True
                 check_part(pq.ParquetFile(f), manifest, where, part.row_groups)
 
         try:
@@ -131,6 +134,8 @@ def check_part_footers(url: str, manifest: Manifest, splits: list[str], storage_
         except FileNotFoundError:
             raise DataError(f"{where}: part file missing (listed in the manifest)") from None
         except Exception as exc:
+            if not opened[0]:
+                raise loc.error(f"{where}: cannot open", exc) from None
             raise DataError(f"{where}: not a readable Parquet file ({describe(exc, loc.storage_options)}); "
                             "corrupt or truncated?") from None
 

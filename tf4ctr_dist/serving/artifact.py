@@ -202,8 +202,6 @@ def _read_rows(f, start: int, info: dict, first: int = 0, rows: Optional[int] = 
     ``f`` whose data begins at byte ``start``; read_header has checked the entry against the file."""
     dtype, shape = FROM_CODE[info["dtype"]], info["shape"]
     begin, end = info["data_offsets"]
-    if not shape or end == begin:
-        first, rows = 0, None
     count = shape[0] if shape else 1
     rows = count if rows is None else rows
     out = torch.empty([rows, *shape[1:]] if shape else [], dtype=dtype)

@@ -75,7 +75,7 @@ def build_model(manifest: Manifest, cfg: RunConfig, precision: Optional[str] = N
     if precision is not None:
         cfg = RunConfig.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "inference_precision": precision}})
     scoring = cfg.model.inference_precision if cfg.model.inference_precision != "auto" else cfg.model.dense_precision
-    if scoring == "bf16" and not cpu_has_fast_bf16():
+    if scoring == "bf16" and device != "meta" and not cpu_has_fast_bf16():  # a meta model never scores
         logger.warning("scoring in bf16 on a CPU without bf16 dot products (AVX512-BF16 / AMX): the same "
                        "function as on one with them, but several times slower than fp32 here")
     return model_for_dataset(manifest, cfg.model, device=device)
@@ -330,8 +330,8 @@ def load(path: str, precision: Optional[str] = None) -> Scorer:
         raise DataError(f"{path}: {e}") from None
     model = build_model(manifest, cfg, precision)
     # check_artifact matched the header to every key of the model (dtype, shape)
-    names = [f"model.{key}" for key in model.state_dict()]
-    _fill(model, ((name.removeprefix("model."), rows) for name, rows in artifact.read_blocks(path, names, SCORER_BLOCK_BYTES)))
+    blocks = artifact.read_blocks(path, [f"model.{key}" for key in model.state_dict()], SCORER_BLOCK_BYTES)
+    _fill(model, ((name.removeprefix("model."), rows) for name, rows in blocks))
     info = {"source": source, "path": path, "raw_columns": _raw_columns(manifest.spec)}
     return Scorer(model, mappers, manifest.label, manifest.group, info)
 
